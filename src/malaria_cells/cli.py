@@ -1,0 +1,295 @@
+"""The ``malaria-cells`` command line: a thin layer over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+import warnings
+
+from .errors import MalariaCellsError
+
+EXIT_OK, EXIT_SKIPPED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+EPILOG = """\
+examples:
+  malaria-cells download                                   # fetch the NIH images (337 MiB)
+  malaria-cells train --data cell_images --out runs/first  # train, evaluate, plot
+  malaria-cells train --preset tutorial --split patient --out runs/tutorial
+  malaria-cells evaluate --model runs/first/model.keras --data other_patients/
+  malaria-cells predict cell.png slides/ --format csv --output results.csv
+  malaria-cells info
+
+Exit status: 0 success; 1 some input files could not be read (predict, listed on
+stderr); 2 a usage or input error; 130 interrupted.
+"""
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .choices import AUGMENTATIONS, COLORS, MODEL_NAMES, SCHEDULES, SPLITS
+    from .training import PRESETS
+
+    parser = argparse.ArgumentParser(
+        prog="malaria-cells",
+        description="Tell Parasitized from Uninfected red blood cells in Giemsa-stained "
+        "thin blood smear images.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name, help_text, description=None):
+        return commands.add_parser(name, help=help_text, description=description or help_text,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    train = command("train", "train a model and write a run folder",
+                    "Train on a labelled folder (Parasitized/ and Uninfected/ inside). Writes\n"
+                    "RUN_DIR/model.keras (best epoch by validation loss, with its threshold),\n"
+                    "config.json, history.csv, metrics.json (held-out test patients) and plots.\n"
+                    "Options not given come from --preset, then from the defaults shown.")
+    train.add_argument("--data", metavar="DIR", help="dataset folder (default: ./cell_images, else the download cache)")
+    train.add_argument("--out", metavar="RUN_DIR", required=True, help="run folder to create (must be new or empty)")
+    train.add_argument("--preset", choices=sorted(PRESETS), help="start from a named recipe; flags override it. "
+                       "'tutorial' = 70x70 gray, 3 conv blocks, 3 epochs, random split")
+    train.add_argument("--model", choices=MODEL_NAMES, help="architecture (default: cellnet)")
+    train.add_argument("--weights", metavar="imagenet|none|PATH",
+                       help="starting weights for Keras Applications models (default: none)")
+    train.add_argument("--epochs", type=_positive_int, help="passes over the training cells (default: 12)")
+    train.add_argument("--batch-size", type=_positive_int, help="cells per step (default: 64)")
+    train.add_argument("--image-size", type=_positive_int, help="resize cells to N x N pixels (default: 64)")
+    train.add_argument("--color", choices=COLORS, help="what the network sees (default: rgb)")
+    train.add_argument("--split", choices=SPLITS,
+                       help="patient: each patient in one part only (default, honest); "
+                       "random: per image, as the tutorial (leaks patients)")
+    train.add_argument("--val-fraction", type=_fraction, help="share of non-test patients for validation (default: 0.2)")
+    train.add_argument("--test-fraction", type=_fraction, help="share of patients held out for test (default: 0.2)")
+    train.add_argument("--seed", type=int, help="seeds split, weights and augmentation (default: 0)")
+    train.add_argument("--learning-rate", type=float, help="peak learning rate (default: 0.003)")
+    train.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule (default: cosine)")
+    train.add_argument("--augment", choices=AUGMENTATIONS, help="training augmentation (default: flips+color)")
+    train.add_argument("--label-smoothing", type=_fraction, help="target smoothing (default: 0.05)")
+    train.add_argument("--target-sensitivity", type=_fraction,
+                       help="choose the threshold on validation patients for this sensitivity (default: 0.98)")
+    train.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty RUN_DIR")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    evaluate = command("evaluate", "score a model on a labelled folder",
+                       "Sensitivity, specificity, accuracy, precision, F1, MCC and ROC AUC with 95%\n"
+                       "confidence intervals, the confusion matrix and, when file names carry NIH\n"
+                       "patient ids (C<digits>...), per-patient figures.")
+    evaluate.add_argument("--model", metavar="PATH", help="model file or run folder (default: the shipped model)")
+    evaluate.add_argument("--data", metavar="DIR", required=True, help="labelled folder: Parasitized/ and Uninfected/ inside")
+    evaluate.add_argument("--threshold", type=_fraction, help="override the model's stored threshold")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    evaluate.add_argument("--plots", metavar="DIR", help="also draw ROC, PR, confusion, histogram and calibration PNGs")
+    evaluate.add_argument("--batch-size", type=_positive_int, default=256, help="images scored at once (default: 256)")
+
+    predict = command("predict", "label image files and folders",
+                      "One row per image: path, probability of Parasitized, label. Folders are\n"
+                      "searched recursively. Unreadable files are listed on stderr and skipped;\n"
+                      "the exit status is then 1.")
+    predict.add_argument("paths", nargs="+", metavar="PATH", help="image files and folders")
+    predict.add_argument("--model", metavar="PATH", help="model file or run folder (default: the shipped model)")
+    predict.add_argument("--threshold", type=_fraction, help="override the model's stored threshold")
+    predict.add_argument("--format", choices=("table", "csv", "json"), default="table", help="output format (default: table)")
+    predict.add_argument("--output", metavar="FILE", help="write results to FILE instead of stdout")
+    predict.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
+    predict.add_argument("--batch-size", type=_positive_int, default=256, help="images scored at once (default: 256)")
+
+    download = command("download", "fetch the public NIH cell images",
+                       "Download (resumable), verify (size, zip CRCs, optional SHA-256) and safely\n"
+                       "extract the NIH malaria cell images into DEST/cell_images.")
+    download.add_argument("--dest", metavar="DIR", help="target folder (default: $MALARIA_CELLS_HOME or ~/.cache/malaria-cells)")
+    download.add_argument("--url", help="archive address (default: the NIH URL)")
+    download.add_argument("--sha256", help="refuse the archive unless it has this SHA-256")
+    download.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    info = command("info", "show which model is in use and its metadata")
+    info.add_argument("--model", metavar="PATH", help="model file or run folder (default: the shipped model)")
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def run_train(args) -> int:
+    from .training import make_config, train
+
+    options = {k: getattr(args, k) for k in (
+        "data", "model", "weights", "epochs", "batch_size", "image_size", "color", "split",
+        "val_fraction", "test_fraction", "seed", "learning_rate", "schedule", "augment",
+        "label_smoothing", "target_sensitivity")}
+    config = make_config(args.preset, **options)
+    result = train(config, args.out, overwrite=args.overwrite, verbose=0 if args.quiet else 1)
+    from .evaluation import format_report
+
+    print(f"\nRun folder: {result['run_dir']}  (model: {result['model_path']})")
+    print(f"Scores on {result['metrics']['evaluated_on']} patients:")
+    print(format_report({**result["metrics"], "patients": None}))
+    return EXIT_INTERRUPTED if result["interrupted"] else EXIT_OK
+
+
+def run_evaluate(args) -> int:
+    from .evaluation import evaluate, format_report
+
+    metrics = evaluate(args.model, args.data, threshold=args.threshold,
+                       batch_size=args.batch_size, plots=args.plots)
+    if args.json:
+        print(json.dumps(metrics, default=float))
+    else:
+        print(f"Model {metrics['model']} on {metrics['data']}")
+        print(format_report(metrics))
+        if args.plots:
+            print(f"\nPlots written to {args.plots}")
+    return EXIT_OK
+
+
+class _ResultWriter:
+    """Streams predictions as a table, CSV or JSON to stdout or (atomically) a file."""
+
+    def __init__(self, form: str, stream, model):
+        self.form, self.stream, self.count = form, stream, 0
+        if form == "csv":
+            self.csv = csv.writer(stream, lineterminator="\n")
+            self.csv.writerow(["path", "probability", "label"])
+        elif form == "json":
+            stream.write(json.dumps({"model": model.path, "threshold": model.threshold})[:-1]
+                         + ', "predictions": [')
+        else:
+            stream.write(f"{'probability':>11}  {'label':<11}  path\n")
+
+    def write(self, prediction) -> None:
+        if self.form == "csv":
+            self.csv.writerow([prediction.path, f"{prediction.probability:.6f}", prediction.label])
+        elif self.form == "json":
+            row = {"path": prediction.path, "probability": round(prediction.probability, 6),
+                   "label": prediction.label}
+            self.stream.write(("," if self.count else "") + "\n  " + json.dumps(row))
+        else:
+            self.stream.write(f"{prediction.probability:>11.4f}  {prediction.label:<11}  {prediction.path}\n")
+        self.count += 1
+
+    def close(self, skipped) -> None:
+        if self.form == "json":
+            rows = [{"path": p, "reason": why} for p, why in skipped]
+            self.stream.write("\n], \"skipped\": " + json.dumps(rows) + "}\n")
+
+
+def run_predict(args) -> int:
+    from tqdm import tqdm
+
+    from .data import list_image_files
+    from .files import atomic_path
+    from .inference import _predict_files, check_threshold, load_model
+
+    model = load_model(args.model)
+    if check_threshold(args.threshold) is not None:
+        model.threshold = args.threshold
+    if args.output and os.path.exists(args.output) and not args.overwrite:
+        raise MalariaCellsError(f"{args.output}: already exists; choose another --output or pass --overwrite")
+    files, skipped = list_image_files(args.paths)
+    bar = tqdm(total=len(files), unit="cell", file=sys.stderr, disable=len(files) < 2000 or None,
+               mininterval=0.5)
+
+    def emit(stream):
+        writer = _ResultWriter(args.format, stream, model)
+        for prediction in _predict_files(files, model, model.threshold, args.batch_size, skipped):
+            writer.write(prediction)
+            bar.update()
+        writer.close(skipped)
+
+    if args.output:
+        with atomic_path(args.output) as temporary, open(temporary, "w", encoding="utf-8", newline="") as stream:
+            emit(stream)
+    else:
+        emit(sys.stdout)
+    bar.close()
+    failed = [s for s in skipped if s[1] != "not an image file"]
+    for path, reason in skipped:
+        print(f"skipped: {path}: {reason}", file=sys.stderr)
+    return EXIT_SKIPPED if failed else EXIT_OK
+
+
+def run_download(args) -> int:
+    from .download import NIH_URL, download
+
+    root = download(args.dest, url=args.url or NIH_URL, sha256=args.sha256, verbose=0 if args.quiet else 1)
+    print(f"Dataset ready: {root}\nTrain with: malaria-cells train --data {root} --out runs/first")
+    return EXIT_OK
+
+
+def run_info(args) -> int:
+    from .inference import load_model
+
+    model = load_model(args.model)
+    summary = {"model": model.path, "image_size": model.image_size, "threshold": model.threshold,
+               "parameters": int(model.keras_model.count_params()),
+               "file_bytes": os.path.getsize(model.path), "info": model.info}
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+        return EXIT_OK
+    print(f"model       {summary['model']}")
+    print(f"input       {model.image_size}x{model.image_size} RGB (colour handling and scaling inside the model)")
+    print(f"threshold   {model.threshold:.4f}")
+    print(f"parameters  {summary['parameters']:,}  ({summary['file_bytes'] / 1e6:.2f} MB on disk)")
+    for key, value in model.info.items():
+        print(f"{key:<11} {json.dumps(value, default=str) if isinstance(value, (dict, list)) else value}")
+    return EXIT_OK
+
+
+def _quiet_tensorflow() -> None:
+    """Import TensorFlow without its start-up log lines (which no setting silences)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``malaria-cells`` command; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command != "download":
+        _quiet_tensorflow()
+    handler = {"train": run_train, "evaluate": run_evaluate, "predict": run_predict,
+               "download": run_download, "info": run_info}[args.command]
+    try:
+        return handler(args)
+    except MalariaCellsError as error:
+        print(f"malaria-cells {args.command}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        sys.stderr.close()
+        return EXIT_OK

@@ -1,0 +1,226 @@
+"""Loading trained models and scoring cell images with them."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from .data import CLASS_NAMES, iter_image_batches, list_image_files
+from .errors import MalariaCellsError
+
+PRETRAINED_DIR = Path(__file__).parent / "pretrained"
+DEFAULT_MODEL = PRETRAINED_DIR / "malaria-cells-default.keras"
+"""The model shipped inside the package, used when no model is named."""
+
+
+def check_threshold(threshold: float | None) -> float | None:
+    """Validate a user-given threshold (None means: the model's own)."""
+    if threshold is not None and not 0.0 <= float(threshold) <= 1.0:
+        raise MalariaCellsError(f"threshold must be between 0 and 1, got {threshold}")
+    return None if threshold is None else float(threshold)
+
+
+class CellClassifier:
+    """A trained model with everything needed to use it.
+
+    Attributes
+    ----------
+    keras_model : keras.Model
+        The network: uint8-valued RGB in, probability of Parasitized out.
+    path : str
+        Where it was loaded from.
+    image_size : int
+        Side of the square input the model expects.
+    threshold : float
+        Probability above which a cell is called Parasitized.
+    info : dict
+        Recipe, data, validation figures and versions stored with the model.
+    """
+
+    def __init__(self, keras_model, path: str | os.PathLike = "<memory>"):
+        import tensorflow as tf
+
+        from .models import model_info_layer
+
+        self.keras_model = keras_model
+        self.path = str(path)
+        shape = keras_model.input_shape
+        if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3:
+            raise MalariaCellsError(
+                f"{path}: not a malaria-cells model (input shape {shape}, expected (None, S, S, 3))"
+            )
+        self.image_size = int(shape[1])
+        layer = model_info_layer(keras_model)
+        self.threshold = layer.threshold if layer else 0.5
+        self.info = dict(layer.info) if layer else {}
+        self._infer = tf.function(
+            lambda images: keras_model(images, training=False),
+            input_signature=[tf.TensorSpec((None, self.image_size, self.image_size, 3), tf.float32)],
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"CellClassifier(path={self.path!r}, image_size={self.image_size}, "
+            f"threshold={self.threshold:.4f})"
+        )
+
+    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+        """Probability of Parasitized for preprocessed images.
+
+        Parameters
+        ----------
+        images : array of shape (n, image_size, image_size, 3)
+            RGB pixels 0-255, as :func:`malaria_cells.data.preprocess_image` gives.
+        """
+        images = np.asarray(images, dtype=np.float32)
+        if images.ndim == 3:
+            images = images[None]
+        if images.shape[1:] != (self.image_size, self.image_size, 3):
+            raise MalariaCellsError(
+                f"images must have shape (n, {self.image_size}, {self.image_size}, 3), got {images.shape}"
+            )
+        if len(images) == 0:
+            return np.zeros(0, np.float32)
+        return self._infer(images).numpy().reshape(-1)
+
+    def set_threshold(self, threshold: float) -> None:
+        """Change the operating threshold (kept when the model is saved)."""
+        from .models import model_info_layer
+
+        self.threshold = check_threshold(threshold)
+        layer = model_info_layer(self.keras_model)
+        if layer is not None:
+            layer.threshold = self.threshold
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Save as ``.keras`` without ever leaving a half-written file at ``path``."""
+        save_keras_model(self.keras_model, path)
+
+
+def save_keras_model(keras_model, path: str | os.PathLike) -> None:
+    """Write a ``.keras`` file atomically: to a temporary file, then rename."""
+    from .files import atomic_path
+
+    with atomic_path(path) as temporary:
+        keras_model.save(temporary)
+
+
+def load_model(path: str | os.PathLike | CellClassifier | None = None) -> CellClassifier:
+    """Load a trained model; with no path, the model shipped with the package.
+
+    Raises
+    ------
+    MalariaCellsError
+        When the file is missing or is not a malaria-cells model.
+    """
+    if isinstance(path, CellClassifier):
+        return path
+    if path is None:
+        path = os.environ.get("MALARIA_CELLS_MODEL") or DEFAULT_MODEL
+        if not Path(path).is_file():
+            raise MalariaCellsError(
+                "no model given and no model is shipped with this install: "
+                "train one with `malaria-cells train` and pass --model RUN_DIR/model.keras"
+            )
+    path = Path(path).expanduser()
+    if path.is_dir() and (path / "model.keras").is_file():
+        path = path / "model.keras"
+    if not path.is_file():
+        raise MalariaCellsError(f"{path}: model file not found")
+    if path.suffix != ".keras":
+        raise MalariaCellsError(f"{path}: unsupported model format (expected a .keras file)")
+    import keras
+
+    from . import models  # noqa: F401 - registers the custom layers
+
+    try:
+        keras_model = keras.saving.load_model(path, compile=False)
+    except Exception as error:  # noqa: BLE001 - a broken file can fail in many ways
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise MalariaCellsError(f"{path}: cannot load model ({first_line[:200]})") from error
+    return CellClassifier(keras_model, path)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The model's answer for one image."""
+
+    path: str
+    probability: float
+    label: str
+
+    @property
+    def parasitized(self) -> bool:
+        return self.label == CLASS_NAMES[1]
+
+
+def label_for(probability: float, threshold: float) -> str:
+    return CLASS_NAMES[int(probability >= threshold)]
+
+
+def iter_predictions(
+    inputs: Iterable[str | os.PathLike],
+    model: str | os.PathLike | CellClassifier | None = None,
+    *,
+    threshold: float | None = None,
+    batch_size: int = 256,
+    skipped: list | None = None,
+) -> Iterator[Prediction]:
+    """Score image files and folders (recursively), streaming: memory stays flat.
+
+    Parameters
+    ----------
+    inputs : iterable of path
+        Image files and folders.
+    model : path or CellClassifier, optional
+        Defaults to the model shipped with the package.
+    threshold : float, optional
+        Overrides the model's stored threshold.
+    batch_size : int
+        Images scored at once.
+    skipped : list, optional
+        Receives ``(path, reason)`` for every file that could not be scored.
+    """
+    model = load_model(model)
+    threshold = model.threshold if check_threshold(threshold) is None else threshold
+    files, ignored = list_image_files(inputs)
+    if skipped is not None:
+        skipped += ignored
+    yield from _predict_files(files, model, threshold, batch_size, skipped)
+
+
+def _predict_files(files: Sequence[str], model: CellClassifier, threshold, batch_size, skipped):
+    for paths, images, bad in iter_image_batches(files, model.image_size, batch_size):
+        if skipped is not None:
+            skipped += bad
+        for path, probability in zip(paths, model.predict_proba(images)):
+            yield Prediction(path, float(probability), label_for(probability, threshold))
+
+
+def predict(
+    inputs: str | os.PathLike | Iterable[str | os.PathLike],
+    model: str | os.PathLike | CellClassifier | None = None,
+    *,
+    threshold: float | None = None,
+    batch_size: int = 256,
+) -> list[Prediction]:
+    """Score image files and folders; unreadable files are left out with a warning.
+
+    >>> from malaria_cells import predict
+    >>> predict("cell.png")  # doctest: +SKIP
+    [Prediction(path='cell.png', probability=0.993, label='Parasitized')]
+    """
+    from .data import warn_skipped
+
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    skipped: list = []
+    results = list(
+        iter_predictions(inputs, model, threshold=threshold, batch_size=batch_size, skipped=skipped)
+    )
+    warn_skipped(skipped)
+    return results

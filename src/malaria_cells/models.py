@@ -1,0 +1,212 @@
+"""Model architectures, each a Keras model that takes uint8-valued RGB cells.
+
+Every model starts with its own preprocessing layers (gray conversion when it was
+trained on gray, scaling) and ends with a :class:`CellModelInfo` layer that carries the
+operating threshold and the recipe, so a saved ``.keras`` file alone is enough to
+predict correctly anywhere.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import keras
+from keras import layers
+
+from .choices import COLORS, MODEL_NAMES
+from .errors import MalariaCellsError
+
+
+@keras.saving.register_keras_serializable(package="malaria_cells")
+class Grayscale(layers.Layer):
+    """RGB -> luma (ITU-R BT.601, the weights OpenCV's grayscale read uses)."""
+
+    def call(self, inputs):
+        weights = keras.ops.convert_to_tensor([0.299, 0.587, 0.114], dtype=inputs.dtype)
+        return keras.ops.sum(inputs * weights, axis=-1, keepdims=True)
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape[:-1], 1)
+
+
+@keras.saving.register_keras_serializable(package="malaria_cells")
+class CellModelInfo(layers.Layer):
+    """Identity layer whose config holds the operating threshold and model metadata."""
+
+    def __init__(self, threshold: float = 0.5, info: dict | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.threshold = float(threshold)
+        self.info = dict(info or {})
+
+    def call(self, inputs):
+        return inputs
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), "threshold": self.threshold, "info": self.info}
+
+
+# --------------------------------------------------------------------------- bodies
+
+
+def tutorial_body(x):
+    """The tutorial's network: 3 x [Conv 64 3x3, ReLU, MaxPool], Dense 64, Dense 64."""
+    for _ in range(3):
+        x = layers.Conv2D(64, 3, activation="relu")(x)
+        x = layers.MaxPooling2D(2)(x)
+    x = layers.Flatten()(x)
+    x = layers.Dense(64, activation="relu")(x)
+    return layers.Dense(64, activation="relu")(x)
+
+
+def _conv_bn(x, filters, kernel_size=3, strides=1):
+    x = layers.Conv2D(filters, kernel_size, strides=strides, padding="same", use_bias=False)(x)
+    x = layers.BatchNormalization()(x)
+    return layers.Activation("relu")(x)
+
+
+def _separable_bn(x, filters):
+    x = layers.SeparableConv2D(filters, 3, padding="same", use_bias=False)(x)
+    x = layers.BatchNormalization()(x)
+    return layers.Activation("relu")(x)
+
+
+def cellnet_body(x, widths=(32, 64, 96, 128)):
+    """A small residual CNN: stem, then one separable-conv residual block per width."""
+    x = _conv_bn(x, widths[0])
+    for width in widths:
+        shortcut = layers.Conv2D(width, 1, use_bias=False)(x)
+        x = _separable_bn(x, width)
+        x = _separable_bn(x, width)
+        x = layers.Add()([x, layers.BatchNormalization()(shortcut)])
+        x = layers.MaxPooling2D(2)(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    return layers.Dropout(0.2)(x)
+
+
+def _keras_application(constructor: Callable, scale_to: str) -> Callable:
+    """Wrap a Keras Applications backbone; ``scale_to`` is the input range it expects."""
+
+    def body(x, weights=None):
+        if x.shape[-1] == 1:
+            x = layers.Concatenate()([x, x, x])
+        if scale_to == "0-255":
+            x = layers.Rescaling(255.0)(x)
+        elif scale_to == "-1-1":
+            x = layers.Rescaling(2.0, offset=-1.0)(x)
+        try:
+            backbone = constructor(
+                include_top=False, weights=weights, input_shape=tuple(x.shape[1:]), pooling="avg"
+            )
+        except Exception as error:  # download failures come in many types
+            if weights == "imagenet":
+                raise MalariaCellsError(
+                    "could not download the ImageNet weights (no internet?): download "
+                    "them on a connected machine, copy the .h5/.weights.h5 file here and "
+                    "pass its path with --weights PATH, or use --weights none"
+                ) from error
+            raise
+        return layers.Dropout(0.2)(backbone(x))
+
+    return body
+
+
+def _applications() -> dict[str, Callable]:
+    apps = keras.applications
+    return {
+        "mobilenetv3small": _keras_application(
+            lambda **kw: apps.MobileNetV3Small(include_preprocessing=False, **kw), "-1-1"
+        ),
+        "mobilenetv3large": _keras_application(
+            lambda **kw: apps.MobileNetV3Large(include_preprocessing=False, **kw), "-1-1"
+        ),
+        "efficientnetv2b0": _keras_application(
+            lambda **kw: apps.EfficientNetV2B0(include_preprocessing=False, **kw), "-1-1"
+        ),
+    }
+
+
+BODIES: dict[str, Callable] = {"tutorial": tutorial_body, "cellnet": cellnet_body}
+
+
+def build_model(
+    name: str = "cellnet",
+    *,
+    image_size: int = 64,
+    color: str = "rgb",
+    weights: str | None = None,
+    threshold: float = 0.5,
+    info: dict | None = None,
+) -> keras.Model:
+    """Build an untrained cell classifier.
+
+    Parameters
+    ----------
+    name : str
+        One of :data:`MODEL_NAMES`.
+    image_size : int
+        Side of the square input, in pixels.
+    color : {"rgb", "gray"}
+        Colour the network sees; the input is always RGB and converted inside.
+    weights : {None, "imagenet"} or path
+        Starting weights for Keras Applications backbones (``None``: random). A path
+        is a weights file saved from the same backbone.
+    threshold : float
+        Probability above which a cell is called Parasitized; stored in the model.
+    info : dict, optional
+        Metadata stored in the model (recipe, data, versions).
+
+    Returns
+    -------
+    keras.Model
+        Input: float RGB pixels 0-255 of shape (image_size, image_size, 3).
+        Output: probability of Parasitized, shape (1,).
+    """
+    if color not in COLORS:
+        raise MalariaCellsError(f"unknown colour {color!r}: use 'rgb' or 'gray'")
+    if not 16 <= image_size <= 1024:
+        raise MalariaCellsError(f"image size must be 16 to 1024 pixels, got {image_size}")
+    applications = _applications()
+    if name not in BODIES and name not in applications:
+        raise MalariaCellsError(f"unknown model {name!r}: choose from {', '.join(MODEL_NAMES)}")
+    if weights not in (None, "none") and name not in applications:
+        raise MalariaCellsError(f"--weights applies to Keras Applications models only, not {name!r}")
+
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    x = Grayscale(name="grayscale")(inputs) if color == "gray" else inputs
+    x = layers.Rescaling(1.0 / 255, name="scale")(x)
+    if name in applications:
+        x = applications[name](x, weights="imagenet" if weights == "imagenet" else None)
+    else:
+        x = BODIES[name](x)
+    outputs = layers.Dense(1, activation="sigmoid", name="parasitized", dtype="float32")(x)
+    outputs = CellModelInfo(threshold, info, name="info")(outputs)
+    model = keras.Model(inputs, outputs, name=name)
+    if weights not in (None, "none", "imagenet"):
+        _load_backbone_weights(model, weights)
+    return model
+
+
+def _load_backbone_weights(model: keras.Model, path: str) -> None:
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        raise MalariaCellsError(f"{path}: weights file not found (use imagenet, none or a file path)")
+    backbone = next(layer for layer in model.layers if isinstance(layer, keras.Model))
+    try:
+        backbone.load_weights(path, skip_mismatch=False)
+    except Exception as error:
+        raise MalariaCellsError(
+            f"{path}: cannot load as {backbone.name} weights ({type(error).__name__}: "
+            f"{str(error).splitlines()[0][:200]})"
+        ) from error
+
+
+def model_info_layer(model: keras.Model) -> CellModelInfo | None:
+    """The :class:`CellModelInfo` layer of a malaria-cells model (None for others)."""
+    for layer in model.layers:
+        if isinstance(layer, CellModelInfo):
+            return layer
+    return None

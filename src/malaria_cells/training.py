@@ -1,0 +1,393 @@
+"""Training recipes and the ``train`` entry point that writes a complete run folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .choices import AUGMENTATIONS, COLORS, MODEL_NAMES, SCHEDULES, SPLITS
+from .data import CLASS_NAMES, list_cell_images, read_images, split_dataset, warn_skipped
+from .errors import MalariaCellsError
+from .files import write_json
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved as ``config.json``).
+
+    Parameters
+    ----------
+    data : str, optional
+        Dataset folder; default ``./cell_images``, else the download cache.
+    model : str
+        Architecture (see :data:`malaria_cells.models.MODEL_NAMES`).
+    epochs, batch_size : int
+        Passes over the training cells, and cells per step.
+    image_size : int
+        Cells are resized to ``image_size`` x ``image_size``.
+    color : {"rgb", "gray"}
+        What the network sees.
+    split : {"patient", "random"}
+        ``patient`` keeps every patient in one part (honest); ``random`` is the
+        tutorial's per-image split (leaks patients between parts).
+    val_fraction, test_fraction : float
+        Test share of all patients (or cells); validation share of the rest.
+    seed : int
+        Seeds the split, the weights and the augmentation.
+    learning_rate : float
+        Peak learning rate of Adam(W).
+    schedule : {"cosine", "constant"}
+        ``cosine``: one epoch of warm-up, then cosine decay to 0.
+    weight_decay : float
+        AdamW decoupled weight decay (0: plain Adam).
+    label_smoothing : float
+        Softens the 0/1 targets; tolerates the dataset's mislabelled cells.
+    augment : {"none", "flips", "flips+color"}
+        ``flips``: the 8 rotations/mirrors of a cell (it is the same cell);
+        ``flips+color`` adds stain colour, saturation and contrast jitter.
+    target_sensitivity : float or None
+        The threshold is chosen on validation patients to reach this sensitivity;
+        None keeps 0.5.
+    weights : str, optional
+        ``imagenet``, ``none`` or a weights file, for Keras Applications models.
+    preset : str, optional
+        The named recipe these values started from.
+    """
+
+    data: str | None = None
+    model: str = "cellnet"
+    epochs: int = 12
+    batch_size: int = 64
+    image_size: int = 64
+    color: str = "rgb"
+    split: str = "patient"
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+    seed: int = 0
+    learning_rate: float = 3e-3
+    schedule: str = "cosine"
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.05
+    augment: str = "flips+color"
+    target_sensitivity: float | None = 0.98
+    weights: str | None = None
+    preset: str | None = None
+
+    def validate(self) -> "TrainConfig":
+        checks = [
+            (self.model in MODEL_NAMES, f"unknown model {self.model!r}: choose from {', '.join(MODEL_NAMES)}"),
+            (self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch size must be at least 1, got {self.batch_size}"),
+            (16 <= self.image_size <= 1024, f"image size must be 16 to 1024, got {self.image_size}"),
+            (self.color in COLORS, f"unknown colour {self.color!r}: use rgb or gray"),
+            (self.split in SPLITS, f"unknown split {self.split!r}: use patient or random"),
+            (0 < self.val_fraction < 1, f"val fraction must be in (0, 1), got {self.val_fraction}"),
+            (0 <= self.test_fraction < 1, f"test fraction must be in [0, 1), got {self.test_fraction}"),
+            (self.learning_rate > 0, f"learning rate must be positive, got {self.learning_rate}"),
+            (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}: use cosine or constant"),
+            (0 <= self.label_smoothing < 0.5, f"label smoothing must be in [0, 0.5), got {self.label_smoothing}"),
+            (self.augment in AUGMENTATIONS, f"unknown augmentation {self.augment!r}: use {', '.join(AUGMENTATIONS)}"),
+            (self.target_sensitivity is None or 0 < self.target_sensitivity <= 1,
+             f"target sensitivity must be in (0, 1], got {self.target_sensitivity}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise MalariaCellsError(message)
+        return self
+
+
+PRESETS: dict[str, dict] = {
+    "tutorial": dict(
+        model="tutorial", image_size=70, color="gray", epochs=3, batch_size=64,
+        split="random", test_fraction=0.1, val_fraction=0.2, learning_rate=1e-3,
+        schedule="constant", weight_decay=0.0, label_smoothing=0.0, augment="none",
+        target_sensitivity=None,
+    ),
+}
+"""Named recipes; ``tutorial`` reproduces the tutorial exactly (see docs/SEED.md)."""
+
+
+def make_config(preset: str | None = None, **options) -> TrainConfig:
+    """Defaults, then the preset, then explicit options (None means: not given)."""
+    if preset is not None and preset not in PRESETS:
+        raise MalariaCellsError(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)}")
+    values = dict(PRESETS.get(preset, {}))
+    values.update({k: v for k, v in options.items() if v is not None})
+    unknown = set(values) - {f.name for f in dataclasses.fields(TrainConfig)}
+    if unknown:
+        raise MalariaCellsError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+    return TrainConfig(preset=preset, **values).validate()
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+def augment_cell(image, seed, mode: str):
+    """Randomly transform one uint8 cell, deterministically for a given seed pair."""
+    import tensorflow as tf
+
+    seeds = tf.random.experimental.stateless_split(seed, 7)
+    image = tf.cast(image, tf.float32) / 255.0
+    transpose = tf.random.stateless_uniform([], seeds[0]) < 0.5
+    image = tf.cond(transpose, lambda: tf.transpose(image, [1, 0, 2]), lambda: image)
+    image = tf.image.stateless_random_flip_left_right(image, seeds[1])
+    image = tf.image.stateless_random_flip_up_down(image, seeds[2])
+    if mode == "flips+color":
+        # Stain and illumination differ between slides; the black surround stays black
+        # because brightness is scaled, not shifted.
+        image = tf.image.stateless_random_hue(image, 0.04, seeds[3])
+        image = tf.image.stateless_random_saturation(image, 0.75, 1.3, seeds[4])
+        image = tf.image.stateless_random_contrast(image, 0.8, 1.2, seeds[5])
+        image = image * tf.random.stateless_uniform([], seeds[6], 0.85, 1.15)
+    return tf.clip_by_value(image, 0.0, 1.0) * 255.0
+
+
+def training_dataset(images, labels, *, batch_size: int, augment: str, seed: int):
+    """Shuffled, augmented batches of (float RGB 0-255, label), reproducible for a seed."""
+    import tensorflow as tf
+
+    dataset = tf.data.Dataset.from_tensor_slices((images, labels.astype(np.float32)))
+    dataset = dataset.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+    if augment == "none":
+        dataset = dataset.map(lambda x, y: (tf.cast(x, tf.float32), y))
+    else:
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        dataset = tf.data.Dataset.zip(dataset, seeds).map(
+            lambda xy, s: (augment_cell(xy[0], s, augment), xy[1]),
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True,
+        )
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def evaluation_dataset(images, labels, batch_size: int = 256):
+    import tensorflow as tf
+
+    return (
+        tf.data.Dataset.from_tensor_slices((images, labels.astype(np.float32)))
+        .batch(batch_size)
+        .map(lambda x, y: (tf.cast(x, tf.float32), y))
+        .prefetch(tf.data.AUTOTUNE)
+    )
+
+
+def _best_checkpoint(path: Path):
+    """A callback that saves the model whenever val_loss improves, atomically."""
+    import keras
+
+    from .inference import save_keras_model
+
+    class BestCheckpoint(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.best = np.inf
+            self.best_epoch = None
+
+        def on_epoch_end(self, epoch, logs=None):
+            loss = (logs or {}).get("val_loss", np.inf)
+            if loss < self.best:
+                self.best, self.best_epoch = float(loss), epoch + 1
+                save_keras_model(self.model, path)
+
+    return BestCheckpoint()
+
+
+def resolve_data(data: str | os.PathLike | None) -> Path:
+    """The dataset folder: as given, else ``./cell_images``, else the download cache."""
+    from .download import cache_dir
+
+    if data is not None:
+        return Path(data)
+    for candidate in (Path("cell_images"), cache_dir() / "cell_images"):
+        if candidate.is_dir():
+            return candidate
+    raise MalariaCellsError(
+        "no dataset found in ./cell_images or the cache: pass --data DIR, or run "
+        "`malaria-cells download` to fetch the NIH images (337 MiB)"
+    )
+
+
+def _prepare_run_dir(out: str | os.PathLike, overwrite: bool) -> Path:
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise MalariaCellsError(f"{out}: exists and is not a folder; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise MalariaCellsError(
+            f"{out}: folder is not empty; choose a new --out (or pass --overwrite to replace its run files)"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _versions() -> dict:
+    import keras
+    import tensorflow as tf
+
+    from . import __version__
+
+    return {"malaria_cells": __version__, "tensorflow": tf.__version__, "keras": keras.__version__,
+            "python": platform.python_version(), "numpy": np.__version__}
+
+
+def _say(verbose: int, message: str) -> None:
+    if verbose:
+        print(message, flush=True)
+
+
+def train(
+    config: TrainConfig | None = None,
+    out: str | os.PathLike = "runs/latest",
+    *,
+    overwrite: bool = False,
+    verbose: int = 1,
+    **options,
+) -> dict:
+    """Train a model and write a complete run folder.
+
+    Parameters
+    ----------
+    config : TrainConfig, optional
+        The recipe; or give its fields as keyword arguments (``preset="tutorial"``,
+        ``epochs=5``, ...), applied on top of the defaults and preset.
+    out : path
+        Run folder to create: ``model.keras`` (best checkpoint by validation loss, with
+        its threshold), ``config.json``, ``history.csv``, ``metrics.json`` (test
+        patients) and PNG plots.
+    overwrite : bool
+        Allow writing into a non-empty folder.
+    verbose : int
+        0 silent, 1 progress bar, 2 one line per epoch.
+
+    Returns
+    -------
+    dict
+        ``run_dir``, ``model_path``, ``metrics`` (test split, or validation when there is
+        no test split), ``threshold`` and ``interrupted``.
+
+    Examples
+    --------
+    >>> from malaria_cells import train
+    >>> result = train(data="cell_images", out="runs/tutorial", preset="tutorial")  # doctest: +SKIP
+    """
+    import keras
+    import tensorflow as tf
+
+    from .evaluation import compute_metrics, threshold_for_sensitivity
+    from .inference import CellClassifier, save_keras_model
+    from .models import build_model, model_info_layer
+    from .plots import plot_evaluation, plot_history
+
+    config = (config or make_config(**options)).validate()
+    run_dir = _prepare_run_dir(out, overwrite)
+    started = time.time()
+
+    files = list_cell_images(resolve_data(config.data))
+    _say(verbose, f"Reading {len(files.paths)} images from {files.root} ...")
+    load_started = time.time()
+    images, readable, skipped = read_images(files.paths, config.image_size)
+    load_seconds = time.time() - load_started
+    warn_skipped(files.ignored + skipped)
+    files = files.subset(np.flatnonzero(readable))
+    split = split_dataset(files, method=config.split, val_fraction=config.val_fraction,
+                          test_fraction=config.test_fraction, seed=config.seed)
+    patients = split.patients(files)
+    _say(verbose, f"Read in {load_seconds:.1f} s. Split by {config.split}: " + ", ".join(
+        f"{part} {len(getattr(split, part))} cells / {len(patients[part])} patients"
+        for part in ("train", "val", "test")))
+
+    keras.utils.set_random_seed(config.seed)
+    train_data = training_dataset(images[split.train], files.labels[split.train],
+                                  batch_size=config.batch_size, augment=config.augment, seed=config.seed)
+    val_data = evaluation_dataset(images[split.val], files.labels[split.val])
+    steps = int(np.ceil(len(split.train) / config.batch_size))
+    model = build_model(config.model, image_size=config.image_size, color=config.color,
+                        weights=config.weights)
+    model.compile(optimizer=_optimizer(config, steps),
+                  loss=keras.losses.BinaryCrossentropy(label_smoothing=config.label_smoothing),
+                  metrics=["accuracy", keras.metrics.AUC(name="auc")])
+
+    model_path = run_dir / "model.keras"
+    checkpoint = _best_checkpoint(model_path)
+    history = keras.callbacks.History()
+    interrupted = False
+    train_started = time.time()
+    try:
+        model.fit(train_data, validation_data=val_data, epochs=config.epochs, verbose=verbose,
+                  callbacks=[checkpoint, history, keras.callbacks.CSVLogger(str(run_dir / "history.csv"))])
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\nInterrupted: keeping the best checkpoint so far.", flush=True)
+    train_seconds = time.time() - train_started
+    if checkpoint.best_epoch is None:
+        raise MalariaCellsError("training stopped before the first epoch ended; nothing was saved")
+
+    best = CellClassifier(keras.saving.load_model(model_path, compile=False), model_path)
+    val_prob = best.predict_proba(images[split.val])
+    val_true = files.labels[split.val]
+    threshold = 0.5
+    if config.target_sensitivity is not None:
+        threshold = threshold_for_sensitivity(val_true, val_prob, config.target_sensitivity)
+    val_metrics = compute_metrics(val_true, val_prob, threshold=threshold, resamples=0)
+
+    info = {
+        "name": config.model, "image_size": config.image_size, "color": config.color,
+        "class_names": list(CLASS_NAMES), "threshold": threshold,
+        "target_sensitivity": config.target_sensitivity,
+        "recipe": {k: v for k, v in dataclasses.asdict(config).items() if k != "data"},
+        "validation": {k: val_metrics[k] for k in ("n", "accuracy", "sensitivity", "specificity", "auc")},
+        "data": {"root": str(files.root), "cells": len(files.paths), "patients": len(set(files.groups))},
+        "best_epoch": checkpoint.best_epoch, "versions": _versions(),
+        "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    layer = model_info_layer(best.keras_model)
+    layer.threshold, layer.info = threshold, info
+    best.threshold, best.info = threshold, info
+    save_keras_model(best.keras_model, model_path)
+
+    eval_part = split.test if len(split.test) else split.val
+    eval_true = files.labels[eval_part]
+    eval_prob = val_prob if eval_part is split.val else best.predict_proba(images[eval_part])
+    groups = [files.groups[i] for i in eval_part]
+    metrics = compute_metrics(eval_true, eval_prob, threshold=threshold, groups=groups)
+    metrics["evaluated_on"] = "test" if len(split.test) else "validation"
+    write_json(run_dir / "metrics.json", metrics)
+    plot_history(history.history, run_dir / "training_curves.png")
+    plot_evaluation(eval_true, eval_prob, threshold, run_dir)
+
+    write_json(run_dir / "config.json", {
+        "config": dataclasses.asdict(config), "data_root": str(files.root),
+        "class_counts": files.class_counts(),
+        "split_counts": {part: len(getattr(split, part)) for part in ("train", "val", "test")},
+        "patients": patients, "skipped_files": [list(s) for s in files.ignored + skipped],
+        "threshold": threshold, "validation_metrics": info["validation"],
+        "best_epoch": checkpoint.best_epoch, "epochs_run": len(history.history.get("loss", [])),
+        "interrupted": interrupted, "versions": info["versions"],
+        "seconds": {"load": round(load_seconds, 2), "train": round(train_seconds, 2),
+                    "total": round(time.time() - started, 2)},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "gpus": len(tf.config.list_physical_devices("GPU"))},
+    })
+    return {"run_dir": str(run_dir), "model_path": str(model_path), "metrics": metrics,
+            "threshold": threshold, "interrupted": interrupted}
+
+
+def _optimizer(config: TrainConfig, steps_per_epoch: int):
+    import keras
+
+    learning_rate = config.learning_rate
+    if config.schedule == "cosine":
+        warmup = min(steps_per_epoch, config.epochs * steps_per_epoch // 4)
+        learning_rate = keras.optimizers.schedules.CosineDecay(
+            0.0, decay_steps=max(1, config.epochs * steps_per_epoch - warmup),
+            warmup_target=config.learning_rate, warmup_steps=warmup,
+        )
+    if config.weight_decay:
+        return keras.optimizers.AdamW(learning_rate, weight_decay=config.weight_decay)
+    return keras.optimizers.Adam(learning_rate)
+
+
