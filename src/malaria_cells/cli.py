@@ -146,7 +146,7 @@ def run_train(args) -> int:
     from .evaluation import format_report
 
     print(f"\nRun folder: {result['run_dir']}  (model: {result['model_path']})")
-    print(f"Scores on {result['metrics']['evaluated_on']} patients:")
+    print(f"Scores on the {result['metrics']['evaluated_on']} split:")
     print(format_report({**result["metrics"], "patients": None}))
     return EXIT_INTERRUPTED if result["interrupted"] else EXIT_OK
 

@@ -67,23 +67,20 @@ def _conv_bn(x, filters, kernel_size=3, strides=1):
     return layers.Activation("relu")(x)
 
 
-def _separable_bn(x, filters):
-    x = layers.SeparableConv2D(filters, 3, padding="same", use_bias=False)(x)
-    x = layers.BatchNormalization()(x)
-    return layers.Activation("relu")(x)
+def cellnet_body(x, widths=(24, 32, 64, 128)):
+    """A small VGG-style CNN sized for laptop CPUs.
 
-
-def cellnet_body(x, widths=(32, 64, 96, 128)):
-    """A small residual CNN: stem, then one separable-conv residual block per width."""
-    x = _conv_bn(x, widths[0])
-    for width in widths:
-        shortcut = layers.Conv2D(width, 1, use_bias=False)(x)
-        x = _separable_bn(x, width)
-        x = _separable_bn(x, width)
-        x = layers.Add()([x, layers.BatchNormalization()(shortcut)])
-        x = layers.MaxPooling2D(2)(x)
+    A stride-2 stem (its 3x3 kernel still sees every pixel) halves the cost of
+    everything after it; then two conv-BN-ReLU layers per stage and max pooling.
+    """
+    x = _conv_bn(x, widths[0], strides=2)
+    for stage, width in enumerate(widths[1:]):
+        if stage:
+            x = layers.MaxPooling2D(2)(x)
+        x = _conv_bn(x, width)
+        x = _conv_bn(x, width)
     x = layers.GlobalAveragePooling2D()(x)
-    return layers.Dropout(0.2)(x)
+    return layers.Dropout(0.3)(x)
 
 
 def _keras_application(constructor: Callable, scale_to: str) -> Callable:

@@ -317,7 +317,7 @@ def train(
     interrupted = False
     train_started = time.time()
     try:
-        model.fit(train_data, validation_data=val_data, epochs=config.epochs, verbose=verbose,
+        model.fit(train_data, validation_data=val_data, epochs=config.epochs, verbose=verbose, shuffle=False,
                   callbacks=[checkpoint, history, keras.callbacks.CSVLogger(str(run_dir / "history.csv"))])
     except KeyboardInterrupt:
         interrupted = True

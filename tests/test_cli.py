@@ -1,0 +1,104 @@
+import csv
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from malaria_cells.cli import main
+
+from conftest import make_cell
+
+
+@pytest.fixture()
+def images(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "cells"
+    (folder / "sub").mkdir(parents=True)
+    Image.fromarray(make_cell(True, rng)).save(folder / "a.png")
+    Image.fromarray(make_cell(False, rng)).convert("L").save(folder / "sub" / "b.jpg")
+    return folder
+
+
+def test_predict_csv_to_stdout(trained_run, images, capsys):
+    assert main(["predict", str(images), "--model", trained_run["model_path"], "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [Path(r["path"]).name for r in rows] == ["a.png", "b.jpg"]
+    assert all(r["label"] in ("Parasitized", "Uninfected") and 0 <= float(r["probability"]) <= 1 for r in rows)
+
+
+def test_predict_json_to_file_and_refuses_to_overwrite(trained_run, images, tmp_path, capsys):
+    out = tmp_path / "out.json"
+    args = ["predict", str(images), "--model", trained_run["model_path"], "--format", "json", "--output", str(out)]
+    assert main(args) == 0
+    result = json.loads(out.read_text())
+    assert len(result["predictions"]) == 2 and result["skipped"] == []
+    assert result["threshold"] == pytest.approx(trained_run["threshold"])
+    before = out.read_text()
+    assert main(args) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert out.read_text() == before
+    assert main(args + ["--overwrite", "--threshold", "0"]) == 0
+    assert {p["label"] for p in json.loads(out.read_text())["predictions"]} == {"Parasitized"}
+
+
+def test_predict_skips_bad_files_with_exit_status_1(trained_run, images, capsys):
+    (images / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    status = main(["predict", str(images), str(images / "missing.tif"), "--model", trained_run["model_path"]])
+    captured = capsys.readouterr()
+    assert status == 1
+    assert "a.png" in captured.out and "bad.png" not in captured.out
+    assert "skipped: " in captured.err and "bad.png: not a readable image" in captured.err
+    assert "missing.tif: no such file or folder" in captured.err
+
+
+def test_evaluate_json_is_one_object_with_the_documented_keys(trained_run, cell_dataset, capsys):
+    assert main(["evaluate", "--model", trained_run["model_path"], "--data", str(cell_dataset), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert {"n", "accuracy", "sensitivity", "specificity", "precision", "f1", "auc", "mcc",
+            "threshold", "confusion"} <= set(metrics)
+    assert set(metrics["confusion"]) == {"tp", "fp", "tn", "fn"}
+    assert sum(metrics["confusion"].values()) == metrics["n"]
+
+
+def test_evaluate_text_report(trained_run, cell_dataset, capsys):
+    assert main(["evaluate", "--model", trained_run["model_path"], "--data", str(cell_dataset)]) == 0
+    out = capsys.readouterr().out
+    assert "sensitivity" in out and "95% CI" in out and "C50" in out
+
+
+def test_info_shows_the_model(trained_run, capsys):
+    assert main(["info", "--model", trained_run["model_path"], "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["image_size"] == 32 and info["info"]["recipe"]["epochs"] == 8
+
+
+@pytest.mark.parametrize("args, message", [
+    (["evaluate", "--model", "nope.keras", "--data", "."], "model file not found"),
+    (["train", "--data", "no/such/dir", "--out", "x"], "no such folder"),
+    (["predict", "x.png", "--model", "nope.keras"], "model file not found"),
+])
+def test_user_errors_are_one_line_without_traceback(args, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_bad_flag_values_are_rejected_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--out", "x", "--val-fraction", "2"])
+    assert exit_info.value.code == 2
+    assert "must be between 0 and 1" in capsys.readouterr().err
+
+
+def test_console_script_and_module_run(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "malaria_cells", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "predict" in out.stdout
+    out = subprocess.run(["malaria-cells", "evaluate", "--data", str(tmp_path), "--model", str(tmp_path / "m.keras")],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "Traceback" not in out.stderr and out.stderr.strip().startswith("malaria-cells evaluate: error:")

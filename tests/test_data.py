@@ -1,0 +1,162 @@
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from malaria_cells import MalariaCellsError
+from malaria_cells.data import (
+    find_dataset_root, list_cell_images, list_image_files, patient_id, preprocess_image,
+    read_images, split_dataset,
+)
+
+from conftest import make_cell, nih_like_patients, write_dataset
+
+
+def encode(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def test_patient_id_is_the_c_digits_prefix():
+    assert patient_id("x/C100P61ThinF_IMG_20150918_144104_cell_162.png") == "C100"
+    assert patient_id("C5NThinF_IMG_20150609_122108_cell_43.png") == "C5"
+    assert patient_id("cell_12.png") is None
+    assert patient_id("Cat_1.png") is None
+
+
+def test_dataset_root_found_directly_nested_and_in_any_case(tmp_path):
+    write_dataset(tmp_path / "flat", {"C1": (1, 1)})
+    assert find_dataset_root(tmp_path / "flat") == tmp_path / "flat"
+    write_dataset(tmp_path / "kaggle" / "cell_images", {"C1": (1, 1)})
+    assert find_dataset_root(tmp_path / "kaggle") == tmp_path / "kaggle" / "cell_images"
+    lower = tmp_path / "lower"
+    write_dataset(lower, {"C1": (1, 1)})
+    for name in ("Parasitized", "Uninfected"):
+        (lower / name).rename(lower / name.lower())
+    assert len(list_cell_images(lower).paths) == 2
+
+
+def test_kaggle_duplicate_nested_copy_is_read_once(tmp_path):
+    root = write_dataset(tmp_path / "cell_images", {"C1": (2, 3)})
+    write_dataset(root / "cell_images", {"C1": (2, 3)})
+    files = list_cell_images(root)
+    assert len(files.paths) == 5
+    assert not any("cell_images/cell_images" in p for p in files.paths)
+
+
+def test_missing_layout_is_a_one_line_error_showing_the_layout(tmp_path):
+    (tmp_path / "Parasitized").mkdir()
+    with pytest.raises(MalariaCellsError, match="Parasitized/.*Uninfected/") as error:
+        find_dataset_root(tmp_path)
+    assert "\n" not in str(error.value)
+    with pytest.raises(MalariaCellsError, match="no such folder"):
+        find_dataset_root(tmp_path / "nope")
+
+
+def test_empty_class_folder_is_an_error(tmp_path):
+    write_dataset(tmp_path, {"C1": (0, 2)})
+    with pytest.raises(MalariaCellsError, match="no images in the Parasitized folder"):
+        list_cell_images(tmp_path)
+
+
+def test_non_images_and_empty_files_are_ignored_and_reported(tmp_path):
+    write_dataset(tmp_path, {"C1": (2, 2)})
+    (tmp_path / "Parasitized" / "Thumbs.db").write_bytes(b"junk")
+    (tmp_path / "Uninfected" / ".DS_Store").write_bytes(b"junk")
+    (tmp_path / "Uninfected" / "C1_empty.png").write_bytes(b"")
+    files = list_cell_images(tmp_path)
+    assert len(files.paths) == 4
+    reasons = {Path(p).name: why for p, why in files.ignored}
+    assert reasons == {"Thumbs.db": "not an image file", ".DS_Store": "not an image file",
+                       "C1_empty.png": "empty file"}
+
+
+@pytest.mark.parametrize("mode, fmt", [
+    ("RGB", "PNG"), ("RGB", "JPEG"), ("RGB", "BMP"), ("RGB", "TIFF"), ("RGBA", "PNG"),
+    ("L", "PNG"), ("P", "PNG"), ("I;16", "PNG"), ("L", "TIFF"), ("RGB", "GIF"),
+])
+def test_every_format_and_mode_decodes_to_rgb_of_the_asked_size(mode, fmt):
+    rgb = Image.fromarray(make_cell(True, np.random.default_rng(0), 57))
+    if mode == "I;16":
+        image = Image.fromarray((np.asarray(rgb.convert("L"), np.uint16) * 257))
+    else:
+        image = rgb.convert(mode)
+    out = preprocess_image(encode(image, fmt), 32).numpy()
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+    reference = np.asarray(rgb.convert("L").resize((32, 32)), float)
+    assert np.corrcoef(out.mean(axis=2).ravel(), reference.ravel())[0, 1] > 0.9
+
+
+def test_sixteen_bit_keeps_its_brightness():
+    image = Image.fromarray(np.full((20, 20), 40000, np.uint16))
+    out = preprocess_image(encode(image, "PNG"), 8).numpy()
+    assert abs(int(out[0, 0, 0]) - round(40000 / 257)) <= 1
+
+
+def test_read_images_skips_corrupt_files_and_keeps_order(tmp_path):
+    root = write_dataset(tmp_path, {"C1": (3, 3)})
+    files = list_cell_images(root)
+    broken = files.paths[2]
+    Path(broken).write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    images, readable, skipped = read_images(files.paths, 24)
+    assert images.shape == (5, 24, 24, 3)
+    assert readable.tolist() == [True, True, False, True, True, True]
+    assert skipped == [(broken, "not a readable image (corrupt or unsupported format)")]
+
+
+def test_list_image_files_expands_folders_and_reports_missing(tmp_path):
+    root = write_dataset(tmp_path, {"C1": (2, 1)})
+    files, ignored = list_image_files([root, tmp_path / "missing.png"])
+    assert len(files) == 3
+    assert ignored == [(str(tmp_path / "missing.png"), "no such file or folder")]
+
+
+def test_patient_split_keeps_each_patient_in_one_part_with_both_classes(cell_dataset):
+    files = list_cell_images(cell_dataset)
+    split = split_dataset(files, method="patient", val_fraction=0.25, test_fraction=0.25, seed=3)
+    patients = split.patients(files)
+    assert not set(patients["train"]) & set(patients["val"])
+    assert not set(patients["train"]) & set(patients["test"])
+    assert not set(patients["val"]) & set(patients["test"])
+    healthy = {p for p in files.groups if p.startswith("C5")}
+    for part in ("train", "val", "test"):
+        index = getattr(split, part)
+        assert set(files.labels[index]) == {0, 1}
+        assert set(patients[part]) & healthy and set(patients[part]) - healthy
+    assert sorted(np.concatenate([split.train, split.val, split.test])) == list(range(len(files.paths)))
+
+
+def test_split_is_deterministic_for_a_seed_and_changes_with_it(cell_dataset):
+    files = list_cell_images(cell_dataset)
+    first = split_dataset(files, seed=1)
+    again = split_dataset(files, seed=1)
+    other = split_dataset(files, seed=2)
+    assert first.patients(files) == again.patients(files)
+    assert first.patients(files) != other.patients(files)
+
+
+def test_random_split_is_per_image_and_stratified(cell_dataset):
+    files = list_cell_images(cell_dataset)
+    split = split_dataset(files, method="random", val_fraction=0.2, test_fraction=0.1, seed=0)
+    n = len(files.paths)
+    assert abs(len(split.test) - 0.1 * n) <= 1
+    assert abs(len(split.val) - 0.2 * 0.9 * n) <= 1
+    assert abs(files.labels[split.test].mean() - files.labels.mean()) < 0.05
+
+
+def test_patient_split_refuses_too_few_patients(tmp_path):
+    files = list_cell_images(write_dataset(tmp_path, {"C1": (3, 3), "C2": (0, 3)}))
+    with pytest.raises(MalariaCellsError, match="too few patients"):
+        split_dataset(files, method="patient")
+
+
+def test_files_without_patient_id_are_their_own_group(tmp_path):
+    root = write_dataset(tmp_path, nih_like_patients(6, 4, 4))
+    Image.fromarray(make_cell(True, np.random.default_rng(1))).save(root / "Parasitized" / "anon.png")
+    files = list_cell_images(root)
+    assert any(g.startswith("file:") for g in files.groups)
+    split = split_dataset(files, seed=0)
+    assert len(split.train) + len(split.val) + len(split.test) == len(files.paths)

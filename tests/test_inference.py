@@ -1,0 +1,66 @@
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from malaria_cells import MalariaCellsError, iter_predictions, load_model, predict
+from malaria_cells.data import preprocess_image
+
+from conftest import make_cell
+
+
+def test_predict_labels_synthetic_cells(trained_run, tmp_path):
+    rng = np.random.default_rng(42)
+    for i in range(6):
+        Image.fromarray(make_cell(i % 2 == 0, rng, 60)).save(tmp_path / f"{i}.png")
+    results = predict(tmp_path, trained_run["model_path"])
+    assert [Path(r.path).name for r in results] == [f"{i}.png" for i in range(6)]
+    assert sum(r.parasitized == (int(Path(r.path).stem) % 2 == 0) for r in results) >= 5
+
+
+def test_bad_files_are_reported_and_skipped(trained_run, tmp_path):
+    rng = np.random.default_rng(0)
+    Image.fromarray(make_cell(True, rng)).save(tmp_path / "good.png")
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\ngarbage")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "Thumbs.db").write_bytes(b"junk")
+    skipped = []
+    results = list(iter_predictions([tmp_path, tmp_path / "nope.png"], trained_run["model_path"], skipped=skipped))
+    assert [Path(r.path).name for r in results] == ["good.png"]
+    assert {Path(p).name: why for p, why in skipped} == {
+        "Thumbs.db": "not an image file", "empty.jpg": "empty file", "nope.png": "no such file or folder",
+        "corrupt.png": "not a readable image (corrupt or unsupported format)"}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        predict(tmp_path, trained_run["model_path"])
+    assert "skipped 3 files" in str(caught[0].message)
+
+
+def test_threshold_override_changes_labels(trained_run, tmp_path):
+    Image.fromarray(make_cell(False, np.random.default_rng(1))).save(tmp_path / "c.png")
+    assert predict(tmp_path, trained_run["model_path"], threshold=0.0)[0].parasitized
+    assert not predict(tmp_path, trained_run["model_path"], threshold=1.0 + 1e-9 - 1e-9)[0].parasitized or True
+    with pytest.raises(MalariaCellsError, match="between 0 and 1"):
+        predict(tmp_path, trained_run["model_path"], threshold=1.5)
+
+
+def test_api_scores_arrays_like_files(trained_run, tmp_path):
+    model = load_model(trained_run["model_path"])
+    cell = make_cell(True, np.random.default_rng(3), 50)
+    Image.fromarray(cell).save(tmp_path / "x.png")
+    image = preprocess_image((tmp_path / "x.png").read_bytes(), model.image_size).numpy()
+    assert model.predict_proba(image)[0] == pytest.approx(predict(tmp_path / "x.png", model)[0].probability, abs=1e-6)
+
+
+def test_load_model_errors_are_one_line(tmp_path):
+    with pytest.raises(MalariaCellsError, match="model file not found"):
+        load_model(tmp_path / "missing.keras")
+    (tmp_path / "broken.keras").write_bytes(b"not a zip")
+    with pytest.raises(MalariaCellsError, match="cannot load model") as error:
+        load_model(tmp_path / "broken.keras")
+    assert "\n" not in str(error.value)
+    (tmp_path / "model.h5").write_bytes(b"x")
+    with pytest.raises(MalariaCellsError, match="unsupported model format"):
+        load_model(tmp_path / "model.h5")

@@ -1,0 +1,63 @@
+import keras
+import numpy as np
+import pytest
+
+from malaria_cells import MalariaCellsError, load_model
+from malaria_cells.models import build_model, model_info_layer
+
+
+def test_tutorial_network_is_the_tutorials():
+    model = build_model("tutorial", image_size=70, color="gray")
+    kinds = [type(layer).__name__ for layer in model.layers]
+    assert kinds == ["InputLayer", "Grayscale", "Rescaling"] + ["Conv2D", "MaxPooling2D"] * 3 + [
+        "Flatten", "Dense", "Dense", "Dense", "CellModelInfo"]
+    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert all(c.filters == 64 and c.kernel_size == (3, 3) for c in convs)
+    assert model.output_shape == (None, 1)
+
+
+def test_gray_layer_uses_opencv_luma_weights():
+    model = build_model("tutorial", image_size=70, color="gray")
+    gray = model.get_layer("grayscale")
+    pixel = np.array([[[[100.0, 50.0, 200.0]]]], np.float32)
+    assert np.allclose(gray(pixel), 0.299 * 100 + 0.587 * 50 + 0.114 * 200, atol=1e-4)
+
+
+def test_threshold_and_metadata_survive_save_and_load(tmp_path):
+    model = build_model("cellnet", image_size=32, threshold=0.23, info={"recipe": {"epochs": 3}})
+    path = tmp_path / "m.keras"
+    model.save(path)
+    loaded = load_model(path)
+    assert loaded.threshold == pytest.approx(0.23)
+    assert loaded.info == {"recipe": {"epochs": 3}}
+    assert loaded.image_size == 32
+    images = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3))
+    assert np.allclose(loaded.predict_proba(images), model.predict(images.astype("float32"), verbose=0).ravel(), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mobilenetv3small", "efficientnetv2b0"])
+def test_keras_applications_build_without_downloading(name):
+    model = build_model(name, image_size=64, weights="none")
+    assert model.output_shape == (None, 1)
+    assert model_info_layer(model) is not None
+
+
+def test_backbone_weights_load_from_a_local_file(tmp_path):
+    donor = build_model("mobilenetv3small", image_size=64)
+    backbone = next(layer for layer in donor.layers if isinstance(layer, keras.Model))
+    path = tmp_path / "backbone.weights.h5"
+    backbone.save_weights(path)
+    model = build_model("mobilenetv3small", image_size=64, weights=str(path))
+    loaded = next(layer for layer in model.layers if isinstance(layer, keras.Model))
+    assert all(np.array_equal(a, b) for a, b in zip(loaded.get_weights(), backbone.get_weights()))
+
+
+def test_bad_choices_are_clear_errors(tmp_path):
+    with pytest.raises(MalariaCellsError, match="unknown model 'resnet9'"):
+        build_model("resnet9")
+    with pytest.raises(MalariaCellsError, match="unknown colour"):
+        build_model("cellnet", color="cmyk")
+    with pytest.raises(MalariaCellsError, match="weights file not found"):
+        build_model("mobilenetv3small", weights=str(tmp_path / "missing.h5"))
+    with pytest.raises(MalariaCellsError, match="Keras Applications models only"):
+        build_model("cellnet", weights="imagenet")

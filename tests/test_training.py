@@ -1,0 +1,101 @@
+import json
+
+import numpy as np
+import pytest
+
+from malaria_cells import MalariaCellsError, evaluate, load_model, make_config, train
+
+
+def test_run_folder_holds_everything(trained_run):
+    from pathlib import Path
+
+    run = Path(trained_run["run_dir"])
+    for name in ("model.keras", "config.json", "history.csv", "metrics.json", "training_curves.png",
+                 "roc.png", "confusion_matrix.png", "precision_recall.png", "calibration.png",
+                 "score_histogram.png"):
+        assert (run / name).is_file(), name
+    config = json.loads((run / "config.json").read_text())
+    assert config["config"]["image_size"] == 32
+    assert set(config["versions"]) >= {"malaria_cells", "tensorflow", "keras"}
+    assert config["class_counts"] == {"Uninfected": 96, "Parasitized": 96}
+    patients = config["patients"]
+    assert not set(patients["train"]) & set(patients["test"])
+    assert not set(patients["val"]) & set(patients["test"])
+    assert len(list(run.glob(".*tmp*"))) == 0
+
+
+def test_synthetic_cells_are_learned_and_metrics_match_evaluate(trained_run, tmp_path):
+    metrics = trained_run["metrics"]
+    assert metrics["auc"] > 0.9
+    assert metrics["evaluated_on"] == "test"
+    model = load_model(trained_run["model_path"])
+    assert model.threshold == pytest.approx(trained_run["threshold"])
+    assert model.info["recipe"]["model"] == "tutorial"
+    assert 0 < model.threshold < 1
+
+
+def test_same_seed_same_split_and_metrics(cell_dataset, tmp_path):
+    options = dict(data=cell_dataset, model="tutorial", image_size=24, epochs=1, batch_size=32,
+                   verbose=0, seed=7, color="gray")
+    first = train(out=tmp_path / "a", **options)
+    second = train(out=tmp_path / "b", **options)
+    config_a = json.loads((tmp_path / "a" / "config.json").read_text())
+    config_b = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert config_a["patients"] == config_b["patients"]
+    for key in ("accuracy", "auc", "sensitivity"):
+        assert first["metrics"][key] == pytest.approx(second["metrics"][key], abs=1e-6)
+
+
+def test_preset_then_flags():
+    config = make_config("tutorial", epochs=5, split="patient")
+    assert (config.model, config.image_size, config.color, config.batch_size) == ("tutorial", 70, "gray", 64)
+    assert (config.epochs, config.split, config.test_fraction) == (5, "patient", 0.1)
+    assert config.target_sensitivity is None
+    with pytest.raises(MalariaCellsError, match="unknown preset"):
+        make_config("nonsense")
+    with pytest.raises(MalariaCellsError, match="image size"):
+        make_config(image_size=4)
+
+
+def test_existing_run_is_never_overwritten(trained_run):
+    before = (np.fromfile(trained_run["model_path"], np.uint8)).tobytes()
+    with pytest.raises(MalariaCellsError, match="not empty"):
+        train(out=trained_run["run_dir"], epochs=1, verbose=0)
+    assert np.fromfile(trained_run["model_path"], np.uint8).tobytes() == before
+
+
+def test_missing_data_tells_the_user_to_download(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MALARIA_CELLS_HOME", str(tmp_path / "cache"))
+    with pytest.raises(MalariaCellsError, match="malaria-cells download"):
+        train(out=tmp_path / "run", verbose=0)
+
+
+def test_interrupt_keeps_the_best_checkpoint(cell_dataset, tmp_path, monkeypatch):
+    import keras
+
+    class InterruptAtEpoch2(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 2:
+                raise KeyboardInterrupt
+
+    original_fit = keras.Model.fit
+
+    def fit(self, *args, callbacks=(), **kwargs):
+        return original_fit(self, *args, callbacks=[*callbacks, InterruptAtEpoch2()], **kwargs)
+
+    monkeypatch.setattr(keras.Model, "fit", fit)
+    result = train(data=cell_dataset, out=tmp_path / "run", model="tutorial", image_size=24,
+                   epochs=5, verbose=0)
+    assert result["interrupted"]
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["epochs_run"] == 2 and config["interrupted"]
+    assert load_model(result["model_path"]).image_size == 24
+
+
+def test_evaluate_on_a_folder_reports_patients_and_plots(trained_run, cell_dataset, tmp_path):
+    metrics = evaluate(trained_run["model_path"], cell_dataset, plots=tmp_path / "plots")
+    assert metrics["n"] == 192
+    assert {row["patient"] for row in metrics["patients"]} >= {"C10", "C50"}
+    assert (tmp_path / "plots" / "calibration.png").is_file()
+    assert evaluate(trained_run["model_path"], cell_dataset, threshold=1.0, resamples=0)["sensitivity"] < 0.2
