@@ -12,6 +12,7 @@ import os
 import re
 import warnings
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -71,7 +72,7 @@ class CellImageFiles:
     labels: np.ndarray
     ignored: list[tuple[str, str]] = field(default_factory=list)
 
-    @property
+    @cached_property
     def groups(self) -> list[str]:
         """Patient id of each file; a file without one is its own group."""
         return [patient_id(p) or f"file:{p}" for p in self.paths]
