@@ -64,3 +64,13 @@ def test_load_model_errors_are_one_line(tmp_path):
     (tmp_path / "model.h5").write_bytes(b"x")
     with pytest.raises(MalariaCellsError, match="unsupported model format"):
         load_model(tmp_path / "model.h5")
+
+
+def test_tta_is_invariant_to_rotating_and_mirroring_the_cell(trained_run):
+    model = load_model(trained_run["model_path"])
+    image = make_cell(True, np.random.default_rng(5), model.image_size).astype(np.float32)
+    variants = np.stack([image, np.rot90(image), np.fliplr(image), np.rot90(image, 3)])
+    with_tta = model.predict_proba(variants, tta=True)
+    assert np.allclose(with_tta, with_tta[0], atol=1e-5)
+    views = np.stack([np.rot90(image, k) for k in range(4)] + [np.fliplr(np.rot90(image, k)) for k in range(4)])
+    assert with_tta[0] == pytest.approx(model.predict_proba(views).mean(), abs=1e-5)

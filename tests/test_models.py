@@ -61,3 +61,15 @@ def test_bad_choices_are_clear_errors(tmp_path):
         build_model("mobilenetv3small", weights=str(tmp_path / "missing.h5"))
     with pytest.raises(MalariaCellsError, match="Keras Applications models only"):
         build_model("cellnet", weights="imagenet")
+
+
+def test_imagenet_weights_without_internet_say_what_to_do(monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("URL fetch failure: no route to host")
+
+    monkeypatch.setattr(keras.utils, "get_file", offline)
+    import keras.src.applications.mobilenet_v3 as mobilenet_v3
+
+    monkeypatch.setattr(mobilenet_v3.file_utils, "get_file", offline)
+    with pytest.raises(MalariaCellsError, match="--weights PATH"):
+        build_model("mobilenetv3small", image_size=64, weights="imagenet")

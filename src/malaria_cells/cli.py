@@ -107,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     evaluate.add_argument("--plots", metavar="DIR", help="also draw ROC, PR, confusion, histogram and calibration PNGs")
     evaluate.add_argument("--batch-size", type=_positive_int, default=256, help="images scored at once (default: 256)")
+    evaluate.add_argument("--tta", action="store_true", help="average over the 8 rotations/mirrors of each cell (8x slower)")
 
     predict = command("predict", "label image files and folders",
                       "One row per image: path, probability of Parasitized, label. Folders are\n"
@@ -119,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--output", metavar="FILE", help="write results to FILE instead of stdout")
     predict.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
     predict.add_argument("--batch-size", type=_positive_int, default=256, help="images scored at once (default: 256)")
+    predict.add_argument("--tta", action="store_true", help="average over the 8 rotations/mirrors of each cell (8x slower)")
 
     download = command("download", "fetch the public NIH cell images",
                        "Download (resumable), verify (size, zip CRCs, optional SHA-256) and safely\n"
@@ -155,7 +157,7 @@ def run_evaluate(args) -> int:
     from .evaluation import evaluate, format_report
 
     metrics = evaluate(args.model, args.data, threshold=args.threshold,
-                       batch_size=args.batch_size, plots=args.plots)
+                       batch_size=args.batch_size, plots=args.plots, tta=args.tta)
     if args.json:
         print(json.dumps(metrics, default=float))
     else:
@@ -202,7 +204,7 @@ def run_predict(args) -> int:
 
     from .data import list_image_files
     from .files import atomic_path
-    from .inference import _predict_files, check_threshold, load_model
+    from .inference import check_threshold, load_model, predict_files
 
     model = load_model(args.model)
     if check_threshold(args.threshold) is not None:
@@ -215,7 +217,8 @@ def run_predict(args) -> int:
 
     def emit(stream):
         writer = _ResultWriter(args.format, stream, model)
-        for prediction in _predict_files(files, model, model.threshold, args.batch_size, skipped):
+        for prediction in predict_files(files, model, model.threshold, batch_size=args.batch_size,
+                                        tta=args.tta, skipped=skipped):
             writer.write(prediction)
             bar.update()
         writer.close(skipped)

@@ -193,7 +193,7 @@ def per_patient(y_true, y_pred, groups) -> list[dict]:
     return rows
 
 
-def score_files(model, paths: Sequence[str], batch_size: int = 256):
+def score_files(model, paths: Sequence[str], batch_size: int = 256, tta: bool = False):
     """Probabilities for image files; returns (probabilities, readable mask, skipped)."""
     from .data import iter_image_batches
 
@@ -203,7 +203,7 @@ def score_files(model, paths: Sequence[str], batch_size: int = 256):
     for batch_paths, images, bad in iter_image_batches(paths, model.image_size, batch_size):
         skipped += bad
         if batch_paths:
-            probabilities[[position[p] for p in batch_paths]] = model.predict_proba(images)
+            probabilities[[position[p] for p in batch_paths]] = model.predict_proba(images, tta=tta)
     return probabilities, ~np.isnan(probabilities), skipped
 
 
@@ -215,6 +215,7 @@ def evaluate(
     batch_size: int = 256,
     plots: str | os.PathLike | None = None,
     resamples: int = 1000,
+    tta: bool = False,
 ) -> dict:
     """Score a model on a labelled folder (``Parasitized/`` and ``Uninfected/`` inside).
 
@@ -229,6 +230,8 @@ def evaluate(
     plots : path, optional
         Folder to draw ROC, precision-recall, confusion, score histogram and
         calibration plots into.
+    tta : bool
+        Average over the 8 rotations/mirrors of each cell.
 
     Returns
     -------
@@ -240,7 +243,7 @@ def evaluate(
     model = load_model(model)
     threshold = model.threshold if check_threshold(threshold) is None else threshold
     files = list_cell_images(data)
-    probabilities, readable, skipped = score_files(model, files.paths, batch_size)
+    probabilities, readable, skipped = score_files(model, files.paths, batch_size, tta)
     warn_skipped(files.ignored + skipped)
     labels = files.labels[readable]
     paths = [p for p, ok in zip(files.paths, readable) if ok]

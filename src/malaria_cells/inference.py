@@ -57,10 +57,11 @@ class CellClassifier:
         layer = model_info_layer(keras_model)
         self.threshold = layer.threshold if layer else 0.5
         self.info = dict(layer.info) if layer else {}
-        self._infer = tf.function(
-            lambda images: keras_model(images, training=False),
-            input_signature=[tf.TensorSpec((None, self.image_size, self.image_size, 3), tf.float32)],
-        )
+        signature = [tf.TensorSpec((None, self.image_size, self.image_size, 3), tf.float32)]
+        self._infer = tf.function(lambda images: keras_model(images, training=False),
+                                  input_signature=signature)
+        self._infer_tta = tf.function(lambda images: _dihedral_mean(keras_model, images),
+                                      input_signature=signature)
 
     def __repr__(self) -> str:
         return (
@@ -68,13 +69,16 @@ class CellClassifier:
             f"threshold={self.threshold:.4f})"
         )
 
-    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+    def predict_proba(self, images: np.ndarray, *, tta: bool = False) -> np.ndarray:
         """Probability of Parasitized for preprocessed images.
 
         Parameters
         ----------
         images : array of shape (n, image_size, image_size, 3)
             RGB pixels 0-255, as :func:`malaria_cells.data.preprocess_image` gives.
+        tta : bool
+            Test-time augmentation: average over the 8 rotations and mirrors of each
+            cell (8 times the compute).
         """
         images = np.asarray(images, dtype=np.float32)
         if images.ndim == 3:
@@ -85,7 +89,7 @@ class CellClassifier:
             )
         if len(images) == 0:
             return np.zeros(0, np.float32)
-        return self._infer(images).numpy().reshape(-1)
+        return (self._infer_tta if tta else self._infer)(images).numpy().reshape(-1)
 
     def set_threshold(self, threshold: float) -> None:
         """Change the operating threshold (kept when the model is saved)."""
@@ -99,6 +103,18 @@ class CellClassifier:
     def save(self, path: str | os.PathLike) -> None:
         """Save as ``.keras`` without ever leaving a half-written file at ``path``."""
         save_keras_model(self.keras_model, path)
+
+
+def _dihedral_mean(keras_model, images):
+    """Mean prediction over the 8 rotations/mirrors of each image."""
+    import tensorflow as tf
+
+    views = []
+    for k in range(4):
+        rotated = tf.image.rot90(images, k)
+        views += [rotated, tf.image.flip_left_right(rotated)]
+    scores = keras_model(tf.concat(views, axis=0), training=False)
+    return tf.reduce_mean(tf.reshape(scores, (8, -1)), axis=0)
 
 
 def save_keras_model(keras_model, path: str | os.PathLike) -> None:
@@ -168,6 +184,7 @@ def iter_predictions(
     *,
     threshold: float | None = None,
     batch_size: int = 256,
+    tta: bool = False,
     skipped: list | None = None,
 ) -> Iterator[Prediction]:
     """Score image files and folders (recursively), streaming: memory stays flat.
@@ -182,6 +199,8 @@ def iter_predictions(
         Overrides the model's stored threshold.
     batch_size : int
         Images scored at once.
+    tta : bool
+        Average over the 8 rotations/mirrors of each cell.
     skipped : list, optional
         Receives ``(path, reason)`` for every file that could not be scored.
     """
@@ -190,14 +209,16 @@ def iter_predictions(
     files, ignored = list_image_files(inputs)
     if skipped is not None:
         skipped += ignored
-    yield from _predict_files(files, model, threshold, batch_size, skipped)
+    yield from predict_files(files, model, threshold, batch_size=batch_size, tta=tta, skipped=skipped)
 
 
-def _predict_files(files: Sequence[str], model: CellClassifier, threshold, batch_size, skipped):
+def predict_files(files: Sequence[str], model: CellClassifier, threshold: float, *,
+                  batch_size: int = 256, tta: bool = False, skipped: list | None = None):
+    """Stream predictions for a list of image files (see :func:`iter_predictions`)."""
     for paths, images, bad in iter_image_batches(files, model.image_size, batch_size):
         if skipped is not None:
             skipped += bad
-        for path, probability in zip(paths, model.predict_proba(images)):
+        for path, probability in zip(paths, model.predict_proba(images, tta=tta)):
             yield Prediction(path, float(probability), label_for(probability, threshold))
 
 
@@ -207,6 +228,7 @@ def predict(
     *,
     threshold: float | None = None,
     batch_size: int = 256,
+    tta: bool = False,
 ) -> list[Prediction]:
     """Score image files and folders; unreadable files are left out with a warning.
 
@@ -220,7 +242,8 @@ def predict(
         inputs = [inputs]
     skipped: list = []
     results = list(
-        iter_predictions(inputs, model, threshold=threshold, batch_size=batch_size, skipped=skipped)
+        iter_predictions(inputs, model, threshold=threshold, batch_size=batch_size, tta=tta,
+                         skipped=skipped)
     )
     warn_skipped(skipped)
     return results

@@ -1,0 +1,144 @@
+"""The tutorial's pipeline vs malaria-cells' default recipe, same machine, same patients.
+
+    python benchmarks/compare.py --data ../shared/data/cell_images --seeds 0 1 2
+
+For each seed, both recipes are trained with ``malaria-cells train`` on the same patient
+split (the split depends only on the files, the seed and the fractions), in separate
+processes so that wall time and peak memory (max RSS) are measured per run. Then each
+model labels every PNG of the dataset folder end to end: the tutorial's way (cv2 loop +
+``model.predict``) and ours (``malaria-cells predict DIR --format csv --output FILE``).
+Writes ``RESULTS.md`` (and a JSON of the raw numbers) into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+KEYS = ("accuracy", "sensitivity", "specificity", "auc", "f1", "mcc")
+
+
+def timed(command: list[str]) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MiB) of one command, via a fresh wrapper process."""
+    wrapper = (
+        "import resource, subprocess, sys, time, json;"
+        "t = time.perf_counter(); r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL);"
+        "s = time.perf_counter() - t;"
+        "print(json.dumps([r.returncode, s, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024]))"
+    )
+    out = subprocess.run([sys.executable, "-c", wrapper, *command], capture_output=True, text=True, check=True)
+    code, seconds, peak = json.loads(out.stdout.strip().splitlines()[-1])
+    if code != 0:
+        raise SystemExit(f"failed ({code}): {' '.join(command)}")
+    return seconds, peak
+
+
+TUTORIAL_PREDICT = r"""
+import glob, os, sys, time
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+import cv2, numpy as np, keras
+from malaria_cells import models  # registers the layers the saved model uses
+model = keras.saving.load_model(sys.argv[1], compile=False)
+paths = sorted(glob.glob(os.path.join(sys.argv[2], "*", "*.png")))
+t = time.perf_counter()
+images = [cv2.resize(cv2.imread(p, cv2.IMREAD_GRAYSCALE), (70, 70)) for p in paths]
+x = np.array(images).reshape(-1, 70, 70, 1)
+x = np.repeat(x, 3, axis=-1).astype("float32")  # our tutorial model takes RGB and grays it inside
+p = model.predict(x, batch_size=64, verbose=0)
+with open(sys.argv[3], "w") as f:
+    for path, prob in zip(paths, p.ravel()):
+        f.write(f"{path},{prob:.6f}\n")
+print(len(paths) / (time.perf_counter() - t))
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "cell_images"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent))
+    parser.add_argument("--work", default=None, help="folder for run folders (default: a temporary one)")
+    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
+                        help="extra flags for our recipe's train command")
+    args = parser.parse_args()
+    work = Path(args.work or tempfile.mkdtemp(prefix="malaria-compare-"))
+    recipes = {
+        "tutorial": ["--preset", "tutorial", "--split", "patient", "--test-fraction", "0.2", "--val-fraction", "0.2"],
+        "malaria-cells": [*args.extra],
+    }
+    rows: dict[str, list[dict]] = {name: [] for name in recipes}
+    for seed in args.seeds:
+        for name, flags in recipes.items():
+            run_dir = work / f"{name}-seed{seed}"
+            seconds, peak = timed(["malaria-cells", "train", "--data", args.data, "--out", str(run_dir),
+                                   "--seed", str(seed), "--quiet", "--overwrite", *flags])
+            metrics = json.loads((run_dir / "metrics.json").read_text())
+            config = json.loads((run_dir / "config.json").read_text())
+            rows[name].append({"seed": seed, "train_seconds": seconds, "train_peak_mib": peak,
+                               "threshold": metrics["threshold"], "test_patients": config["patients"]["test"],
+                               "model_bytes": (run_dir / "model.keras").stat().st_size,
+                               **{k: metrics[k] for k in KEYS}})
+            print(name, seed, {k: round(v, 4) if isinstance(v, float) else v
+                               for k, v in rows[name][-1].items() if k != "test_patients"}, flush=True)
+    assert rows["tutorial"][0]["test_patients"] == rows["malaria-cells"][0]["test_patients"]
+
+    n_files = sum(1 for _ in Path(args.data).glob("*/*.png"))
+    last = args.seeds[-1]
+    throughput = {}
+    seconds, peak = timed([sys.executable, "-c", TUTORIAL_PREDICT, str(work / f"tutorial-seed{last}" / "model.keras"),
+                           args.data, str(work / "tutorial-predictions.csv")])
+    throughput["tutorial"] = (n_files / seconds, peak)
+    output = work / "ours-predictions.csv"
+    output.unlink(missing_ok=True)
+    seconds, peak = timed(["malaria-cells", "predict", args.data, "--model",
+                           str(work / f"malaria-cells-seed{last}" / "model.keras"), "--format", "csv",
+                           "--output", str(output)])
+    throughput["malaria-cells"] = (n_files / seconds, peak)
+
+    write_report(args, rows, throughput, n_files)
+
+
+def write_report(args, rows, throughput, n_files) -> None:
+    def summary(name, key, scale=1.0, digits=1):
+        values = np.array([r[key] for r in rows[name]]) * scale
+        return f"{values.mean():.{digits}f} ± {values.std():.{digits}f}" if len(values) > 1 else f"{values[0]:.{digits}f}"
+
+    lines = [
+        f"# Tutorial vs malaria-cells ({datetime.date.today().isoformat()})", "",
+        f"Machine: {platform.node()}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
+        f"Python {platform.python_version()}. Data: {args.data} ({n_files} cells).",
+        f"Command: `python benchmarks/compare.py --seeds {' '.join(map(str, args.seeds))}"
+        + (f" --extra {' '.join(args.extra)}" if args.extra else "") + "`", "",
+        f"Test metrics: mean ± std over {len(args.seeds)} patient splits (seeds {', '.join(map(str, args.seeds))}; 20% of "
+        "patients held out for test, 20% of the rest for validation), each at the model's own "
+        "threshold (tutorial: 0.5; ours: chosen on validation patients for 98% sensitivity).", "",
+        "| | tutorial pipeline | malaria-cells default |", "|---|---|---|",
+    ]
+    for key, label in (("accuracy", "accuracy %"), ("sensitivity", "sensitivity %"), ("specificity", "specificity %"),
+                       ("f1", "F1 %"), ("mcc", "MCC %"), ("auc", "ROC AUC %")):
+        lines.append(f"| {label} | {summary('tutorial', key, 100, 2)} | {summary('malaria-cells', key, 100, 2)} |")
+    lines.append(f"| train wall time, s | {summary('tutorial', 'train_seconds')} | {summary('malaria-cells', 'train_seconds')} |")
+    lines.append(f"| train peak memory, MiB | {summary('tutorial', 'train_peak_mib', 1, 0)} | {summary('malaria-cells', 'train_peak_mib', 1, 0)} |")
+    lines.append(f"| model file, MB | {summary('tutorial', 'model_bytes', 1e-6, 2)} | {summary('malaria-cells', 'model_bytes', 1e-6, 2)} |")
+    lines.append(f"| predict {n_files} PNGs end to end, cells/s | {throughput['tutorial'][0]:.0f} | {throughput['malaria-cells'][0]:.0f} |")
+    lines.append(f"| predict peak memory, MiB | {throughput['tutorial'][1]:.0f} | {throughput['malaria-cells'][1]:.0f} |")
+    lines += ["", "Predict times are whole commands (process start, TensorFlow import and model load included)."]
+    out = Path(args.out)
+    (out / "RESULTS.md").write_text("\n".join(lines) + "\n")
+    (out / "results.json").write_text(json.dumps({"rows": rows, "throughput": throughput}, indent=2))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
