@@ -73,3 +73,18 @@ def test_imagenet_weights_without_internet_say_what_to_do(monkeypatch):
     monkeypatch.setattr(mobilenet_v3.file_utils, "get_file", offline)
     with pytest.raises(MalariaCellsError, match="--weights PATH"):
         build_model("mobilenetv3small", image_size=64, weights="imagenet")
+
+
+def test_stain_normalization_removes_a_colour_cast_and_keeps_the_background_black():
+    from malaria_cells.models import StainNormalization
+
+    from conftest import make_cell
+
+    cell = make_cell(True, np.random.default_rng(0), 40).astype(np.float32)
+    cast = np.clip(cell * np.array([0.8, 0.9, 1.15], np.float32), 0, 255)
+    layer = StainNormalization()
+    a, b = np.asarray(layer(cell[None])), np.asarray(layer(cast[None]))
+    assert np.allclose(a, b, atol=0.02)
+    assert np.all(a[0, 0, 0] == 0)
+    model = build_model("cellnet", image_size=40, stain_normalization=True)
+    assert model.get_layer("stain_normalization") is not None

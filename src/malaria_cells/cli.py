@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--learning-rate", type=float, help="peak learning rate (default: 0.003)")
     train.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule (default: cosine)")
     train.add_argument("--augment", choices=AUGMENTATIONS, help="training augmentation (default: flips+color)")
+    train.add_argument("--stain-normalization", action=argparse.BooleanOptionalAction, default=None,
+                       help="divide each cell by its own mean colour inside the model (default: off)")
     train.add_argument("--label-smoothing", type=_fraction, help="target smoothing (default: 0.05)")
     train.add_argument("--target-sensitivity", type=_fraction,
                        help="choose the threshold on validation patients for this sensitivity (default: 0.98)")
@@ -142,7 +144,7 @@ def run_train(args) -> int:
     options = {k: getattr(args, k) for k in (
         "data", "model", "weights", "epochs", "batch_size", "image_size", "color", "split",
         "val_fraction", "test_fraction", "seed", "learning_rate", "schedule", "augment",
-        "label_smoothing", "target_sensitivity")}
+        "label_smoothing", "target_sensitivity", "stain_normalization")}
     config = make_config(args.preset, **options)
     result = train(config, args.out, overwrite=args.overwrite, verbose=0 if args.quiet else 1)
     from .evaluation import format_report

@@ -30,6 +30,30 @@ class Grayscale(layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="malaria_cells")
+class StainNormalization(layers.Layer):
+    """Divide each channel by its mean over the cell (the non-black pixels).
+
+    Slides differ in stain colour and brightness (some patients' cells are violet, most
+    pink); dividing out each cell's own mean colour removes that cast while keeping what
+    differs inside the cell, such as a dark parasite. The black surround stays 0.
+    """
+
+    def __init__(self, floor: float = 20.0, **kwargs):
+        super().__init__(**kwargs)
+        self.floor = float(floor)
+
+    def call(self, inputs):
+        ops = keras.ops
+        cell = ops.cast(ops.max(inputs, axis=-1, keepdims=True) > self.floor, inputs.dtype)
+        area = ops.maximum(ops.sum(cell, axis=(1, 2), keepdims=True), 1.0)
+        mean = ops.sum(inputs * cell, axis=(1, 2), keepdims=True) / area
+        return 0.5 * inputs / ops.maximum(mean, 1.0)
+
+    def get_config(self):
+        return {**super().get_config(), "floor": self.floor}
+
+
+@keras.saving.register_keras_serializable(package="malaria_cells")
 class CellModelInfo(layers.Layer):
     """Identity layer whose config holds the operating threshold and model metadata."""
 
@@ -134,6 +158,7 @@ def build_model(
     image_size: int = 64,
     color: str = "rgb",
     weights: str | None = None,
+    stain_normalization: bool = False,
     threshold: float = 0.5,
     info: dict | None = None,
 ) -> keras.Model:
@@ -150,6 +175,9 @@ def build_model(
     weights : {None, "imagenet"} or path
         Starting weights for Keras Applications backbones (``None``: random). A path
         is a weights file saved from the same backbone.
+    stain_normalization : bool
+        Scale each cell by its own mean colour (:class:`StainNormalization`) instead
+        of a fixed 1/255.
     threshold : float
         Probability above which a cell is called Parasitized; stored in the model.
     info : dict, optional
@@ -173,7 +201,10 @@ def build_model(
 
     inputs = keras.Input((image_size, image_size, 3), name="image")
     x = Grayscale(name="grayscale")(inputs) if color == "gray" else inputs
-    x = layers.Rescaling(1.0 / 255, name="scale")(x)
+    if stain_normalization:
+        x = StainNormalization(name="stain_normalization")(x)
+    else:
+        x = layers.Rescaling(1.0 / 255, name="scale")(x)
     if name in applications:
         x = applications[name](x, weights="imagenet" if weights == "imagenet" else None)
     else:

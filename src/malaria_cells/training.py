@@ -50,7 +50,9 @@ class TrainConfig:
         Softens the 0/1 targets; tolerates the dataset's mislabelled cells.
     augment : {"none", "flips", "flips+color"}
         ``flips``: the 8 rotations/mirrors of a cell (it is the same cell);
-        ``flips+color`` adds stain colour, saturation and contrast jitter.
+        ``flips+color`` adds stain colour, saturation, contrast and brightness jitter.
+    stain_normalization : bool
+        Divide each cell by its own mean colour inside the model (slides differ).
     target_sensitivity : float or None
         The threshold is chosen on validation patients to reach this sensitivity;
         None keeps 0.5.
@@ -75,6 +77,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     label_smoothing: float = 0.05
     augment: str = "flips+color"
+    stain_normalization: bool = False
     target_sensitivity: float | None = 0.98
     weights: str | None = None
     preset: str | None = None
@@ -132,7 +135,7 @@ def augment_cell(image, seed, mode: str):
     """Randomly transform one uint8 cell, deterministically for a given seed pair."""
     import tensorflow as tf
 
-    seeds = tf.random.experimental.stateless_split(seed, 7)
+    seeds = tf.random.experimental.stateless_split(seed, 8)
     image = tf.cast(image, tf.float32) / 255.0
     transpose = tf.random.stateless_uniform([], seeds[0]) < 0.5
     image = tf.cond(transpose, lambda: tf.transpose(image, [1, 0, 2]), lambda: image)
@@ -141,10 +144,12 @@ def augment_cell(image, seed, mode: str):
     if mode == "flips+color":
         # Stain and illumination differ between slides; the black surround stays black
         # because brightness is scaled, not shifted.
-        image = tf.image.stateless_random_hue(image, 0.04, seeds[3])
-        image = tf.image.stateless_random_saturation(image, 0.75, 1.3, seeds[4])
+        # Patients' cells range from pink to violet: hue, saturation and per-channel gain.
+        image = tf.image.stateless_random_hue(image, 0.08, seeds[3])
+        image = tf.image.stateless_random_saturation(image, 0.6, 1.5, seeds[4])
         image = tf.image.stateless_random_contrast(image, 0.8, 1.2, seeds[5])
-        image = image * tf.random.stateless_uniform([], seeds[6], 0.85, 1.15)
+        image = image * tf.random.stateless_uniform([3], seeds[6], 0.9, 1.1)
+        image = image * tf.random.stateless_uniform([], seeds[7], 0.8, 1.2)
     return tf.clip_by_value(image, 0.0, 1.0) * 255.0
 
 
@@ -306,7 +311,7 @@ def train(
     val_data = evaluation_dataset(images[split.val], files.labels[split.val])
     steps = int(np.ceil(len(split.train) / config.batch_size))
     model = build_model(config.model, image_size=config.image_size, color=config.color,
-                        weights=config.weights)
+                        weights=config.weights, stain_normalization=config.stain_normalization)
     model.compile(optimizer=_optimizer(config, steps),
                   loss=keras.losses.BinaryCrossentropy(label_smoothing=config.label_smoothing),
                   metrics=["accuracy", keras.metrics.AUC(name="auc")])

@@ -1,0 +1,48 @@
+"""Put a trained model inside the package as the default model.
+
+    malaria-cells train --data ../shared/data/cell_images --out runs/shipped --test-fraction 0
+    python scripts/ship_model.py runs/shipped
+
+Copies RUN_DIR/model.keras to src/malaria_cells/pretrained/ and writes the metadata JSON
+beside it (recipe, data, patients, threshold, input size, colour, validation metrics,
+versions), both atomically. ``predict``, ``evaluate``, ``info`` and the Python API use it
+when no model is named.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from malaria_cells.files import atomic_path, write_json
+from malaria_cells.inference import DEFAULT_MODEL, load_model
+
+
+def main(run_dir: str) -> None:
+    run = Path(run_dir)
+    model = load_model(run / "model.keras")
+    config = json.loads((run / "config.json").read_text())
+    metadata = {
+        **model.info,
+        "file": DEFAULT_MODEL.name,
+        "validation_metrics": json.loads((run / "metrics.json").read_text()),
+        "patients": config["patients"],
+        "class_counts": config["class_counts"],
+        "seconds": config["seconds"],
+        "command": "malaria-cells train " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in config["config"].items()
+            if v is not None and k not in ("data", "preset")),
+    }
+    metadata["validation_metrics"].pop("patients", None)
+    with atomic_path(DEFAULT_MODEL) as temporary:
+        shutil.copyfile(run / "model.keras", temporary)
+    write_json(DEFAULT_MODEL.with_suffix(".json"), metadata)
+    print(f"shipped {DEFAULT_MODEL} ({DEFAULT_MODEL.stat().st_size / 1e6:.2f} MB), threshold {model.threshold:.4f}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        raise SystemExit(__doc__)
+    main(sys.argv[1])
