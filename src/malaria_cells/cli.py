@@ -132,6 +132,18 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--sha256", help="refuse the archive unless it has this SHA-256")
     download.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    serve = command("serve", "run the web page and REST API",
+                    "A web page to drop cell images on (GET /), a REST API (POST /v1/predict with\n"
+                    "multipart 'files', GET /v1/model, GET /healthz) and its docs at /docs.\n"
+                    "Binds to 127.0.0.1: only this computer can reach it. To serve a lab network,\n"
+                    "pass --host 0.0.0.0 AND set an API key (--api-key or $MALARIA_CELLS_API_KEY).")
+    serve.add_argument("--model", metavar="PATH", help="model file or run folder (default: the shipped model)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    serve.add_argument("--api-key", help="require this key (header X-API-Key) on every endpoint but /healthz")
+    serve.add_argument("--max-images", type=_positive_int, default=256, help="images per request (default: 256)")
+    serve.add_argument("--max-upload-mb", type=_positive_int, default=64, help="request size limit in MiB (default: 64)")
+
     info = command("info", "show which model is in use and its metadata")
     info.add_argument("--model", metavar="PATH", help="model file or run folder (default: the shipped model)")
     info.add_argument("--json", action="store_true", help="print one JSON object")
@@ -245,6 +257,15 @@ def run_download(args) -> int:
     return EXIT_OK
 
 
+def run_serve(args) -> int:
+    from .serving import ServeLimits, serve
+
+    limits = ServeLimits(max_images=args.max_images, max_request_bytes=args.max_upload_mb * 2**20)
+    print(f"Serving on http://{args.host}:{args.port}/ (API docs at /docs); Ctrl-C to stop", file=sys.stderr)
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key, limits=limits)
+    return EXIT_OK
+
+
 def run_info(args) -> int:
     from .inference import load_model
 
@@ -286,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "download":
         _quiet_tensorflow()
     handler = {"train": run_train, "evaluate": run_evaluate, "predict": run_predict,
-               "download": run_download, "info": run_info}[args.command]
+               "download": run_download, "info": run_info, "serve": run_serve}[args.command]
     try:
         return handler(args)
     except MalariaCellsError as error:

@@ -1,0 +1,159 @@
+"""A local web page and REST API over a trained model (FastAPI on uvicorn).
+
+    malaria-cells serve --model runs/first/model.keras        # http://127.0.0.1:8000/
+
+Endpoints: ``GET /`` (drop-images web page), ``POST /v1/predict`` (multipart ``files``),
+``GET /v1/model``, ``GET /healthz``, OpenAPI docs at ``/docs``.
+"""
+
+import hmac
+import io
+import os
+import warnings
+from dataclasses import dataclass
+from importlib import resources
+
+import numpy as np
+from fastapi import Depends, FastAPI, File, HTTPException, Request, UploadFile
+from fastapi.responses import HTMLResponse, JSONResponse
+
+from .data import MAX_IMAGE_PIXELS
+from .errors import MalariaCellsError
+
+API_KEY_ENV = "MALARIA_CELLS_API_KEY"
+
+
+@dataclass
+class ServeLimits:
+    """What one request may carry."""
+
+    max_images: int = 256
+    max_request_bytes: int = 64 * 2**20
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+
+
+class UploadError(ValueError):
+    """An uploaded file that cannot be scored, with the HTTP status that says why."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def check_upload(contents: bytes, max_pixels: int) -> None:
+    """Refuse empty, non-image and oversized uploads from their header, before decoding."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not contents:
+        raise UploadError(422, "empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(contents)) as image:
+                width, height = image.size
+    except Image.DecompressionBombError:
+        raise UploadError(413, "image too large (decompression bomb)") from None
+    except (UnidentifiedImageError, OSError, ValueError):
+        raise UploadError(415, "not an image (PNG, JPEG, BMP, GIF, WebP or TIFF expected)") from None
+    if width * height > max_pixels:
+        raise UploadError(413, f"image too large ({width}x{height} pixels, limit {max_pixels})")
+
+
+def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | None = None):
+    """Build the FastAPI application.
+
+    Parameters
+    ----------
+    model : path or CellClassifier, optional
+        Defaults to the model shipped with the package.
+    api_key : str, optional
+        When set (or ``$MALARIA_CELLS_API_KEY``), every endpoint but ``/healthz``
+        requires it, as header ``X-API-Key`` (or ``?api_key=`` for the web page).
+    limits : ServeLimits, optional
+        Maximum images and bytes per request, and pixels per image.
+    """
+    import tensorflow as tf
+
+    from . import __version__
+    from .data import preprocess_image
+    from .inference import label_for, load_model
+
+    model = load_model(model)
+    limits = limits or ServeLimits()
+    api_key = api_key or os.environ.get(API_KEY_ENV) or None
+    preprocess = tf.function(lambda contents: preprocess_image(contents, model.image_size),
+                             input_signature=[tf.TensorSpec([], tf.string)])
+    model_version = model.info.get("trained_at") or os.path.basename(model.path)
+    app = FastAPI(title="malaria-cells", version=__version__,
+                  description="Label red blood cells as Parasitized or Uninfected.")
+
+    def require_key(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("x-api-key") or request.query_params.get("api_key") or ""
+        if not hmac.compare_digest(given.encode(), api_key.encode()):
+            raise HTTPException(401, "missing or wrong API key (send header X-API-Key)")
+
+    @app.middleware("http")
+    async def limit_request_size(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limits.max_request_bytes:
+            return JSONResponse({"detail": f"request too large ({int(length)} bytes, limit "
+                                           f"{limits.max_request_bytes})"}, status_code=413)
+        return await call_next(request)
+
+    @app.get("/healthz", summary="Liveness check (no API key needed)")
+    def healthz():
+        return {"status": "ok"}
+
+    @app.get("/v1/model", dependencies=[Depends(require_key)], summary="The model in use")
+    def model_info():
+        return {"path": model.path, "version": model_version, "image_size": model.image_size,
+                "threshold": model.threshold, "class_names": ["Uninfected", "Parasitized"],
+                "limits": limits.__dict__, "info": model.info}
+
+    @app.post("/v1/predict", dependencies=[Depends(require_key)], summary="Label uploaded cell images")
+    def predict(files: list[UploadFile] = File(..., description="cell images")):
+        if len(files) > limits.max_images:
+            raise HTTPException(413, f"too many images ({len(files)}, limit {limits.max_images})")
+        results, images, scored = [], [], []
+        for upload in files:
+            contents = upload.file.read()
+            entry = {"filename": upload.filename}
+            try:
+                check_upload(contents, limits.max_image_pixels)
+                try:
+                    images.append(preprocess(tf.constant(contents)).numpy())
+                except tf.errors.OpError:
+                    raise UploadError(422, "corrupt or unsupported image") from None
+                scored.append(entry)
+            except UploadError as error:
+                entry.update(status=error.status, error=str(error))
+            results.append(entry)
+        probabilities = model.predict_proba(np.stack(images)) if images else []
+        for entry, probability in zip(scored, probabilities):
+            entry.update(status=200, probability=round(float(probability), 6),
+                         label=label_for(probability, model.threshold))
+        n_parasitized = sum(1 for e in scored if e["label"] == "Parasitized")
+        body = {"model_version": model_version, "threshold": model.threshold, "results": results,
+                "summary": {"n": len(scored), "n_parasitized": n_parasitized, "n_rejected": len(results) - len(scored),
+                            "percent_parasitized": round(100 * n_parasitized / len(scored), 2) if scored else None}}
+        status = 200 if scored else max(e["status"] for e in results)
+        return JSONResponse(body, status_code=status)
+
+    @app.get("/", response_class=HTMLResponse, dependencies=[Depends(require_key)], include_in_schema=False)
+    def page():
+        return resources.files("malaria_cells").joinpath("static/index.html").read_text(encoding="utf-8")
+
+    return app
+
+
+def serve(model=None, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          limits: ServeLimits | None = None, workers: int = 1) -> None:
+    """Run the web page and API with uvicorn until interrupted."""
+    import uvicorn
+
+    if not 0 < port < 65536:
+        raise MalariaCellsError(f"port must be 1 to 65535, got {port}")
+    app = create_app(model, api_key=api_key, limits=limits)
+    uvicorn.run(app, host=host, port=port, log_level="warning", workers=workers)

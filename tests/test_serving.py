@@ -1,0 +1,102 @@
+import io
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import make_cell
+
+fastapi = pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from malaria_cells.serving import ServeLimits, create_app  # noqa: E402
+
+
+def png_bytes(infected=True, seed=0, size=48) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(make_cell(infected, np.random.default_rng(seed), size)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def bomb_png(side=20000) -> bytes:
+    """A valid PNG header announcing side x side pixels, with a tiny body."""
+    import struct
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def client(trained_run):
+    return TestClient(create_app(trained_run["model_path"], limits=ServeLimits(max_images=4, max_request_bytes=2**20)))
+
+
+def test_health_and_model_metadata(client, trained_run):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    meta = client.get("/v1/model").json()
+    assert meta["image_size"] == 32 and meta["threshold"] == pytest.approx(trained_run["threshold"])
+    assert client.get("/docs").status_code == 200
+    assert "malaria-cells" in client.get("/").text
+
+
+def test_predict_many_images_with_summary(client, trained_run):
+    from malaria_cells import predict
+
+    files = [("files", (f"{i}.png", png_bytes(i % 2 == 0, i), "image/png")) for i in range(3)]
+    body = client.post("/v1/predict", files=files).json()
+    assert [r["filename"] for r in body["results"]] == ["0.png", "1.png", "2.png"]
+    assert all(r["status"] == 200 and r["label"] in ("Parasitized", "Uninfected") for r in body["results"])
+    assert body["summary"]["n"] == 3
+    assert body["summary"]["percent_parasitized"] == pytest.approx(
+        100 * sum(r["label"] == "Parasitized" for r in body["results"]) / 3, abs=0.01)
+    assert body["threshold"] == pytest.approx(trained_run["threshold"])
+
+
+def test_same_probability_as_the_command_line_path(client, trained_run, tmp_path):
+    from malaria_cells import predict
+
+    (tmp_path / "a.png").write_bytes(png_bytes(True, 9))
+    expected = predict(tmp_path / "a.png", trained_run["model_path"])[0].probability
+    body = client.post("/v1/predict", files=[("files", ("a.png", png_bytes(True, 9), "image/png"))]).json()
+    assert body["results"][0]["probability"] == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.parametrize("name, data, status, message", [
+    ("empty.png", b"", 422, "empty file"),
+    ("notes.png", b"hello, not an image", 415, "not an image"),
+    ("cut.png", png_bytes()[:200], 422, "corrupt"),
+    ("bomb.png", bomb_png(), 413, "too large"),
+])
+def test_bad_uploads_are_rejected_without_spoiling_the_rest(client, name, data, status, message):
+    files = [("files", ("good.png", png_bytes(), "image/png")), ("files", (name, data, "image/png"))]
+    body = client.post("/v1/predict", files=files)
+    assert body.status_code == 200
+    good, bad = body.json()["results"]
+    assert good["status"] == 200 and "label" in good
+    assert bad["status"] == status and message in bad["error"]
+    alone = client.post("/v1/predict", files=[("files", (name, data, "image/png"))])
+    assert alone.status_code == status
+    assert client.get("/healthz").status_code == 200
+
+
+def test_request_limits(client):
+    files = [("files", (f"{i}.png", png_bytes(), "image/png")) for i in range(5)]
+    response = client.post("/v1/predict", files=files)
+    assert response.status_code == 413 and "too many images" in response.json()["detail"]
+    big = [("files", ("big.png", b"\0" * (2**20 + 10), "image/png"))]
+    response = client.post("/v1/predict", files=big)
+    assert response.status_code == 413 and "request too large" in response.json()["detail"]
+
+
+def test_api_key_guards_everything_but_health(trained_run):
+    client = TestClient(create_app(trained_run["model_path"], api_key="s3cret"))
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/v1/model").status_code == 401
+    assert client.post("/v1/predict", files=[("files", ("a.png", png_bytes(), "image/png"))]).status_code == 401
+    assert client.get("/v1/model", headers={"X-API-Key": "wrong"}).status_code == 401
+    assert client.get("/v1/model", headers={"X-API-Key": "s3cret"}).status_code == 200
+    assert client.get("/?api_key=s3cret").status_code == 200
