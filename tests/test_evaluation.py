@@ -82,3 +82,18 @@ def test_calibration_scores():
     assert m["brier"] == 0 and m["ece"] == 0
     m = compute_metrics(y, np.array([0.5, 0.5, 0.5, 0.5]), resamples=0)
     assert m["brier"] == pytest.approx(0.25) and m["ece"] == pytest.approx(0.0)
+
+
+def test_specificity_floor_limits_a_threshold_dragged_down_by_odd_cells():
+    from malaria_cells.evaluation import choose_threshold, threshold_for_specificity
+
+    rng = np.random.default_rng(0)
+    y = np.r_[np.ones(900), np.zeros(1000)].astype(int)
+    p = np.r_[rng.uniform(0.6, 1, 850), rng.uniform(0, 0.05, 50), rng.uniform(0, 0.5, 1000)]
+    t = threshold_for_specificity(y, p, 0.9)
+    assert np.mean(p[y == 0] < t) >= 0.9 and np.mean(p[y == 0] < np.nextafter(t, 0) - 1e-6) < 0.9 + 1e-3
+    free = choose_threshold(y, p, 0.98)
+    assert free["limited_by"] == "sensitivity" and free["specificity"] < 0.2
+    guarded = choose_threshold(y, p, 0.98, min_specificity=0.9)
+    assert guarded["limited_by"] == "specificity"
+    assert guarded["specificity"] >= 0.9 and guarded["threshold"] == pytest.approx(t)

@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--label-smoothing", type=_fraction, help="target smoothing (default: 0.05)")
     train.add_argument("--target-sensitivity", type=_fraction,
                        help="choose the threshold on validation patients for this sensitivity (default: 0.98)")
+    train.add_argument("--min-specificity", type=_fraction,
+                       help="...but never below this validation specificity (default: 0.9)")
     train.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty RUN_DIR")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -156,7 +158,7 @@ def run_train(args) -> int:
     options = {k: getattr(args, k) for k in (
         "data", "model", "weights", "epochs", "batch_size", "image_size", "color", "split",
         "val_fraction", "test_fraction", "seed", "learning_rate", "schedule", "augment",
-        "label_smoothing", "target_sensitivity", "stain_normalization")}
+        "label_smoothing", "target_sensitivity", "min_specificity", "stain_normalization")}
     config = make_config(args.preset, **options)
     result = train(config, args.out, overwrite=args.overwrite, verbose=0 if args.quiet else 1)
     from .evaluation import format_report

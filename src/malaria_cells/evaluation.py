@@ -40,6 +40,38 @@ def threshold_for_sensitivity(y_true, y_prob, target: float) -> float:
     return float(positives[max(needed, 1) - 1])
 
 
+def threshold_for_specificity(y_true, y_prob, target: float) -> float:
+    """The lowest threshold whose specificity on (y_true, y_prob) is at least ``target``."""
+    if not 0 < target <= 1:
+        raise MalariaCellsError(f"target specificity must be in (0, 1], got {target}")
+    negatives = np.sort(np.asarray(y_prob)[np.asarray(y_true) == 0])
+    if len(negatives) == 0:
+        raise MalariaCellsError("cannot choose a threshold: no Uninfected cells in validation data")
+    needed = int(np.ceil(target * len(negatives) - 1e-9))
+    return float(np.nextafter(negatives[max(needed, 1) - 1], np.inf))
+
+
+def choose_threshold(y_true, y_prob, target_sensitivity: float, min_specificity: float = 0.0) -> dict:
+    """Screening threshold: reach ``target_sensitivity``, unless specificity falls below the floor.
+
+    Returns a dict with ``threshold`` and what it gives on these cells; ``limited_by`` says
+    which rule set it ("sensitivity" or "specificity"). A single odd validation patient
+    (unusual stain, doubtful labels) can otherwise drag the threshold to near 0 and make
+    every cell a false alarm.
+    """
+    threshold = threshold_for_sensitivity(y_true, y_prob, target_sensitivity)
+    limited_by = "sensitivity"
+    if min_specificity > 0:
+        floor = threshold_for_specificity(y_true, y_prob, min_specificity)
+        if floor > threshold:
+            threshold, limited_by = floor, "specificity"
+    y_true, y_prob = np.asarray(y_true), np.asarray(y_prob)
+    called = y_prob >= threshold
+    return {"threshold": threshold, "limited_by": limited_by,
+            "target_sensitivity": target_sensitivity, "min_specificity": min_specificity,
+            "sensitivity": float(called[y_true == 1].mean()), "specificity": float((~called[y_true == 0]).mean())}
+
+
 def _scores(y_true, y_prob, y_pred) -> dict:
     from sklearn.metrics import f1_score, matthews_corrcoef, roc_auc_score
 

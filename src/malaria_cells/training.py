@@ -6,6 +6,7 @@ import dataclasses
 import os
 import platform
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,8 @@ class TrainConfig:
     target_sensitivity : float or None
         The threshold is chosen on validation patients to reach this sensitivity;
         None keeps 0.5.
+    min_specificity : float
+        ...unless that costs more specificity than this floor on validation patients.
     weights : str, optional
         ``imagenet``, ``none`` or a weights file, for Keras Applications models.
     preset : str, optional
@@ -79,6 +82,7 @@ class TrainConfig:
     augment: str = "flips+color"
     stain_normalization: bool = False
     target_sensitivity: float | None = 0.98
+    min_specificity: float = 0.9
     weights: str | None = None
     preset: str | None = None
 
@@ -98,6 +102,7 @@ class TrainConfig:
             (self.augment in AUGMENTATIONS, f"unknown augmentation {self.augment!r}: use {', '.join(AUGMENTATIONS)}"),
             (self.target_sensitivity is None or 0 < self.target_sensitivity <= 1,
              f"target sensitivity must be in (0, 1], got {self.target_sensitivity}"),
+            (0 <= self.min_specificity < 1, f"min specificity must be in [0, 1), got {self.min_specificity}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -282,7 +287,7 @@ def train(
     import keras
     import tensorflow as tf
 
-    from .evaluation import compute_metrics, threshold_for_sensitivity
+    from .evaluation import choose_threshold, compute_metrics
     from .inference import CellClassifier, save_keras_model
     from .models import build_model, model_info_layer
     from .plots import plot_evaluation, plot_history
@@ -334,15 +339,21 @@ def train(
     best = CellClassifier(keras.saving.load_model(model_path, compile=False), model_path)
     val_prob = best.predict_proba(images[split.val])
     val_true = files.labels[split.val]
-    threshold = 0.5
+    threshold, threshold_choice = 0.5, {"threshold": 0.5, "limited_by": "fixed"}
     if config.target_sensitivity is not None:
-        threshold = threshold_for_sensitivity(val_true, val_prob, config.target_sensitivity)
+        threshold_choice = choose_threshold(val_true, val_prob, config.target_sensitivity, config.min_specificity)
+        threshold = threshold_choice["threshold"]
+        if threshold_choice["limited_by"] == "specificity":
+            warnings.warn(
+                f"validation sensitivity {threshold_choice['sensitivity']:.3f} is below the target "
+                f"{config.target_sensitivity}: the threshold was raised to keep specificity at "
+                f"{config.min_specificity}", stacklevel=2)
     val_metrics = compute_metrics(val_true, val_prob, threshold=threshold, resamples=0)
 
     info = {
         "name": config.model, "image_size": config.image_size, "color": config.color,
         "class_names": list(CLASS_NAMES), "threshold": threshold,
-        "target_sensitivity": config.target_sensitivity,
+        "target_sensitivity": config.target_sensitivity, "threshold_choice": threshold_choice,
         "recipe": {k: v for k, v in dataclasses.asdict(config).items() if k != "data"},
         "validation": {k: val_metrics[k] for k in ("n", "accuracy", "sensitivity", "specificity", "auc")},
         "data": {"root": str(files.root), "cells": len(files.paths), "patients": len(set(files.groups))},
@@ -369,7 +380,7 @@ def train(
         "class_counts": files.class_counts(),
         "split_counts": {part: len(getattr(split, part)) for part in ("train", "val", "test")},
         "patients": patients, "skipped_files": [list(s) for s in files.ignored + skipped],
-        "threshold": threshold, "validation_metrics": info["validation"],
+        "threshold": threshold, "threshold_choice": threshold_choice, "validation_metrics": info["validation"],
         "best_epoch": checkpoint.best_epoch, "epochs_run": len(history.history.get("loss", [])),
         "interrupted": interrupted, "versions": info["versions"],
         "seconds": {"load": round(load_seconds, 2), "train": round(train_seconds, 2),
