@@ -1,0 +1,77 @@
+"""End to end: the real server on 127.0.0.1, the page in headless Chromium (Playwright)."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import make_cell
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+playwright = pytest.importorskip("playwright.sync_api")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def server(trained_run):
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "malaria_cells", "serve", "--model", trained_run["model_path"], "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(url + "/healthz", timeout=1)
+            break
+        except OSError:
+            if process.poll() is not None:
+                raise RuntimeError(process.stderr.read().decode())
+            time.sleep(0.5)
+    yield url
+    process.terminate()
+    process.wait(10)
+
+
+def test_drop_two_images_and_read_their_labels(server, tmp_path, trained_run):
+    from malaria_cells import predict
+
+    rng = np.random.default_rng(7)
+    paths = []
+    for name, infected in (("infected.png", True), ("healthy.png", False)):
+        Image.fromarray(make_cell(infected, rng, 56)).save(tmp_path / name)
+        paths.append(str(tmp_path / name))
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    expected = {os.path.basename(p.path): p.label for p in predict(paths, trained_run["model_path"])}
+
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        page = browser.new_page()
+        page.goto(server + "/")
+        page.set_input_files("#files", paths + [str(tmp_path / "broken.png")])
+        page.wait_for_selector(".cell >> nth=2", timeout=30_000)
+        labels = {c.get_attribute("data-filename"): c.query_selector(".label").inner_text()
+                  for c in page.query_selector_all(".cell")}
+        assert labels == {**expected, "broken.png": "rejected"}
+        assert "not an image" in page.inner_text("[data-filename='broken.png']")
+        assert "2 cells scored" in page.inner_text("#summary")
+        with page.expect_download() as download:
+            page.click("#csv")
+        csv_text = open(download.value.path()).read()
+        assert csv_text.splitlines()[0] == '"filename","probability","label","error"'
+        assert len(csv_text.splitlines()) == 4
+        browser.close()
