@@ -37,7 +37,11 @@ def threshold_for_sensitivity(y_true, y_prob, target: float) -> float:
     if len(positives) == 0:
         raise MalariaCellsError("cannot choose a threshold: no Parasitized cells in validation data")
     needed = int(np.ceil(target * len(positives) - 1e-9))
-    return float(positives[max(needed, 1) - 1])
+    cut = positives[max(needed, 1) - 1]
+    below = np.asarray(y_prob)[np.asarray(y_prob) < cut]
+    # Halfway to the next lower score, so that float noise (another runtime, an export)
+    # cannot flip the cell that sits exactly on the threshold.
+    return float((cut + below.max()) / 2 if len(below) else cut)
 
 
 def threshold_for_specificity(y_true, y_prob, target: float) -> float:
@@ -48,7 +52,9 @@ def threshold_for_specificity(y_true, y_prob, target: float) -> float:
     if len(negatives) == 0:
         raise MalariaCellsError("cannot choose a threshold: no Uninfected cells in validation data")
     needed = int(np.ceil(target * len(negatives) - 1e-9))
-    return float(np.nextafter(negatives[max(needed, 1) - 1], np.inf))
+    cut = negatives[max(needed, 1) - 1]
+    above = np.asarray(y_prob)[np.asarray(y_prob) > cut]
+    return float((cut + above.min()) / 2 if len(above) else np.nextafter(cut, np.inf))
 
 
 def choose_threshold(y_true, y_prob, target_sensitivity: float, min_specificity: float = 0.0) -> dict:

@@ -25,12 +25,10 @@ def check_threshold(threshold: float | None) -> float | None:
 
 
 class CellClassifier:
-    """A trained model with everything needed to use it.
+    """A trained model with everything needed to use it, whatever its file format.
 
     Attributes
     ----------
-    keras_model : keras.Model
-        The network: uint8-valued RGB in, probability of Parasitized out.
     path : str
         Where it was loaded from.
     image_size : int
@@ -39,35 +37,26 @@ class CellClassifier:
         Probability above which a cell is called Parasitized.
     info : dict
         Recipe, data, validation figures and versions stored with the model.
+    keras_model : keras.Model or None
+        The network, for Keras models (None for TFLite and ONNX exports).
     """
 
-    def __init__(self, keras_model, path: str | os.PathLike = "<memory>"):
-        import tensorflow as tf
+    keras_model = None
 
-        from .models import model_info_layer
-
-        self.keras_model = keras_model
+    def __init__(self, path, image_size: int, threshold: float = 0.5, info: dict | None = None):
         self.path = str(path)
-        shape = keras_model.input_shape
-        if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3:
-            raise MalariaCellsError(
-                f"{path}: not a malaria-cells model (input shape {shape}, expected (None, S, S, 3))"
-            )
-        self.image_size = int(shape[1])
-        layer = model_info_layer(keras_model)
-        self.threshold = layer.threshold if layer else 0.5
-        self.info = dict(layer.info) if layer else {}
-        signature = [tf.TensorSpec((None, self.image_size, self.image_size, 3), tf.float32)]
-        self._infer = tf.function(lambda images: keras_model(images, training=False),
-                                  input_signature=signature)
-        self._infer_tta = tf.function(lambda images: _dihedral_mean(keras_model, images),
-                                      input_signature=signature)
+        self.image_size = int(image_size)
+        self.threshold = float(threshold)
+        self.info = dict(info or {})
 
     def __repr__(self) -> str:
         return (
-            f"CellClassifier(path={self.path!r}, image_size={self.image_size}, "
+            f"{type(self).__name__}(path={self.path!r}, image_size={self.image_size}, "
             f"threshold={self.threshold:.4f})"
         )
+
+    def _score(self, images: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
 
     def predict_proba(self, images: np.ndarray, *, tta: bool = False) -> np.ndarray:
         """Probability of Parasitized for preprocessed images.
@@ -89,13 +78,45 @@ class CellClassifier:
             )
         if len(images) == 0:
             return np.zeros(0, np.float32)
-        return (self._infer_tta if tta else self._infer)(images).numpy().reshape(-1)
+        if not tta:
+            return np.asarray(self._score(images)).reshape(-1)
+        views = [np.rot90(images, k, axes=(1, 2)) for k in range(4)]
+        views += [np.flip(view, axis=2) for view in views]
+        scores = np.asarray(self._score(np.ascontiguousarray(np.concatenate(views))))
+        return scores.reshape(8, -1).mean(axis=0)
 
     def set_threshold(self, threshold: float) -> None:
-        """Change the operating threshold (kept when the model is saved)."""
+        """Change the operating threshold (kept when a Keras model is saved)."""
+        self.threshold = check_threshold(threshold)
+
+
+class KerasClassifier(CellClassifier):
+    """A ``.keras`` model; its threshold and metadata live in its ``CellModelInfo`` layer."""
+
+    def __init__(self, keras_model, path: str | os.PathLike = "<memory>"):
+        import tensorflow as tf
+
         from .models import model_info_layer
 
-        self.threshold = check_threshold(threshold)
+        shape = keras_model.input_shape
+        if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3:
+            raise MalariaCellsError(
+                f"{path}: not a malaria-cells model (input shape {shape}, expected (None, S, S, 3))"
+            )
+        layer = model_info_layer(keras_model)
+        super().__init__(path, shape[1], layer.threshold if layer else 0.5, layer.info if layer else {})
+        self.keras_model = keras_model
+        signature = [tf.TensorSpec((None, self.image_size, self.image_size, 3), tf.float32)]
+        self._infer = tf.function(lambda images: keras_model(images, training=False),
+                                  input_signature=signature)
+
+    def _score(self, images):
+        return self._infer(images).numpy()
+
+    def set_threshold(self, threshold: float) -> None:
+        from .models import model_info_layer
+
+        super().set_threshold(threshold)
         layer = model_info_layer(self.keras_model)
         if layer is not None:
             layer.threshold = self.threshold
@@ -103,18 +124,6 @@ class CellClassifier:
     def save(self, path: str | os.PathLike) -> None:
         """Save as ``.keras`` without ever leaving a half-written file at ``path``."""
         save_keras_model(self.keras_model, path)
-
-
-def _dihedral_mean(keras_model, images):
-    """Mean prediction over the 8 rotations/mirrors of each image."""
-    import tensorflow as tf
-
-    views = []
-    for k in range(4):
-        rotated = tf.image.rot90(images, k)
-        views += [rotated, tf.image.flip_left_right(rotated)]
-    scores = keras_model(tf.concat(views, axis=0), training=False)
-    return tf.reduce_mean(tf.reshape(scores, (8, -1)), axis=0)
 
 
 def save_keras_model(keras_model, path: str | os.PathLike) -> None:
@@ -147,8 +156,12 @@ def load_model(path: str | os.PathLike | CellClassifier | None = None) -> CellCl
         path = path / "model.keras"
     if not path.is_file():
         raise MalariaCellsError(f"{path}: model file not found")
+    if path.suffix in (".tflite", ".onnx"):
+        from .export import load_exported_model
+
+        return load_exported_model(path)
     if path.suffix != ".keras":
-        raise MalariaCellsError(f"{path}: unsupported model format (expected a .keras file)")
+        raise MalariaCellsError(f"{path}: unsupported model format (expected .keras, .tflite or .onnx)")
     import keras
 
     from . import models  # noqa: F401 - registers the custom layers
@@ -158,7 +171,7 @@ def load_model(path: str | os.PathLike | CellClassifier | None = None) -> CellCl
     except Exception as error:  # noqa: BLE001 - a broken file can fail in many ways
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise MalariaCellsError(f"{path}: cannot load model ({first_line[:200]})") from error
-    return CellClassifier(keras_model, path)
+    return KerasClassifier(keras_model, path)
 
 
 @dataclass(frozen=True)

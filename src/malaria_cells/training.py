@@ -288,7 +288,7 @@ def train(
     import tensorflow as tf
 
     from .evaluation import choose_threshold, compute_metrics
-    from .inference import CellClassifier, save_keras_model
+    from .inference import KerasClassifier, save_keras_model
     from .models import build_model, model_info_layer
     from .plots import plot_evaluation, plot_history
 
@@ -336,7 +336,7 @@ def train(
     if checkpoint.best_epoch is None:
         raise MalariaCellsError("training stopped before the first epoch ended; nothing was saved")
 
-    best = CellClassifier(keras.saving.load_model(model_path, compile=False), model_path)
+    best = KerasClassifier(keras.saving.load_model(model_path, compile=False), model_path)
     val_prob = best.predict_proba(images[split.val])
     val_true = files.labels[split.val]
     threshold, threshold_choice = 0.5, {"threshold": 0.5, "limited_by": "fixed"}

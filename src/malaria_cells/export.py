@@ -1,0 +1,250 @@
+"""Exporting models for phones and servers (TFLite, ONNX, SavedModel) and loading them back.
+
+Every export carries what is needed to use it: the preprocessing is inside the network
+(colour conversion and scaling layers; inputs are RGB pixels 0-255 at the model's size)
+and a side-car ``<file>.json`` holds the input size, threshold and recipe. ONNX files also
+embed that JSON in their metadata, so they stand alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from .errors import MalariaCellsError
+from .files import atomic_path, write_json
+from .inference import CellClassifier, load_model
+
+FORMATS = ("tflite", "onnx", "saved_model")
+QUANTIZATIONS = ("none", "float16", "int8")
+METADATA_KEY = "malaria_cells"
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path / "malaria_cells.json" if path.is_dir() else path.with_name(path.name + ".json")
+
+
+def export_model(model, out: str | os.PathLike, *, format: str = "tflite", quantize: str = "none",
+                 calibration_images: np.ndarray | None = None) -> Path:
+    """Export a Keras model.
+
+    Parameters
+    ----------
+    model : path or CellClassifier
+        A ``.keras`` model (default: the shipped one).
+    out : path
+        Output file (``.tflite``, ``.onnx``) or folder (``saved_model``); never replaced
+        half-written.
+    format : {"tflite", "onnx", "saved_model"}
+    quantize : {"none", "float16", "int8"}
+        ``float16`` halves the file (TFLite); ``int8`` quarters it and needs
+        ``calibration_images`` (a few hundred preprocessed training cells).
+    calibration_images : array (n, size, size, 3), optional
+        Representative inputs for int8 calibration.
+
+    Returns
+    -------
+    Path
+        The written file or folder; its metadata is in :func:`sidecar_path`.
+    """
+    if format not in FORMATS:
+        raise MalariaCellsError(f"unknown format {format!r}: choose from {', '.join(FORMATS)}")
+    if quantize not in QUANTIZATIONS:
+        raise MalariaCellsError(f"unknown quantization {quantize!r}: choose from {', '.join(QUANTIZATIONS)}")
+    if quantize != "none" and format == "saved_model":
+        raise MalariaCellsError("saved_model exports are not quantized: use --format tflite or onnx")
+    if quantize == "float16" and format == "onnx":
+        raise MalariaCellsError("float16 is offered for tflite only; for onnx use --quantize int8 or none")
+    if quantize == "int8" and (calibration_images is None or len(calibration_images) == 0):
+        raise MalariaCellsError("int8 quantization needs calibration images: pass --calibration DIR")
+    model = load_model(model)
+    if model.keras_model is None:
+        raise MalariaCellsError(f"{model.path}: export starts from a .keras model")
+    out = Path(out)
+    metadata = {"format": format, "quantize": quantize, "image_size": model.image_size,
+                "threshold": model.threshold, "input": "RGB pixels 0-255, float32, shape (n, S, S, 3)",
+                "output": "probability of Parasitized, shape (n, 1)",
+                "class_names": ["Uninfected", "Parasitized"], "source": model.path, "info": model.info}
+    if format == "saved_model":
+        _export_saved_model(model, out)
+    elif format == "tflite":
+        with atomic_path(out) as temporary:
+            temporary.write_bytes(_tflite_bytes(model, quantize, calibration_images))
+    else:
+        with atomic_path(out) as temporary:
+            temporary.write_bytes(_onnx_bytes(model, quantize, calibration_images, metadata))
+    write_json(sidecar_path(out), metadata)
+    return out
+
+
+def _export_saved_model(model: CellClassifier, out: Path) -> None:
+    import shutil
+
+    if out.exists():
+        raise MalariaCellsError(f"{out}: already exists; choose another --out")
+    staging = out.with_name(f".{out.name}.exporting")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.keras_model.export(str(staging), verbose=False)
+    os.replace(staging, out)
+
+
+def _representative(images: np.ndarray):
+    def generate():
+        for image in images[:500]:
+            yield [image[None].astype(np.float32)]
+
+    return generate
+
+
+def _tflite_bytes(model: CellClassifier, quantize: str, calibration_images) -> bytes:
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(model.keras_model)
+    if quantize == "float16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    elif quantize == "int8":
+        # int8 weights and activations inside; float input and output, so the same
+        # preprocessing and threshold apply unchanged.
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.representative_dataset = _representative(calibration_images)
+    return converter.convert()
+
+
+def _onnx_bytes(model: CellClassifier, quantize: str, calibration_images, metadata: dict) -> bytes:
+    import tensorflow as tf
+
+    try:
+        import onnx
+        import tf2onnx
+    except ImportError:
+        raise MalariaCellsError("ONNX export needs tf2onnx: pip install 'malaria-cells[export]'") from None
+
+    spec = (tf.TensorSpec((None, model.image_size, model.image_size, 3), tf.float32, name="image"),)
+    proto, _ = tf2onnx.convert.from_keras(model.keras_model, input_signature=spec, opset=17)
+    if quantize == "int8":
+        proto = _onnx_int8(proto, calibration_images)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, json.dumps(metadata, default=str)
+    return onnx.ModelProto.SerializeToString(proto)
+
+
+def _onnx_int8(proto, calibration_images):
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"image": calibration_images[i:i + 32].astype(np.float32)}
+                                 for i in range(0, min(len(calibration_images), 512), 32)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    with tempfile.TemporaryDirectory() as folder:
+        source, prepared, target = (Path(folder) / n for n in ("f.onnx", "p.onnx", "q.onnx"))
+        onnx.save(proto, source)
+        quant_pre_process(str(source), str(prepared))
+        quantize_static(str(prepared), str(target), Reader(), weight_type=QuantType.QInt8,
+                        activation_type=QuantType.QUInt8)
+        return onnx.load(target)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _read_metadata(path: Path) -> dict:
+    sidecar = sidecar_path(path)
+    if sidecar.is_file():
+        return json.loads(sidecar.read_text())
+    return {}
+
+
+class LiteRTClassifier(CellClassifier):
+    """A ``.tflite`` model run with LiteRT (or TensorFlow's own interpreter)."""
+
+    def __init__(self, path: Path):
+        try:
+            from ai_edge_litert.interpreter import Interpreter
+        except ImportError:
+            import tensorflow as tf
+
+            Interpreter = tf.lite.Interpreter
+        try:
+            self._interpreter = Interpreter(model_path=str(path), num_threads=os.cpu_count())
+        except Exception as error:  # noqa: BLE001 - any failure means an unusable file
+            raise MalariaCellsError(f"{path}: cannot load TFLite model ({str(error).splitlines()[0][:200]})") from error
+        self._input = self._interpreter.get_input_details()[0]
+        self._output = self._interpreter.get_output_details()[0]
+        metadata = _read_metadata(path)
+        super().__init__(path, self._input["shape"][1], metadata.get("threshold", 0.5), metadata.get("info"))
+        self._lock = threading.Lock()
+        self._batch = None
+
+    def _score(self, images):
+        with self._lock:
+            if self._batch != len(images):
+                self._interpreter.resize_tensor_input(self._input["index"], images.shape)
+                self._interpreter.allocate_tensors()
+                self._batch = len(images)
+            self._interpreter.set_tensor(self._input["index"], images)
+            self._interpreter.invoke()
+            return self._interpreter.get_tensor(self._output["index"]).copy()
+
+
+class OnnxClassifier(CellClassifier):
+    """An ``.onnx`` model run with onnxruntime."""
+
+    def __init__(self, path: Path):
+        try:
+            import onnxruntime
+        except ImportError:
+            raise MalariaCellsError("ONNX models need onnxruntime: pip install onnxruntime") from None
+        try:
+            self._session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as error:  # noqa: BLE001
+            raise MalariaCellsError(f"{path}: cannot load ONNX model ({str(error).splitlines()[0][:200]})") from error
+        embedded = self._session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+        metadata = _read_metadata(path) or (json.loads(embedded) if embedded else {})
+        self._input_name = self._session.get_inputs()[0].name
+        size = self._session.get_inputs()[0].shape[1]
+        super().__init__(path, metadata.get("image_size", size), metadata.get("threshold", 0.5), metadata.get("info"))
+
+    def _score(self, images):
+        return self._session.run(None, {self._input_name: images})[0]
+
+
+def load_exported_model(path: str | os.PathLike) -> CellClassifier:
+    """Load a ``.tflite`` or ``.onnx`` export (with its side-car metadata when present)."""
+    path = Path(path)
+    return LiteRTClassifier(path) if path.suffix == ".tflite" else OnnxClassifier(path)
+
+
+def check_parity(reference, exported, data, batch_size: int = 256) -> dict:
+    """Compare an export with its Keras model on a labelled folder.
+
+    Returns agreement (share of cells given the same label), both accuracies and
+    their difference in points.
+    """
+    from .data import list_cell_images, read_images
+
+    reference, exported = load_model(reference), load_model(exported)
+    files = list_cell_images(data)
+    images, readable, _ = read_images(files.paths, reference.image_size)
+    labels = files.labels[readable]
+    ours = np.concatenate([reference.predict_proba(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+    theirs = np.concatenate([exported.predict_proba(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+    ours_label, theirs_label = ours >= reference.threshold, theirs >= exported.threshold
+    accuracy = (ours_label == labels).mean(), (theirs_label == labels).mean()
+    return {"n": int(len(labels)), "agreement": float((ours_label == theirs_label).mean()),
+            "keras_accuracy": float(accuracy[0]), "export_accuracy": float(accuracy[1]),
+            "accuracy_difference_points": float(100 * (accuracy[1] - accuracy[0])),
+            "max_probability_difference": float(np.abs(ours - theirs).max())}

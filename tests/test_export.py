@@ -1,0 +1,81 @@
+import json
+
+import numpy as np
+import pytest
+
+from malaria_cells import MalariaCellsError, evaluate, load_model, predict
+from malaria_cells.cli import main
+from malaria_cells.data import list_cell_images, read_images
+from malaria_cells.export import check_parity, export_model, sidecar_path
+
+
+@pytest.fixture(scope="module")
+def calibration(cell_dataset):
+    files = list_cell_images(cell_dataset)
+    return read_images(files.paths[::3], 32)[0]
+
+
+@pytest.fixture(scope="module")
+def probe(cell_dataset):
+    files = list_cell_images(cell_dataset)
+    return read_images(files.paths[:40], 32)[0]
+
+
+@pytest.mark.parametrize("fmt, quantize, tolerance", [
+    ("tflite", "none", 1e-5), ("tflite", "float16", 5e-3), ("tflite", "int8", 0.1),
+    ("onnx", "none", 1e-5), ("onnx", "int8", 0.15),
+])
+def test_exports_carry_threshold_and_size_and_predict_alike(trained_run, tmp_path, calibration, probe,
+                                                            fmt, quantize, tolerance):
+    reference = load_model(trained_run["model_path"])
+    out = export_model(reference, tmp_path / f"m.{fmt}", format=fmt, quantize=quantize,
+                       calibration_images=calibration)
+    metadata = json.loads(sidecar_path(out).read_text())
+    assert metadata["threshold"] == pytest.approx(reference.threshold)
+    exported = load_model(out)
+    assert exported.image_size == 32 and exported.threshold == pytest.approx(reference.threshold)
+    difference = np.abs(exported.predict_proba(probe) - reference.predict_proba(probe))
+    assert np.mean(difference) < tolerance
+    if fmt == "onnx":  # the metadata is embedded too: the file alone is enough
+        sidecar_path(out).unlink()
+        assert load_model(out).threshold == pytest.approx(reference.threshold)
+
+
+def test_saved_model_export(trained_run, tmp_path, probe):
+    import tensorflow as tf
+
+    out = export_model(trained_run["model_path"], tmp_path / "sm", format="saved_model")
+    served = tf.saved_model.load(str(out))
+    scores = served.serve(tf.constant(probe, tf.float32)).numpy().ravel()
+    assert np.allclose(scores, load_model(trained_run["model_path"]).predict_proba(probe), atol=1e-5)
+    assert json.loads(sidecar_path(out).read_text())["image_size"] == 32
+
+
+def test_predict_evaluate_and_parity_accept_exports(trained_run, tmp_path, cell_dataset):
+    out = export_model(trained_run["model_path"], tmp_path / "m.tflite", format="tflite")
+    keras_rows = predict(cell_dataset / "Parasitized", trained_run["model_path"])
+    lite_rows = predict(cell_dataset / "Parasitized", out)
+    assert [r.label for r in keras_rows] == [r.label for r in lite_rows]
+    assert evaluate(out, cell_dataset, resamples=0)["n"] == 192
+    parity = check_parity(trained_run["model_path"], out, cell_dataset)
+    assert parity["agreement"] == 1.0 and parity["accuracy_difference_points"] == 0
+
+
+def test_cli_export_with_check(trained_run, tmp_path, cell_dataset, capsys):
+    out = tmp_path / "m.onnx"
+    status = main(["export", "--model", trained_run["model_path"], "--format", "onnx", "--out", str(out),
+                   "--check", str(cell_dataset)])
+    assert status == 0 and "passed" in capsys.readouterr().out
+    assert main(["export", "--model", trained_run["model_path"], "--format", "onnx", "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["predict", str(cell_dataset / "Uninfected"), "--model", str(out), "--format", "csv"]) == 0
+
+
+def test_bad_export_requests(trained_run, tmp_path):
+    with pytest.raises(MalariaCellsError, match="calibration"):
+        export_model(trained_run["model_path"], tmp_path / "m.tflite", quantize="int8")
+    with pytest.raises(MalariaCellsError, match="tflite only"):
+        export_model(trained_run["model_path"], tmp_path / "m.onnx", format="onnx", quantize="float16")
+    (tmp_path / "bad.tflite").write_bytes(b"nonsense")
+    with pytest.raises(MalariaCellsError, match="cannot load TFLite model"):
+        load_model(tmp_path / "bad.tflite")
