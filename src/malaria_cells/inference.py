@@ -108,7 +108,7 @@ class KerasClassifier(CellClassifier):
         self.keras_model = keras_model
         signature = [tf.TensorSpec((None, self.image_size, self.image_size, 3), tf.float32)]
         self._infer = tf.function(lambda images: keras_model(images, training=False),
-                                  input_signature=signature)
+                                  input_signature=signature, autograph=False)
 
     def _score(self, images):
         return self._infer(images).numpy()

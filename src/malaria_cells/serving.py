@@ -82,7 +82,7 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
     limits = limits or ServeLimits()
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     preprocess = tf.function(lambda contents: preprocess_image(contents, model.image_size),
-                             input_signature=[tf.TensorSpec([], tf.string)])
+                             input_signature=[tf.TensorSpec([], tf.string)], autograph=False)
     model_version = model.info.get("trained_at") or os.path.basename(model.path)
     app = FastAPI(title="malaria-cells", version=__version__,
                   description="Label red blood cells as Parasitized or Uninfected.")

@@ -1,0 +1,112 @@
+"""Bounded load test of ``malaria-cells serve`` on loopback.
+
+    python benchmarks/load_test.py [--model PATH] [--clients 8] [--requests 2000] [--batch 1]
+    python benchmarks/load_test.py --batch 64 --requests 200
+
+Starts the real server on 127.0.0.1 (a free port), sends a fixed number of POST
+/v1/predict requests from concurrent clients (each request carries --batch real or
+synthetic cell PNGs), then stops it. Reports requests/s, images/s, p50/p99 latency and
+errors. Traffic never leaves this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import glob
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sample_pngs(data: str | None, count: int) -> list[bytes]:
+    paths = sorted(glob.glob(os.path.join(data, "*", "*.png")))[:count] if data and os.path.isdir(data) else []
+    if paths:
+        return [Path(p).read_bytes() for p in paths]
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(count):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (128, 128, 3), dtype=np.uint8)).save(buffer, "PNG")
+        out.append(buffer.getvalue())
+    return out
+
+
+async def hammer(url: str, images: list[bytes], clients: int, requests: int, batch: int):
+    import httpx
+
+    latencies, errors = [], 0
+    counter = iter(range(requests))
+
+    async def client(http: httpx.AsyncClient):
+        nonlocal errors
+        for i in counter:
+            files = [("files", (f"{i}_{j}.png", images[(i * batch + j) % len(images)], "image/png"))
+                     for j in range(batch)]
+            started = time.perf_counter()
+            try:
+                response = await http.post(url, files=files)
+                ok = response.status_code == 200 and len(response.json()["results"]) == batch
+            except httpx.HTTPError:
+                ok = False
+            latencies.append(time.perf_counter() - started)
+            errors += not ok
+
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=clients)) as http:
+        started = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+        return time.perf_counter() - started, np.array(latencies), errors
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="model to serve (default: the shipped one)")
+    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "cell_images"))
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--batch", type=int, default=1, help="images per request")
+    parser.add_argument("--warmup", type=int, default=50)
+    args = parser.parse_args()
+    port = free_port()
+    command = [sys.executable, "-m", "malaria_cells", "serve", "--port", str(port)]
+    if args.model:
+        command += ["--model", args.model]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        import httpx
+
+        for _ in range(240):
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        images = sample_pngs(args.data, 512)
+        url = f"http://127.0.0.1:{port}/v1/predict"
+        asyncio.run(hammer(url, images, args.clients, args.warmup, args.batch))
+        seconds, latencies, errors = asyncio.run(hammer(url, images, args.clients, args.requests, args.batch))
+    finally:
+        server.terminate()
+        server.wait(10)
+    print(f"{args.requests} requests x {args.batch} images, {args.clients} clients, {os.cpu_count()} CPUs: "
+          f"{args.requests / seconds:.0f} requests/s, {args.requests * args.batch / seconds:.0f} images/s, "
+          f"p50 {1000 * np.percentile(latencies, 50):.1f} ms, p99 {1000 * np.percentile(latencies, 99):.1f} ms, "
+          f"errors {errors}")
+
+
+if __name__ == "__main__":
+    main()
