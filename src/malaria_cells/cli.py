@@ -48,6 +48,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def add_model_option(parser) -> None:
+    parser.add_argument("--model", metavar="PATH",
+                        help="model: .keras, .tflite or .onnx file, or a run folder (default: the shipped model)")
+
+
+def add_scoring_options(parser) -> None:
+    parser.add_argument("--threshold", type=_fraction, help="override the model's stored threshold")
+    parser.add_argument("--batch-size", type=_positive_int, default=256, help="images scored at once (default: 256)")
+    parser.add_argument("--tta", action="store_true",
+                        help="average over the 8 rotations/mirrors of each cell (8x slower)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .choices import AUGMENTATIONS, COLORS, MODEL_NAMES, SCHEDULES, SPLITS
@@ -105,26 +117,22 @@ def build_parser() -> argparse.ArgumentParser:
                        "Sensitivity, specificity, accuracy, precision, F1, MCC and ROC AUC with 95%\n"
                        "confidence intervals, the confusion matrix and, when file names carry NIH\n"
                        "patient ids (C<digits>...), per-patient figures.")
-    evaluate.add_argument("--model", metavar="PATH", help="model file or run folder (default: the shipped model)")
+    add_model_option(evaluate)
     evaluate.add_argument("--data", metavar="DIR", required=True, help="labelled folder: Parasitized/ and Uninfected/ inside")
-    evaluate.add_argument("--threshold", type=_fraction, help="override the model's stored threshold")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     evaluate.add_argument("--plots", metavar="DIR", help="also draw ROC, PR, confusion, histogram and calibration PNGs")
-    evaluate.add_argument("--batch-size", type=_positive_int, default=256, help="images scored at once (default: 256)")
-    evaluate.add_argument("--tta", action="store_true", help="average over the 8 rotations/mirrors of each cell (8x slower)")
+    add_scoring_options(evaluate)
 
     predict = command("predict", "label image files and folders",
                       "One row per image: path, probability of Parasitized, label. Folders are\n"
                       "searched recursively. Unreadable files are listed on stderr and skipped;\n"
                       "the exit status is then 1.")
     predict.add_argument("paths", nargs="+", metavar="PATH", help="image files and folders")
-    predict.add_argument("--model", metavar="PATH", help="model file or run folder (default: the shipped model)")
-    predict.add_argument("--threshold", type=_fraction, help="override the model's stored threshold")
+    add_model_option(predict)
     predict.add_argument("--format", choices=("table", "csv", "json"), default="table", help="output format (default: table)")
     predict.add_argument("--output", metavar="FILE", help="write results to FILE instead of stdout")
     predict.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
-    predict.add_argument("--batch-size", type=_positive_int, default=256, help="images scored at once (default: 256)")
-    predict.add_argument("--tta", action="store_true", help="average over the 8 rotations/mirrors of each cell (8x slower)")
+    add_scoring_options(predict)
 
     download = command("download", "fetch the public NIH cell images",
                        "Download (resumable), verify (size, zip CRCs, optional SHA-256) and safely\n"
@@ -139,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "multipart 'files', GET /v1/model, GET /healthz) and its docs at /docs.\n"
                     "Binds to 127.0.0.1: only this computer can reach it. To serve a lab network,\n"
                     "pass --host 0.0.0.0 AND set an API key (--api-key or $MALARIA_CELLS_API_KEY).")
-    serve.add_argument("--model", metavar="PATH", help="model file or run folder (default: the shipped model)")
+    add_model_option(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     serve.add_argument("--api-key", help="require this key (header X-API-Key) on every endpoint but /healthz")
@@ -162,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
 
     info = command("info", "show which model is in use and its metadata")
-    info.add_argument("--model", metavar="PATH", help="model file or run folder (default: the shipped model)")
+    add_model_option(info)
     info.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
