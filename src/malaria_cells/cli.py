@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule (default: cosine)")
     train.add_argument("--augment", choices=AUGMENTATIONS, help="training augmentation (default: flips+color)")
     train.add_argument("--stain-normalization", action=argparse.BooleanOptionalAction, default=None,
-                       help="divide each cell by its own mean colour inside the model (default: off)")
+                       help="divide each cell by its own mean colour inside the model (default: on)")
     train.add_argument("--label-smoothing", type=_fraction, help="target smoothing (default: 0.05)")
     train.add_argument("--target-sensitivity", type=_fraction,
                        help="choose the threshold on validation patients for this sensitivity (default: 0.98)")

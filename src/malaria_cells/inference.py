@@ -58,7 +58,7 @@ class CellClassifier:
     def _score(self, images: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def predict_proba(self, images: np.ndarray, *, tta: bool = False) -> np.ndarray:
+    def predict_proba(self, images: np.ndarray, *, tta: bool = False, batch_size: int = 256) -> np.ndarray:
         """Probability of Parasitized for preprocessed images.
 
         Parameters
@@ -68,7 +68,12 @@ class CellClassifier:
         tta : bool
             Test-time augmentation: average over the 8 rotations and mirrors of each
             cell (8 times the compute).
+        batch_size : int
+            Images run through the network at once (bounds memory for large arrays).
         """
+        if len(images) > batch_size:
+            return np.concatenate([self.predict_proba(images[i:i + batch_size], tta=tta, batch_size=batch_size)
+                                   for i in range(0, len(images), batch_size)])
         images = np.asarray(images, dtype=np.float32)
         if images.ndim == 3:
             images = images[None]

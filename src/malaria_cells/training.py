@@ -80,7 +80,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     label_smoothing: float = 0.05
     augment: str = "flips+color"
-    stain_normalization: bool = False
+    stain_normalization: bool = True
     target_sensitivity: float | None = 0.98
     min_specificity: float = 0.9
     weights: str | None = None
