@@ -82,7 +82,7 @@ class TrainConfig:
     augment: str = "flips+color"
     stain_normalization: bool = True
     target_sensitivity: float | None = 0.98
-    min_specificity: float = 0.9
+    min_specificity: float = 0.95
     weights: str | None = None
     preset: str | None = None
 
@@ -371,6 +371,8 @@ def train(
     groups = [files.groups[i] for i in eval_part]
     metrics = compute_metrics(eval_true, eval_prob, threshold=threshold, groups=groups)
     metrics["evaluated_on"] = "test" if len(split.test) else "validation"
+    at_half = compute_metrics(eval_true, eval_prob, threshold=0.5, resamples=0)
+    metrics["at_threshold_0.5"] = {k: at_half[k] for k in ("accuracy", "sensitivity", "specificity", "confusion")}
     write_json(run_dir / "metrics.json", metrics)
     plot_history(history.history, run_dir / "training_curves.png")
     plot_evaluation(eval_true, eval_prob, threshold, run_dir)
