@@ -160,3 +160,15 @@ def test_files_without_patient_id_are_their_own_group(tmp_path):
     assert any(g.startswith("file:") for g in files.groups)
     split = split_dataset(files, seed=0)
     assert len(split.train) + len(split.val) + len(split.test) == len(files.paths)
+
+
+def test_preprocess_many_keeps_order_and_flags_corrupt_images():
+    from malaria_cells.data import preprocess_many
+
+    rng = np.random.default_rng(0)
+    good = [encode(Image.fromarray(make_cell(i % 2 == 0, rng, 40 + i)), "PNG") for i in range(3)]
+    images, decoded = preprocess_many([good[0], b"\x89PNG\r\n\x1a\nbroken", good[1], good[2]], 24)
+    assert decoded.tolist() == [True, False, True, True]
+    assert images.shape == (3, 24, 24, 3)
+    assert np.array_equal(images[1], preprocess_image(good[1], 24).numpy())
+    assert preprocess_many([], 24)[0].shape == (0, 24, 24, 3)

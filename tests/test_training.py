@@ -28,6 +28,7 @@ def test_synthetic_cells_are_learned_and_metrics_match_evaluate(trained_run, tmp
     metrics = trained_run["metrics"]
     assert metrics["auc"] > 0.9
     assert metrics["evaluated_on"] == "test"
+    assert set(metrics["at_threshold_0.5"]) == {"accuracy", "sensitivity", "specificity", "confusion"}
     model = load_model(trained_run["model_path"])
     assert model.threshold == pytest.approx(trained_run["threshold"])
     assert model.info["recipe"]["model"] == "tutorial"
@@ -50,7 +51,8 @@ def test_preset_then_flags():
     config = make_config("tutorial", epochs=5, split="patient")
     assert (config.model, config.image_size, config.color, config.batch_size) == ("tutorial", 70, "gray", 64)
     assert (config.epochs, config.split, config.test_fraction) == (5, "patient", 0.1)
-    assert config.target_sensitivity is None
+    assert config.target_sensitivity is None and not config.stain_normalization
+    assert make_config().stain_normalization and make_config().min_specificity == 0.95
     with pytest.raises(MalariaCellsError, match="unknown preset"):
         make_config("nonsense")
     with pytest.raises(MalariaCellsError, match="image size"):

@@ -378,13 +378,44 @@ def image_dataset(paths: Sequence[str], image_size: int, batch_size: int = 256):
     def load(path):
         return path, preprocess_image(tf.io.read_file(path), image_size)
 
+    return _decoded_batches(tf.constant(list(paths), dtype=tf.string), load, batch_size)
+
+
+def _decoded_batches(items, load, batch_size: int):
+    import tensorflow as tf
+
     return (
-        tf.data.Dataset.from_tensor_slices(tf.constant(list(paths), dtype=tf.string))
+        tf.data.Dataset.from_tensor_slices(items)
         .map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         .ignore_errors()
         .batch(batch_size)
         .prefetch(tf.data.AUTOTUNE)
     )
+
+
+def preprocess_many(contents: Sequence[bytes], image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Decode and resize many encoded images in parallel (what a web request carries).
+
+    Returns
+    -------
+    images : numpy.ndarray
+        uint8 (n_decoded, image_size, image_size, 3), in input order.
+    decoded : numpy.ndarray of bool
+        Which inputs decoded (the others are corrupt or not images).
+    """
+    import tensorflow as tf
+
+    def load(index, data):
+        return index, preprocess_image(data, image_size)
+
+    items = (tf.range(len(contents), dtype=tf.int64), tf.constant(list(contents), dtype=tf.string))
+    decoded = np.zeros(len(contents), bool)
+    batches = []
+    for index, images in _decoded_batches(items, load, max(1, len(contents))):
+        decoded[index.numpy()] = True
+        batches.append(images.numpy())
+    images = np.concatenate(batches) if batches else np.zeros((0, image_size, image_size, 3), np.uint8)
+    return images, decoded
 
 
 def explain_unreadable(path: str) -> str:

@@ -72,17 +72,13 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
     limits : ServeLimits, optional
         Maximum images and bytes per request, and pixels per image.
     """
-    import tensorflow as tf
-
     from . import __version__
-    from .data import preprocess_image
+    from .data import preprocess_many
     from .inference import label_for, load_model
 
     model = load_model(model)
     limits = limits or ServeLimits()
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
-    preprocess = tf.function(lambda contents: preprocess_image(contents, model.image_size),
-                             input_signature=[tf.TensorSpec([], tf.string)], autograph=False)
     model_version = model.info.get("trained_at") or os.path.basename(model.path)
     app = FastAPI(title="malaria-cells", version=__version__,
                   description="Label red blood cells as Parasitized or Uninfected.")
@@ -116,21 +112,22 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
     def predict(files: list[UploadFile] = File(..., description="cell images")):
         if len(files) > limits.max_images:
             raise HTTPException(413, f"too many images ({len(files)}, limit {limits.max_images})")
-        results, images, scored = [], [], []
+        results, accepted, contents = [], [], []
         for upload in files:
-            contents = upload.file.read()
+            data = upload.file.read()
             entry = {"filename": upload.filename}
             try:
-                check_upload(contents, limits.max_image_pixels)
-                try:
-                    images.append(preprocess(tf.constant(contents)).numpy())
-                except tf.errors.OpError:
-                    raise UploadError(422, "corrupt or unsupported image") from None
-                scored.append(entry)
+                check_upload(data, limits.max_image_pixels)
+                accepted.append(entry)
+                contents.append(data)
             except UploadError as error:
                 entry.update(status=error.status, error=str(error))
             results.append(entry)
-        probabilities = model.predict_proba(np.stack(images)) if images else []
+        images, decoded = preprocess_many(contents, model.image_size)
+        for entry in (e for e, ok in zip(accepted, decoded) if not ok):
+            entry.update(status=422, error="corrupt or unsupported image")
+        scored = [e for e, ok in zip(accepted, decoded) if ok]
+        probabilities = model.predict_proba(images) if len(images) else []
         for entry, probability in zip(scored, probabilities):
             entry.update(status=200, probability=round(float(probability), 6),
                          label=label_for(probability, model.threshold))

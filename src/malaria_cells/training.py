@@ -115,7 +115,7 @@ PRESETS: dict[str, dict] = {
         model="tutorial", image_size=70, color="gray", epochs=3, batch_size=64,
         split="random", test_fraction=0.1, val_fraction=0.2, learning_rate=1e-3,
         schedule="constant", weight_decay=0.0, label_smoothing=0.0, augment="none",
-        target_sensitivity=None,
+        stain_normalization=False, target_sensitivity=None,
     ),
 }
 """Named recipes; ``tutorial`` reproduces the tutorial exactly (see docs/SEED.md)."""
