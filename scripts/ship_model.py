@@ -31,9 +31,8 @@ def main(run_dir: str) -> None:
         "patients": config["patients"],
         "class_counts": config["class_counts"],
         "seconds": config["seconds"],
-        "command": "malaria-cells train " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in config["config"].items()
-            if v is not None and k not in ("data", "preset")),
+        "note": "validation_metrics are on the validation patients that chose the threshold and "
+                "the best epoch: optimistic; see benchmarks/RESULTS.md for held-out patients",
     }
     metadata["validation_metrics"].pop("patients", None)
     with atomic_path(DEFAULT_MODEL) as temporary:
