@@ -240,8 +240,8 @@ def check_parity(reference, exported, data, batch_size: int = 256) -> dict:
     files = list_cell_images(data)
     images, readable, _ = read_images(files.paths, reference.image_size)
     labels = files.labels[readable]
-    ours = np.concatenate([reference.predict_proba(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
-    theirs = np.concatenate([exported.predict_proba(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+    ours = reference.predict_proba(images, batch_size=batch_size)
+    theirs = exported.predict_proba(images, batch_size=batch_size)
     ours_label, theirs_label = ours >= reference.threshold, theirs >= exported.threshold
     accuracy = (ours_label == labels).mean(), (theirs_label == labels).mean()
     return {"n": int(len(labels)), "agreement": float((ours_label == theirs_label).mean()),
