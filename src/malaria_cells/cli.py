@@ -286,7 +286,6 @@ def run_serve(args) -> int:
     from .serving import ServeLimits, serve
 
     limits = ServeLimits(max_images=args.max_images, max_request_bytes=args.max_upload_mb * 2**20)
-    print(f"Serving on http://{args.host}:{args.port}/ (API docs at /docs); Ctrl-C to stop", file=sys.stderr)
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, limits=limits)
     return EXIT_OK
 
@@ -295,8 +294,12 @@ def run_export(args) -> int:
     from .export import check_parity, export_model
     from .inference import load_model
 
+    from .data import find_dataset_root
+
     if os.path.exists(args.out) and not args.overwrite:
         raise MalariaCellsError(f"{args.out}: already exists; choose another --out or pass --overwrite")
+    if args.check:
+        find_dataset_root(args.check)  # a wrong folder fails before any work is done
     model = load_model(args.model)
     calibration = _calibration_images(args.calibration, model) if args.quantize == "int8" else None
     out = export_model(model, args.out, format=args.format, quantize=args.quantize,
@@ -378,9 +381,13 @@ def main(argv: list[str] | None = None) -> int:
     except MalariaCellsError as error:
         print(f"malaria-cells {args.command}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return EXIT_OK
+    except OSError as error:
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"malaria-cells {args.command}: error: {where}{error.strerror or error}", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except BrokenPipeError:
-        sys.stderr.close()
-        return EXIT_OK

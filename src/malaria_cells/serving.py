@@ -9,6 +9,7 @@ Endpoints: ``GET /`` (drop-images web page), ``POST /v1/predict`` (multipart ``f
 import hmac
 import io
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from importlib import resources
@@ -153,4 +154,5 @@ def serve(model=None, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
     if not 0 < port < 65536:
         raise MalariaCellsError(f"port must be 1 to 65535, got {port}")
     app = create_app(model, api_key=api_key, limits=limits)
+    print(f"Serving on http://{host}:{port}/ (API docs at /docs); Ctrl-C to stop", file=sys.stderr, flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", workers=workers)

@@ -222,7 +222,8 @@ def resolve_data(data: str | os.PathLike | None) -> Path:
     )
 
 
-def _prepare_run_dir(out: str | os.PathLike, overwrite: bool) -> Path:
+def _check_run_dir(out: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse a run folder that holds someone's files (created later, once data is found)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise MalariaCellsError(f"{out}: exists and is not a folder; choose another --out")
@@ -230,7 +231,6 @@ def _prepare_run_dir(out: str | os.PathLike, overwrite: bool) -> Path:
         raise MalariaCellsError(
             f"{out}: folder is not empty; choose a new --out (or pass --overwrite to replace its run files)"
         )
-    out.mkdir(parents=True, exist_ok=True)
     return out
 
 
@@ -293,10 +293,10 @@ def train(
     from .plots import plot_evaluation, plot_history
 
     config = (config or make_config(**options)).validate()
-    run_dir = _prepare_run_dir(out, overwrite)
     started = time.time()
-
+    run_dir = _check_run_dir(out, overwrite)
     files = list_cell_images(resolve_data(config.data))
+    run_dir.mkdir(parents=True, exist_ok=True)
     _say(verbose, f"Reading {len(files.paths)} images from {files.root} ...")
     load_started = time.time()
     images, readable, skipped = read_images(files.paths, config.image_size)
