@@ -44,7 +44,6 @@ def test_health_and_model_metadata(client, trained_run):
 
 
 def test_predict_many_images_with_summary(client, trained_run):
-    from malaria_cells import predict
 
     files = [("files", (f"{i}.png", png_bytes(i % 2 == 0, i), "image/png")) for i in range(3)]
     body = client.post("/v1/predict", files=files).json()

@@ -14,7 +14,6 @@ import warnings
 from dataclasses import dataclass
 from importlib import resources
 
-import numpy as np
 from fastapi import Depends, FastAPI, File, HTTPException, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse
 
