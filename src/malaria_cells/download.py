@@ -31,14 +31,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MALARIA_CELLS_HOME") or Path.home() / ".cache" / "malaria-cells").expanduser()
 
 
-def _progress(total: int | None, verbose: int):
-    if not verbose:
-        return None
-    import keras
-
-    return keras.utils.Progbar(total, unit_name="byte", stateful_metrics=None)
-
-
 def fetch(url: str, target: Path, *, expected_size: int | None = None, verbose: int = 1,
           chunk_size: int = 1 << 20, timeout: float = 60) -> Path:
     """Download ``url`` to ``target``, resuming from ``target.part`` when present."""
@@ -68,15 +60,16 @@ def fetch(url: str, target: Path, *, expected_size: int | None = None, verbose: 
             raise MalariaCellsError(
                 f"{url}: server offers {total} bytes, expected {expected_size}; refusing an unexpected file"
             )
-        bar = _progress(total, verbose)
-        with open(partial, "ab" if resumed else "wb") as handle:
-            if bar:
-                bar.update(have)
+        from tqdm import tqdm
+
+        with open(partial, "ab" if resumed else "wb") as handle, tqdm(
+            total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
+            disable=not verbose, desc=Path(target).name,
+        ) as bar:
             while chunk := response.read(chunk_size):
                 handle.write(chunk)
                 have += len(chunk)
-                if bar:
-                    bar.update(have)
+                bar.update(len(chunk))
     if total and have != total:
         raise MalariaCellsError(
             f"{url}: download ended at {have} of {total} bytes; run the command again to resume"

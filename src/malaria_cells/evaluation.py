@@ -233,15 +233,14 @@ def per_patient(y_true, y_pred, groups) -> list[dict]:
 
 def score_files(model, paths: Sequence[str], batch_size: int = 256, tta: bool = False):
     """Probabilities for image files; returns (probabilities, readable mask, skipped)."""
-    from .data import iter_image_batches
+    from .inference import predict_files
 
     position = {p: i for i, p in enumerate(paths)}
     probabilities = np.full(len(paths), np.nan)
     skipped: list = []
-    for batch_paths, images, bad in iter_image_batches(paths, model.image_size, batch_size):
-        skipped += bad
-        if batch_paths:
-            probabilities[[position[p] for p in batch_paths]] = model.predict_proba(images, tta=tta)
+    for prediction in predict_files(paths, model, model.threshold, batch_size=batch_size, tta=tta,
+                                    skipped=skipped):
+        probabilities[position[prediction.path]] = prediction.probability
     return probabilities, ~np.isnan(probabilities), skipped
 
 
