@@ -288,7 +288,7 @@ def train(
     import tensorflow as tf
 
     from .evaluation import choose_threshold, compute_metrics
-    from .inference import KerasClassifier, save_keras_model
+    from .inference import KerasClassifier
     from .models import build_model, model_info_layer
     from .plots import plot_evaluation, plot_history
 
@@ -360,10 +360,9 @@ def train(
         "best_epoch": checkpoint.best_epoch, "versions": _versions(),
         "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    layer = model_info_layer(best.keras_model)
-    layer.threshold, layer.info = threshold, info
-    best.threshold, best.info = threshold, info
-    save_keras_model(best.keras_model, model_path)
+    best.set_threshold(threshold)
+    best.info = model_info_layer(best.keras_model).info = info
+    best.save(model_path)
 
     eval_part = split.test if len(split.test) else split.val
     eval_true = files.labels[eval_part]
