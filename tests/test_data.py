@@ -172,3 +172,19 @@ def test_preprocess_many_keeps_order_and_flags_corrupt_images():
     assert images.shape == (3, 24, 24, 3)
     assert np.array_equal(images[1], preprocess_image(good[1], 24).numpy())
     assert preprocess_many([], 24)[0].shape == (0, 24, 24, 3)
+
+
+@pytest.mark.parametrize("method", ["patient", "random"])
+def test_cross_validation_folds_test_everyone_once(cell_dataset, method):
+    files = list_cell_images(cell_dataset)
+    splits = [split_dataset(files, method=method, folds=3, fold=k, seed=5) for k in range(3)]
+    tests = [s.test for s in splits]
+    assert sorted(np.concatenate(tests)) == list(range(len(files.paths)))  # disjoint, cover all
+    for split in splits:
+        assert sorted(np.concatenate([split.train, split.val, split.test])) == list(range(len(files.paths)))
+        assert set(files.labels[split.test]) == {0, 1} and len(split.val)
+        if method == "patient":
+            patients = split.patients(files)
+            assert not set(patients["test"]) & (set(patients["train"]) | set(patients["val"]))
+    with pytest.raises(MalariaCellsError, match="fold"):
+        split_dataset(files, method=method, folds=3, fold=3)

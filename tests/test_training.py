@@ -53,6 +53,7 @@ def test_preset_then_flags():
     assert (config.epochs, config.split, config.test_fraction) == (5, "patient", 0.1)
     assert config.target_sensitivity is None and not config.stain_normalization
     assert make_config().stain_normalization and make_config().min_specificity == 0.95
+    assert make_config().ema and not config.ema
     with pytest.raises(MalariaCellsError, match="unknown preset"):
         make_config("nonsense")
     with pytest.raises(MalariaCellsError, match="image size"):
@@ -101,3 +102,31 @@ def test_evaluate_on_a_folder_reports_patients_and_plots(trained_run, cell_datas
     assert {row["patient"] for row in metrics["patients"]} >= {"C10", "C50"}
     assert (tmp_path / "plots" / "calibration.png").is_file()
     assert evaluate(trained_run["model_path"], cell_dataset, threshold=1.0, resamples=0)["sensitivity"] < 0.2
+
+
+@pytest.mark.parametrize("mode", ["flips", "flips+color", "flips+stain"])
+def test_augmentation_is_reproducible_and_keeps_the_surround_black(mode):
+    import tensorflow as tf
+
+    from malaria_cells.training import augment_cell
+
+    yy, xx = np.mgrid[:32, :32]
+    disc = (yy - 15.5) ** 2 + (xx - 15.5) ** 2 < 12 ** 2
+    cell = np.zeros((32, 32, 3), np.uint8)
+    cell[disc] = (200, 120, 140)
+    cell[14:18, 14:18] = (90, 30, 110)  # a dark "parasite"
+    outputs = [augment_cell(tf.constant(cell), tf.constant([s, 1], tf.int64), mode).numpy() for s in range(12)]
+    again = augment_cell(tf.constant(cell), tf.constant([3, 1], tf.int64), mode).numpy()
+    np.testing.assert_array_equal(outputs[3], again)
+    for out in outputs:  # the cell is symmetric, so flips keep the surround where it was
+        assert out.shape == (32, 32, 3) and out.min() >= 0 and out.max() <= 255
+        assert np.all(out[~disc] == 0)
+    if mode == "flips":
+        assert all(np.array_equal(out, cell) for out in outputs)
+        return
+    # colour modes change the cell, differently per seed
+    assert len({out[disc].mean().round(3) for out in outputs}) > 6
+    if mode == "flips+stain":
+        # stain density changes the parasite's contrast to its cell, which a gain cannot
+        contrast = [out[16, 16].mean() / out[8, 16].mean() for out in outputs]
+        assert max(contrast) - min(contrast) > 0.2

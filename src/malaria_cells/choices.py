@@ -3,6 +3,6 @@
 MODEL_NAMES = ("cellnet", "tutorial", "mobilenetv3small", "mobilenetv3large", "efficientnetv2b0")
 """Architectures ``build_model`` knows; the first is the default."""
 COLORS = ("rgb", "gray")
-AUGMENTATIONS = ("none", "flips", "flips+color")
+AUGMENTATIONS = ("none", "flips", "flips+color", "flips+stain")
 SPLITS = ("patient", "random")
 SCHEDULES = ("cosine", "constant")

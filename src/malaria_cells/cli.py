@@ -98,12 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
                        "random: per image, as the tutorial (leaks patients)")
     train.add_argument("--val-fraction", type=_fraction, help="share of non-test patients for validation (default: 0.2)")
     train.add_argument("--test-fraction", type=_fraction, help="share of patients held out for test (default: 0.2)")
+    train.add_argument("--folds", type=int, metavar="K",
+                       help="cross-validation: split patients into K folds and test on one (default: off, "
+                       "use --test-fraction)")
+    train.add_argument("--fold", type=int, metavar="I",
+                       help="with --folds K, the fold (0 to K-1) to test on; run all K with the same --seed")
     train.add_argument("--seed", type=int, help="seeds split, weights and augmentation (default: 0)")
     train.add_argument("--learning-rate", type=float, help="peak learning rate (default: 0.003)")
     train.add_argument("--schedule", choices=SCHEDULES, help="learning-rate schedule (default: cosine)")
     train.add_argument("--augment", choices=AUGMENTATIONS, help="training augmentation (default: flips+color)")
     train.add_argument("--stain-normalization", action=argparse.BooleanOptionalAction, default=None,
                        help="divide each cell by its own mean colour inside the model (default: on)")
+    train.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
+                       help="keep a moving average of the weights and use it (default: on)")
     train.add_argument("--label-smoothing", type=_fraction, help="target smoothing (default: 0.05)")
     train.add_argument("--target-sensitivity", type=_fraction,
                        help="choose the threshold on validation patients for this sensitivity (default: 0.98)")
@@ -179,8 +186,8 @@ def run_train(args) -> int:
 
     options = {k: getattr(args, k) for k in (
         "data", "model", "weights", "epochs", "batch_size", "image_size", "color", "split",
-        "val_fraction", "test_fraction", "seed", "learning_rate", "schedule", "augment",
-        "label_smoothing", "target_sensitivity", "min_specificity", "stain_normalization")}
+        "val_fraction", "test_fraction", "folds", "fold", "seed", "learning_rate", "schedule", "augment",
+        "label_smoothing", "target_sensitivity", "min_specificity", "stain_normalization", "ema")}
     config = make_config(args.preset, **options)
     result = train(config, args.out, overwrite=args.overwrite, verbose=0 if args.quiet else 1)
     from .evaluation import format_report

@@ -232,6 +232,8 @@ def split_dataset(
     val_fraction: float = 0.2,
     test_fraction: float = 0.2,
     seed: int = 0,
+    folds: int = 0,
+    fold: int = 0,
 ) -> Split:
     """Split a dataset into train, validation and test parts.
 
@@ -249,23 +251,32 @@ def split_dataset(
         no test part.
     seed : int
         The same seed and files always give the same split.
+    folds, fold : int
+        Cross-validation: with ``folds`` = K > 1, the test part is fold ``fold``
+        (0 to K-1) of K disjoint parts (``test_fraction`` is then ignored), so that K
+        runs with the same seed test every patient (or cell) exactly once.
     """
     if method not in ("patient", "random"):
         raise MalariaCellsError(f"unknown split {method!r}: use 'patient' or 'random'")
     for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0 <= value < 1:
             raise MalariaCellsError(f"{name} must be in [0, 1), got {value}")
+    if folds == 1 or folds < 0 or (folds and not 0 <= fold < folds):
+        raise MalariaCellsError(f"fold must be 0 to folds-1 with folds >= 2 (or folds 0: no cross-validation), "
+                                f"got fold {fold} of {folds}")
     if method == "random":
-        return _random_split(files.labels, val_fraction, test_fraction, seed)
-    return _patient_split(files, val_fraction, test_fraction, seed)
+        return _random_split(files.labels, val_fraction, test_fraction, seed, folds, fold)
+    return _patient_split(files, val_fraction, test_fraction, seed, folds, fold)
 
 
-def _random_split(labels, val_fraction, test_fraction, seed) -> Split:
-    from sklearn.model_selection import train_test_split
+def _random_split(labels, val_fraction, test_fraction, seed, folds=0, fold=0) -> Split:
+    from sklearn.model_selection import StratifiedKFold, train_test_split
 
     index = np.arange(len(labels))
     test = np.array([], dtype=int)
-    if test_fraction:
+    if folds:
+        index, test = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(index, labels))[fold]
+    elif test_fraction:
         index, test = train_test_split(
             index, test_size=test_fraction, stratify=labels, random_state=seed
         )
@@ -275,14 +286,19 @@ def _random_split(labels, val_fraction, test_fraction, seed) -> Split:
     return Split(np.sort(train), np.sort(val), np.sort(test))
 
 
-def _patient_split(files: CellImageFiles, val_fraction, test_fraction, seed) -> Split:
+def _patient_split(files: CellImageFiles, val_fraction, test_fraction, seed, folds=0, fold=0) -> Split:
     groups = np.array(files.groups)
     infected = {g for g, y in zip(groups, files.labels) if y == 1}
     rng = np.random.default_rng(seed)
     parts = {"train": [], "val": [], "test": []}
     for stratum in (sorted(set(groups) - infected), sorted(infected)):
         stratum = list(rng.permutation(stratum))
-        n_test = _share(len(stratum), test_fraction)
+        if folds:
+            test = [str(g) for g in np.array_split(stratum, folds)[fold]]
+            stratum = test + [g for g in stratum if g not in test]
+            n_test = len(test)
+        else:
+            n_test = _share(len(stratum), test_fraction)
         n_val = _share(len(stratum) - n_test, val_fraction)
         parts["test"] += stratum[:n_test]
         parts["val"] += stratum[n_test : n_test + n_val]
@@ -291,7 +307,7 @@ def _patient_split(files: CellImageFiles, val_fraction, test_fraction, seed) -> 
         part: np.flatnonzero(np.isin(groups, members)) for part, members in parts.items()
     }
     for part, members in index.items():
-        wanted = part != "test" or test_fraction > 0
+        wanted = part != "test" or test_fraction > 0 or folds > 0
         if wanted and (len(members) == 0 or len(set(files.labels[members])) < 2):
             raise MalariaCellsError(
                 f"too few patients to give the {part} split both classes "

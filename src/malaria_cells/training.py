@@ -39,6 +39,9 @@ class TrainConfig:
         tutorial's per-image split (leaks patients between parts).
     val_fraction, test_fraction : float
         Test share of all patients (or cells); validation share of the rest.
+    folds, fold : int
+        Cross-validation instead of ``test_fraction``: test on fold ``fold`` of
+        ``folds`` disjoint patient folds (0: no cross-validation).
     seed : int
         Seeds the split, the weights and the augmentation.
     learning_rate : float
@@ -51,9 +54,13 @@ class TrainConfig:
         Softens the 0/1 targets; tolerates the dataset's mislabelled cells.
     augment : {"none", "flips", "flips+color"}
         ``flips``: the 8 rotations/mirrors of a cell (it is the same cell);
-        ``flips+color`` adds stain colour, saturation, contrast and brightness jitter.
+        ``flips+color`` adds stain colour, saturation, contrast and brightness jitter;
+        ``flips+stain`` also varies stain density (optical density scaled 0.5-2x).
     stain_normalization : bool
         Divide each cell by its own mean colour inside the model (slides differ).
+    ema : bool
+        Validate, checkpoint and keep an exponential moving average of the weights
+        (Polyak averaging) instead of the last step's weights: steadier on new patients.
     target_sensitivity : float or None
         The threshold is chosen on validation patients to reach this sensitivity;
         None keeps 0.5.
@@ -74,6 +81,8 @@ class TrainConfig:
     split: str = "patient"
     val_fraction: float = 0.2
     test_fraction: float = 0.2
+    folds: int = 0
+    fold: int = 0
     seed: int = 0
     learning_rate: float = 3e-3
     schedule: str = "cosine"
@@ -81,6 +90,7 @@ class TrainConfig:
     label_smoothing: float = 0.05
     augment: str = "flips+color"
     stain_normalization: bool = True
+    ema: bool = True
     target_sensitivity: float | None = 0.98
     min_specificity: float = 0.95
     weights: str | None = None
@@ -96,6 +106,8 @@ class TrainConfig:
             (self.split in SPLITS, f"unknown split {self.split!r}: use patient or random"),
             (0 < self.val_fraction < 1, f"val fraction must be in (0, 1), got {self.val_fraction}"),
             (0 <= self.test_fraction < 1, f"test fraction must be in [0, 1), got {self.test_fraction}"),
+            (self.folds == 0 or (self.folds >= 2 and 0 <= self.fold < self.folds),
+             f"--fold must be 0 to {self.folds - 1} with --folds 2 or more, got fold {self.fold} of {self.folds}"),
             (self.learning_rate > 0, f"learning rate must be positive, got {self.learning_rate}"),
             (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}: use cosine or constant"),
             (0 <= self.label_smoothing < 0.5, f"label smoothing must be in [0, 0.5), got {self.label_smoothing}"),
@@ -115,7 +127,7 @@ PRESETS: dict[str, dict] = {
         model="tutorial", image_size=70, color="gray", epochs=3, batch_size=64,
         split="random", test_fraction=0.1, val_fraction=0.2, learning_rate=1e-3,
         schedule="constant", weight_decay=0.0, label_smoothing=0.0, augment="none",
-        stain_normalization=False, target_sensitivity=None,
+        stain_normalization=False, ema=False, target_sensitivity=None,
     ),
 }
 """Named recipes; ``tutorial`` reproduces the tutorial exactly (see docs/SEED.md)."""
@@ -140,22 +152,33 @@ def augment_cell(image, seed, mode: str):
     """Randomly transform one uint8 cell, deterministically for a given seed pair."""
     import tensorflow as tf
 
-    seeds = tf.random.experimental.stateless_split(seed, 8)
+    seeds = tf.random.experimental.stateless_split(seed, 10)
     image = tf.cast(image, tf.float32) / 255.0
     transpose = tf.random.stateless_uniform([], seeds[0]) < 0.5
     image = tf.cond(transpose, lambda: tf.transpose(image, [1, 0, 2]), lambda: image)
     image = tf.image.stateless_random_flip_left_right(image, seeds[1])
     image = tf.image.stateless_random_flip_up_down(image, seeds[2])
-    if mode == "flips+color":
-        # Stain and illumination differ between slides; the black surround stays black
-        # because brightness is scaled, not shifted.
+    # The black surround must stay black (contrast jitter would lift it), else it would
+    # count as cell in the model's stain normalisation.
+    surround_mask = tf.cast(tf.reduce_max(image, axis=-1, keepdims=True) > 20 / 255, tf.float32)
+    if mode in ("flips+color", "flips+stain"):
+        # Stain and illumination differ between slides.
         # Patients' cells range from pink to violet: hue, saturation and per-channel gain.
         image = tf.image.stateless_random_hue(image, 0.08, seeds[3])
         image = tf.image.stateless_random_saturation(image, 0.6, 1.5, seeds[4])
         image = tf.image.stateless_random_contrast(image, 0.8, 1.2, seeds[5])
         image = image * tf.random.stateless_uniform([3], seeds[6], 0.9, 1.1)
         image = image * tf.random.stateless_uniform([], seeds[7], 0.8, 1.2)
-    return tf.clip_by_value(image, 0.0, 1.0) * 255.0
+    if mode == "flips+stain":
+        # Stain density: by Beer-Lambert, a slide stained k times as densely has k times
+        # the optical density -log(I), i.e. I ** k. Patients here span about 0.5x to 2x
+        # (pale pink to deep violet), per channel as well as overall. Unlike a gain, this
+        # changes the contrast between a parasite and its cell, so the per-cell stain
+        # normalisation inside the model does not undo it.
+        density = tf.exp(tf.random.stateless_uniform([], seeds[8], -0.7, 0.7))
+        density *= tf.exp(tf.random.stateless_uniform([3], seeds[9], -0.2, 0.2))
+        image = tf.pow(tf.clip_by_value(image, 0.0, 1.0), density)
+    return tf.clip_by_value(image, 0.0, 1.0) * surround_mask * 255.0
 
 
 def training_dataset(images, labels, *, batch_size: int, augment: str, seed: int):
@@ -304,7 +327,8 @@ def train(
     warn_skipped(files.ignored + skipped)
     files = files.subset(np.flatnonzero(readable))
     split = split_dataset(files, method=config.split, val_fraction=config.val_fraction,
-                          test_fraction=config.test_fraction, seed=config.seed)
+                          test_fraction=config.test_fraction, seed=config.seed,
+                          folds=config.folds, fold=config.fold)
     patients = split.patients(files)
     _say(verbose, f"Read in {load_seconds:.1f} s. Split by {config.split}: " + ", ".join(
         f"{part} {len(getattr(split, part))} cells / {len(patients[part])} patients"
@@ -328,7 +352,8 @@ def train(
     train_started = time.time()
     try:
         model.fit(train_data, validation_data=val_data, epochs=config.epochs, verbose=verbose, shuffle=False,
-                  callbacks=[checkpoint, history, keras.callbacks.CSVLogger(str(run_dir / "history.csv"))])
+                  callbacks=[*_ema_swap(config), checkpoint, history,
+                             keras.callbacks.CSVLogger(str(run_dir / "history.csv"))])
     except KeyboardInterrupt:
         interrupted = True
         print("\nInterrupted: keeping the best checkpoint so far.", flush=True)
@@ -403,8 +428,16 @@ def _optimizer(config: TrainConfig, steps_per_epoch: int):
             0.0, decay_steps=max(1, config.epochs * steps_per_epoch - warmup),
             warmup_target=config.learning_rate, warmup_steps=warmup,
         )
+    ema = dict(use_ema=True, ema_momentum=0.99) if config.ema else {}
     if config.weight_decay:
-        return keras.optimizers.AdamW(learning_rate, weight_decay=config.weight_decay)
-    return keras.optimizers.Adam(learning_rate)
+        return keras.optimizers.AdamW(learning_rate, weight_decay=config.weight_decay, **ema)
+    return keras.optimizers.Adam(learning_rate, **ema)
+
+
+def _ema_swap(config: TrainConfig) -> list:
+    """With EMA, validation and the checkpoint (placed after this) see the averaged weights."""
+    import keras
+
+    return [keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if config.ema else []
 
 
