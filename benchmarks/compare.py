@@ -1,8 +1,9 @@
 """The tutorial's pipeline vs malaria-cells' default recipe, same machine, same patients.
 
-    python benchmarks/compare.py --data ../shared/data/cell_images --seeds 0 1 2
+    python benchmarks/compare.py --folds 5          # 5-fold patient cross-validation
+    python benchmarks/compare.py --seeds 0 1 2      # 3 random 60/20/20 patient splits
 
-For each seed, both recipes are trained with ``malaria-cells train`` on the same patient
+For each fold (or seed), both recipes are trained with ``malaria-cells train`` on the same patient
 split (the split depends only on the files, the seed and the fractions), in separate
 processes so that wall time and peak memory (max RSS) are measured per run. Then each
 model labels every PNG of the dataset folder end to end: the tutorial's way (cv2 loop +
@@ -64,7 +65,11 @@ print(len(paths) / (time.perf_counter() - t))
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "cell_images"))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="one random patient split per seed (20%% test); with --folds, the first seed "
+                        "shuffles patients into the folds")
+    parser.add_argument("--folds", type=int, default=0,
+                        help="K-fold patient cross-validation: every patient is tested exactly once")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent))
     parser.add_argument("--work", default=None,
                         help="folder for run folders (default: a temporary one); finished runs found "
@@ -73,50 +78,56 @@ def main() -> None:
                         help="extra flags for our recipe's train command")
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="malaria-compare-"))
-    fractions = ["--test-fraction", "0.2", "--val-fraction", "0.2"]
+    if args.folds:
+        parts = [(f"fold{k}", ["--seed", str(args.seeds[0]), "--folds", str(args.folds), "--fold", str(k),
+                               "--val-fraction", "0.2"]) for k in range(args.folds)]
+    else:
+        parts = [(f"seed{seed}", ["--seed", str(seed), "--test-fraction", "0.2", "--val-fraction", "0.2"])
+                 for seed in args.seeds]
     recipes = {
-        "tutorial-random": ["--preset", "tutorial", "--split", "random", *fractions],
-        "tutorial": ["--preset", "tutorial", "--split", "patient", *fractions],
+        "tutorial-random": ["--preset", "tutorial", "--split", "random"],
+        "tutorial": ["--preset", "tutorial", "--split", "patient"],
         "malaria-cells": [*args.extra],
     }
     rows: dict[str, list[dict]] = {name: [] for name in recipes}
-    for seed in args.seeds:
+    for part, split_flags in parts:
         for name, flags in recipes.items():
-            run_dir = work / f"{name}-seed{seed}"
+            run_dir = work / f"{name}-{part}"
             if (run_dir / "metrics.json").is_file():  # finished earlier: reuse (see --work)
                 seconds, peak = json.loads((run_dir / "benchmark.json").read_text())
             else:
                 seconds, peak = timed(["malaria-cells", "train", "--data", args.data, "--out", str(run_dir),
-                                       "--seed", str(seed), "--quiet", "--overwrite", *flags])
+                                       "--quiet", "--overwrite", *split_flags, *flags])
                 (run_dir / "benchmark.json").write_text(json.dumps([seconds, peak]))
             metrics = json.loads((run_dir / "metrics.json").read_text())
             config = json.loads((run_dir / "config.json").read_text())
-            rows[name].append({"seed": seed, "train_seconds": seconds, "train_peak_mib": peak,
+            at_half = metrics.get("at_threshold_0.5", metrics)
+            rows[name].append({"part": part, "train_seconds": seconds, "train_peak_mib": peak,
                                "threshold": metrics["threshold"], "test_patients": config["patients"]["test"],
                                "model_bytes": (run_dir / "model.keras").stat().st_size,
                                **{k: metrics[k] for k in KEYS},
-                               "accuracy_at_0.5": metrics.get("at_threshold_0.5", metrics)["accuracy"]})
-            print(name, seed, {k: round(v, 4) if isinstance(v, float) else v
+                               **{f"{k}_at_0.5": at_half[k] for k in ("accuracy", "sensitivity", "specificity")}})
+            print(name, part, {k: round(v, 4) if isinstance(v, float) else v
                                for k, v in rows[name][-1].items() if k != "test_patients"}, flush=True)
     assert rows["tutorial"][0]["test_patients"] == rows["malaria-cells"][0]["test_patients"]
 
     n_files = sum(1 for _ in Path(args.data).glob("*/*.png"))
-    last = args.seeds[-1]
+    last = parts[-1][0]
     throughput = {}
-    seconds, peak = timed([sys.executable, "-c", TUTORIAL_PREDICT, str(work / f"tutorial-seed{last}" / "model.keras"),
+    seconds, peak = timed([sys.executable, "-c", TUTORIAL_PREDICT, str(work / f"tutorial-{last}" / "model.keras"),
                            args.data, str(work / "tutorial-predictions.csv")])
     throughput["tutorial"] = (n_files / seconds, peak)
     output = work / "ours-predictions.csv"
     output.unlink(missing_ok=True)
     seconds, peak = timed(["malaria-cells", "predict", args.data, "--model",
-                           str(work / f"malaria-cells-seed{last}" / "model.keras"), "--format", "csv",
+                           str(work / f"malaria-cells-{last}" / "model.keras"), "--format", "csv",
                            "--output", str(output)])
     throughput["malaria-cells"] = (n_files / seconds, peak)
 
-    write_report(args, rows, throughput, n_files)
+    write_report(args, rows, throughput, n_files, len(parts))
 
 
-def write_report(args, rows, throughput, n_files) -> None:
+def write_report(args, rows, throughput, n_files, n_parts) -> None:
     def summary(name, key, scale=1.0, digits=1):
         values = np.array([r[key] for r in rows[name]]) * scale
         return f"{values.mean():.{digits}f} ± {values.std():.{digits}f}" if len(values) > 1 else f"{values[0]:.{digits}f}"
@@ -125,18 +136,25 @@ def write_report(args, rows, throughput, n_files) -> None:
         f"# Tutorial vs malaria-cells ({datetime.date.today().isoformat()})", "",
         f"Machine: {platform.node()}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
         f"Python {platform.python_version()}. Data: {args.data} ({n_files} cells).",
-        f"Command: `python benchmarks/compare.py --seeds {' '.join(map(str, args.seeds))}"
+        "Command: `python benchmarks/compare.py "
+        + (f"--folds {args.folds} --seeds {args.seeds[0]}" if args.folds else f"--seeds {' '.join(map(str, args.seeds))}")
         + (f" --extra {' '.join(args.extra)}" if args.extra else "") + "`", "",
-        f"Test metrics: mean ± std over {len(args.seeds)} patient splits (seeds {', '.join(map(str, args.seeds))}; 20% of "
-        "patients held out for test, 20% of the rest for validation), each at the model's own "
-        "threshold (tutorial: 0.5; ours: chosen on validation patients for 98% sensitivity, never below 95% validation specificity).", "",
+        (f"Test metrics: mean ± std over {args.folds} folds of patient cross-validation (patients shuffled with seed "
+         f"{args.seeds[0]}; each patient is in the test part of exactly one fold, 20% of the others validate)"
+         if args.folds else
+         f"Test metrics: mean ± std over {n_parts} patient splits (seeds {', '.join(map(str, args.seeds))}; 20% of "
+         "patients held out for test, 20% of the rest for validation)")
+        + ". Rows \"at 0.5\" put both models at the same threshold; the other rows use each model's own "
+        "threshold (tutorial: 0.5; ours: chosen on validation patients for 98% sensitivity, never below 95% "
+        "validation specificity).", "",
         "The first column is what the tutorial's own per-image random split reports (its test "
         "cells come from patients seen in training); the other two are scored on the same "
         "held-out patients.", "",
         "| | tutorial, random split (leaky) | tutorial pipeline | malaria-cells default |",
         "|---|---|---|---|",
     ]
-    for key, label in (("accuracy_at_0.5", "accuracy at threshold 0.5 %"), ("accuracy", "accuracy %"), ("sensitivity", "sensitivity %"), ("specificity", "specificity %"),
+    for key, label in (("accuracy_at_0.5", "accuracy at 0.5 %"), ("sensitivity_at_0.5", "sensitivity at 0.5 %"),
+                       ("specificity_at_0.5", "specificity at 0.5 %"), ("accuracy", "accuracy %"), ("sensitivity", "sensitivity %"), ("specificity", "specificity %"),
                        ("f1", "F1 %"), ("mcc", "MCC %"), ("auc", "ROC AUC %")):
         lines.append(f"| {label} | " + " | ".join(summary(name, key, 100, 2) for name in rows) + " |")
     for key, label, scale, digits in (("train_seconds", "train wall time, s", 1, 1),
