@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--model", choices=MODEL_NAMES, help="architecture (default: cellnet)")
     train.add_argument("--weights", metavar="imagenet|none|PATH",
                        help="starting weights for Keras Applications models (default: none)")
-    train.add_argument("--epochs", type=_positive_int, help="passes over the training cells (default: 12)")
+    train.add_argument("--epochs", type=_positive_int, help="passes over the training cells (default: 30)")
     train.add_argument("--batch-size", type=_positive_int, help="cells per step (default: 64)")
     train.add_argument("--image-size", type=_positive_int, help="resize cells to N x N pixels (default: 64)")
     train.add_argument("--color", choices=COLORS, help="what the network sees (default: rgb)")

@@ -74,7 +74,7 @@ class TrainConfig:
 
     data: str | None = None
     model: str = "cellnet"
-    epochs: int = 12
+    epochs: int = 30
     batch_size: int = 64
     image_size: int = 64
     color: str = "rgb"
