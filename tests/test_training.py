@@ -58,6 +58,10 @@ def test_preset_then_flags():
         make_config("nonsense")
     with pytest.raises(MalariaCellsError, match="image size"):
         make_config(image_size=4)
+    assert (make_config(folds=5, fold=4).folds, make_config(folds=5, fold=4).fold) == (5, 4)
+    for bad in (dict(fold=2), dict(folds=5, fold=5), dict(folds=1)):
+        with pytest.raises(MalariaCellsError, match="fold"):
+            make_config(**bad)
 
 
 def test_existing_run_is_never_overwritten(trained_run):

@@ -52,7 +52,7 @@ class TrainConfig:
         AdamW decoupled weight decay (0: plain Adam).
     label_smoothing : float
         Softens the 0/1 targets; tolerates the dataset's mislabelled cells.
-    augment : {"none", "flips", "flips+color"}
+    augment : {"none", "flips", "flips+color", "flips+stain"}
         ``flips``: the 8 rotations/mirrors of a cell (it is the same cell);
         ``flips+color`` adds stain colour, saturation, contrast and brightness jitter;
         ``flips+stain`` also varies stain density (optical density scaled 0.5-2x).
@@ -106,6 +106,7 @@ class TrainConfig:
             (self.split in SPLITS, f"unknown split {self.split!r}: use patient or random"),
             (0 < self.val_fraction < 1, f"val fraction must be in (0, 1), got {self.val_fraction}"),
             (0 <= self.test_fraction < 1, f"test fraction must be in [0, 1), got {self.test_fraction}"),
+            (self.folds or not self.fold, f"--fold {self.fold} needs --folds K (the number of folds)"),
             (self.folds == 0 or (self.folds >= 2 and 0 <= self.fold < self.folds),
              f"--fold must be 0 to {self.folds - 1} with --folds 2 or more, got fold {self.fold} of {self.folds}"),
             (self.learning_rate > 0, f"learning rate must be positive, got {self.learning_rate}"),
