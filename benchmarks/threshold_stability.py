@@ -1,0 +1,70 @@
+"""How well does a threshold chosen on some patients hold on others? Validation data only.
+
+    python benchmarks/threshold_stability.py RUN_DIR [RUN_DIR ...] [--targets 0.98 0.99]
+
+For each training run folder, splits its validation patients (from ``config.json``; the
+test patients are never read) into two random halves many times, chooses the threshold
+for each target sensitivity on one half exactly as ``train`` does, and measures
+sensitivity and specificity on the other half. If the held-out half falls well short of
+the target, a more cautious threshold rule would pay; if not, a gap on test patients comes
+from the patients, not from the threshold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="training run folders (model.keras + config.json)")
+    parser.add_argument("--targets", type=float, nargs="+", default=[0.98, 0.99, 0.995])
+    parser.add_argument("--repeats", type=int, default=200)
+    args = parser.parse_args()
+
+    from malaria_cells import list_cell_images, load_model
+    from malaria_cells.data import read_images
+    from malaria_cells.evaluation import threshold_for_sensitivity
+
+    rng = np.random.default_rng(0)
+    print("| run | target sensitivity | other half: sensitivity % | other half: specificity % |")
+    print("|---|---|---|---|")
+    totals = {target: [] for target in args.targets}
+    for run in args.runs:
+        config = json.loads((Path(run) / "config.json").read_text())
+        model = load_model(run)
+        files = list_cell_images(config["data_root"])
+        groups = np.array(files.groups)
+        index = np.flatnonzero(np.isin(groups, config["patients"]["val"]))
+        images, readable, _ = read_images([files.paths[i] for i in index], model.image_size)
+        labels, groups = files.labels[index][readable], groups[index][readable]
+        scores = model.predict_proba(images)
+        patients = np.unique(groups)
+        results = {target: [] for target in args.targets}
+        for _ in range(args.repeats):
+            chosen = np.isin(groups, rng.permutation(patients)[: len(patients) // 2])
+            if len(set(labels[chosen])) < 2 or len(set(labels[~chosen])) < 2:
+                continue
+            other_scores, other_labels = scores[~chosen], labels[~chosen]
+            for target in args.targets:
+                threshold = threshold_for_sensitivity(labels[chosen], scores[chosen], target)
+                results[target].append((np.mean(other_scores[other_labels == 1] >= threshold),
+                                        np.mean(other_scores[other_labels == 0] < threshold)))
+        for target, values in results.items():
+            sensitivity, specificity = np.mean(values, axis=0)
+            totals[target].append((sensitivity, specificity))
+            print(f"| {Path(run).name} | {target:.3f} | {100 * sensitivity:.2f} | {100 * specificity:.2f} |", flush=True)
+    for target, values in totals.items():
+        sensitivity, specificity = np.mean(values, axis=0)
+        print(f"| mean | {target:.3f} | {100 * sensitivity:.2f} | {100 * specificity:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
