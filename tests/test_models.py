@@ -35,6 +35,13 @@ def test_threshold_and_metadata_survive_save_and_load(tmp_path):
     assert np.allclose(loaded.predict_proba(images), model.predict(images.astype("float32"), verbose=0).ravel(), atol=1e-5)
 
 
+def test_cellnet_slim_is_the_same_network_narrower():
+    full, slim = build_model("cellnet", image_size=64), build_model("cellnet-slim", image_size=64)
+    assert full.output_shape == slim.output_shape == (None, 1)
+    assert slim.count_params() < 0.6 * full.count_params()
+    assert len(slim.layers) == len(full.layers)
+
+
 @pytest.mark.parametrize("name", ["mobilenetv3small", "efficientnetv2b0"])
 def test_keras_applications_build_without_downloading(name):
     model = build_model(name, image_size=64, weights="none")
