@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from _common import benchmark_parser
 
 KEYS = ("accuracy", "sensitivity", "specificity", "auc", "f1", "mcc")
 
@@ -63,8 +64,7 @@ print(len(paths) / (time.perf_counter() - t))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "cell_images"))
+    parser = benchmark_parser(__doc__, model=False)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="one random patient split per seed (20%% test); with --folds, the first seed "
                         "shuffles patients into the folds")

@@ -9,13 +9,13 @@ reads ``--limit`` labelled images once, and scores them with every runtime (batc
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from _common import benchmark_parser
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -24,9 +24,7 @@ VARIANTS = [("keras", None, "none"), ("tflite", "tflite", "none"), ("tflite", "t
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model")
-    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "cell_images"))
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--limit", type=int, default=4000)
     args = parser.parse_args()
 

@@ -5,21 +5,19 @@
 
 from __future__ import annotations
 
-import argparse
 import glob
 import os
 import time
 from pathlib import Path
 
 import numpy as np
+from _common import benchmark_parser
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model")
-    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "cell_images"))
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=200)
     args = parser.parse_args()
 

@@ -11,7 +11,6 @@ errors. Traffic never leaves this machine.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import glob
 import io
@@ -23,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import benchmark_parser
 
 
 def free_port() -> int:
@@ -73,9 +73,7 @@ async def hammer(url: str, images: list[bytes], clients: int, requests: int, bat
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="model to serve (default: the shipped one)")
-    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "cell_images"))
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=1, help="images per request")

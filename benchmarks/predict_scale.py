@@ -9,13 +9,14 @@ resident memory every half second: flat memory means the images are streamed.
 
 from __future__ import annotations
 
-import argparse
 import glob
 import os
 import subprocess
 import tempfile
 import time
 from pathlib import Path
+
+from _common import benchmark_parser
 
 
 def rss_mib(pid: int) -> float:
@@ -27,9 +28,7 @@ def rss_mib(pid: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model")
-    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "cell_images"))
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--count", type=int, default=100_000)
     args = parser.parse_args()
     sources = sorted(glob.glob(os.path.join(os.path.abspath(args.data), "*", "*.png")))

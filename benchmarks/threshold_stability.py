@@ -13,24 +13,22 @@ from the patients, not from the threshold.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
 import numpy as np
+from _common import run_folder, validation_cells
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", help="training run folders (model.keras + config.json)")
+    parser.add_argument("runs", nargs="+", type=run_folder, help="training run folders (model.keras + config.json)")
     parser.add_argument("--targets", type=float, nargs="+", default=[0.98, 0.99, 0.995])
     parser.add_argument("--repeats", type=int, default=200)
     args = parser.parse_args()
 
-    from malaria_cells import list_cell_images, load_model
-    from malaria_cells.data import read_images
     from malaria_cells.evaluation import threshold_for_sensitivity
 
     rng = np.random.default_rng(0)
@@ -38,13 +36,7 @@ def main() -> None:
     print("|---|---|---|---|")
     totals = {target: [] for target in args.targets}
     for run in args.runs:
-        config = json.loads((Path(run) / "config.json").read_text())
-        model = load_model(run)
-        files = list_cell_images(config["data_root"])
-        groups = np.array(files.groups)
-        index = np.flatnonzero(np.isin(groups, config["patients"]["val"]))
-        images, readable, _ = read_images([files.paths[i] for i in index], model.image_size)
-        labels, groups = files.labels[index][readable], groups[index][readable]
+        model, images, labels, groups = validation_cells(run)
         scores = model.predict_proba(images)
         patients = np.unique(groups)
         results = {target: [] for target in args.targets}

@@ -11,9 +11,10 @@ more infected cells at the same false-alarm rate.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
+
+from _common import run_folder, validation_cells
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -22,25 +23,16 @@ SPECIFICITIES = (0.95, 0.97)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", help="training run folders (model.keras + config.json)")
+    parser.add_argument("runs", nargs="+", type=run_folder, help="training run folders (model.keras + config.json)")
     args = parser.parse_args()
 
     from sklearn.metrics import roc_auc_score, roc_curve
-
-    from malaria_cells import list_cell_images, load_model
-    from malaria_cells.data import read_images
 
     print("| run | TTA | val cells | ROC AUC % | " + " | ".join(f"sensitivity at {s:.0%} specificity %"
                                                              for s in SPECIFICITIES) + " |")
     print("|---|---|---|---|" + "---|" * len(SPECIFICITIES))
     for run in args.runs:
-        config = json.loads((Path(run) / "config.json").read_text())
-        model = load_model(run)
-        files = list_cell_images(config["data_root"])
-        val = set(config["patients"]["val"])
-        index = [i for i, group in enumerate(files.groups) if group in val]
-        images, readable, _ = read_images([files.paths[i] for i in index], model.image_size)
-        labels = files.labels[index][readable]
+        model, images, labels, _ = validation_cells(run)
         for tta in (False, True):
             scores = model.predict_proba(images, tta=tta)
             fpr, tpr, _ = roc_curve(labels, scores)
