@@ -108,7 +108,7 @@ def test_evaluate_on_a_folder_reports_patients_and_plots(trained_run, cell_datas
     assert evaluate(trained_run["model_path"], cell_dataset, threshold=1.0, resamples=0)["sensitivity"] < 0.2
 
 
-@pytest.mark.parametrize("mode", ["flips", "flips+color", "flips+stain"])
+@pytest.mark.parametrize("mode", ["flips", "flips+color", "flips+stain", "flips+color+focus"])
 def test_augmentation_is_reproducible_and_keeps_the_surround_black(mode):
     import tensorflow as tf
 

@@ -3,6 +3,6 @@
 MODEL_NAMES = ("cellnet", "cellnet-slim", "tutorial", "mobilenetv3small", "mobilenetv3large", "efficientnetv2b0")
 """Architectures ``build_model`` knows; the first is the default."""
 COLORS = ("rgb", "gray")
-AUGMENTATIONS = ("none", "flips", "flips+color", "flips+stain")
+AUGMENTATIONS = ("none", "flips", "flips+color", "flips+stain", "flips+color+focus")
 SPLITS = ("patient", "random")
 SCHEDULES = ("cosine", "constant")

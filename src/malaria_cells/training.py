@@ -55,7 +55,8 @@ class TrainConfig:
     augment : {"none", "flips", "flips+color", "flips+stain"}
         ``flips``: the 8 rotations/mirrors of a cell (it is the same cell);
         ``flips+color`` adds stain colour, saturation, contrast and brightness jitter;
-        ``flips+stain`` also varies stain density (optical density scaled 0.5-2x).
+        ``flips+stain`` also varies stain density (optical density scaled 0.5-2x);
+        ``flips+color+focus`` adds random blur or sharpening to ``flips+color``.
     stain_normalization : bool
         Divide each cell by its own mean colour inside the model (slides differ).
     ema : bool
@@ -153,7 +154,7 @@ def augment_cell(image, seed, mode: str):
     """Randomly transform one uint8 cell, deterministically for a given seed pair."""
     import tensorflow as tf
 
-    seeds = tf.random.experimental.stateless_split(seed, 10)
+    seeds = tf.random.experimental.stateless_split(seed, 11)
     image = tf.cast(image, tf.float32) / 255.0
     transpose = tf.random.stateless_uniform([], seeds[0]) < 0.5
     image = tf.cond(transpose, lambda: tf.transpose(image, [1, 0, 2]), lambda: image)
@@ -162,7 +163,7 @@ def augment_cell(image, seed, mode: str):
     # The black surround must stay black (contrast jitter would lift it), else it would
     # count as cell in the model's stain normalisation.
     surround_mask = tf.cast(tf.reduce_max(image, axis=-1, keepdims=True) > 20 / 255, tf.float32)
-    if mode in ("flips+color", "flips+stain"):
+    if mode in ("flips+color", "flips+stain", "flips+color+focus"):
         # Stain and illumination differ between slides.
         # Patients' cells range from pink to violet: hue, saturation and per-channel gain.
         image = tf.image.stateless_random_hue(image, 0.08, seeds[3])
@@ -179,7 +180,25 @@ def augment_cell(image, seed, mode: str):
         density = tf.exp(tf.random.stateless_uniform([], seeds[8], -0.7, 0.7))
         density *= tf.exp(tf.random.stateless_uniform([3], seeds[9], -0.2, 0.2))
         image = tf.pow(tf.clip_by_value(image, 0.0, 1.0), density)
+    if mode == "flips+color+focus":
+        # Focus differs between slides and fields: unsharp masking with a random signed
+        # amount blurs (amount < 0) or sharpens (amount > 0) the whole cell.
+        blurred = _gaussian_blur(image, sigma=1.0)
+        amount = tf.random.stateless_uniform([], seeds[10], -1.0, 1.0)
+        image = image + amount * (image - blurred)
     return tf.clip_by_value(image, 0.0, 1.0) * surround_mask * 255.0
+
+
+def _gaussian_blur(image, sigma: float):
+    import tensorflow as tf
+
+    taps = np.exp(-0.5 * (np.arange(-2, 3) / sigma) ** 2)
+    taps = tf.constant(taps / taps.sum(), tf.float32)
+    channels = image.shape[-1]
+    rows = tf.tile(tf.reshape(taps, [5, 1, 1, 1]), [1, 1, channels, 1])
+    cols = tf.tile(tf.reshape(taps, [1, 5, 1, 1]), [1, 1, channels, 1])
+    batch = tf.nn.depthwise_conv2d(image[tf.newaxis], rows, [1, 1, 1, 1], "SAME")
+    return tf.nn.depthwise_conv2d(batch, cols, [1, 1, 1, 1], "SAME")[0]
 
 
 def training_dataset(images, labels, *, batch_size: int, augment: str, seed: int):
