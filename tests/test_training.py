@@ -134,3 +134,30 @@ def test_augmentation_is_reproducible_and_keeps_the_surround_black(mode):
         # stain density changes the parasite's contrast to its cell, which a gain cannot
         contrast = [out[16, 16].mean() / out[8, 16].mean() for out in outputs]
         assert max(contrast) - min(contrast) > 0.2
+
+
+def test_mixup_blends_each_cell_mostly_with_its_own_label():
+    import tensorflow as tf
+
+    from malaria_cells.training import mix_batch
+
+    images = tf.constant(np.stack([np.full((4, 4, 3), v, np.float32) for v in (0.0, 100.0, 200.0, 50.0)]))
+    labels = tf.constant([0.0, 1.0, 1.0, 0.0])
+    mixed, targets = mix_batch(images, labels, tf.constant([5, 2], tf.int64), alpha=0.4)
+    again, _ = mix_batch(images, labels, tf.constant([5, 2], tf.int64), alpha=0.4)
+    np.testing.assert_array_equal(mixed.numpy(), again.numpy())
+    own = images.numpy()[:, 0, 0, 0]
+    other = np.roll(own, 1)
+    weight = (mixed.numpy()[:, 0, 0, 0] - other) / (own - other)
+    assert np.all(weight >= 0.5 - 1e-5) and np.all(weight <= 1 + 1e-5)
+    np.testing.assert_allclose(targets.numpy(), weight * labels.numpy() + (1 - weight) * np.roll(labels.numpy(), 1),
+                               atol=1e-5)
+    assert not np.allclose(weight, 1.0)  # it does blend
+
+
+def test_train_with_mixup_and_focus_augmentation_records_them(tmp_path, cell_dataset):
+    result = train(data=cell_dataset, out=tmp_path / "run", model="cellnet-slim", image_size=32, epochs=1,
+                   batch_size=16, mixup=0.4, augment="flips+color+focus", verbose=0)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())["config"]
+    assert config["mixup"] == 0.4 and config["augment"] == "flips+color+focus"
+    assert (tmp_path / "run" / "model.keras").is_file() and str(result["model_path"]).endswith("model.keras")

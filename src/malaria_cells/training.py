@@ -52,6 +52,9 @@ class TrainConfig:
         AdamW decoupled weight decay (0: plain Adam).
     label_smoothing : float
         Softens the 0/1 targets; tolerates the dataset's mislabelled cells.
+    mixup : float
+        Mixup's Beta(alpha, alpha) parameter (0: off): blends each training cell and
+        its label with another's, which also tolerates mislabelled cells.
     augment : {"none", "flips", "flips+color", "flips+stain"}
         ``flips``: the 8 rotations/mirrors of a cell (it is the same cell);
         ``flips+color`` adds stain colour, saturation, contrast and brightness jitter;
@@ -89,6 +92,7 @@ class TrainConfig:
     schedule: str = "cosine"
     weight_decay: float = 1e-4
     label_smoothing: float = 0.05
+    mixup: float = 0.0
     augment: str = "flips+color"
     stain_normalization: bool = True
     ema: bool = True
@@ -113,6 +117,7 @@ class TrainConfig:
             (self.learning_rate > 0, f"learning rate must be positive, got {self.learning_rate}"),
             (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}: use cosine or constant"),
             (0 <= self.label_smoothing < 0.5, f"label smoothing must be in [0, 0.5), got {self.label_smoothing}"),
+            (0 <= self.mixup <= 10, f"mixup alpha must be in [0, 10], got {self.mixup}"),
             (self.augment in AUGMENTATIONS, f"unknown augmentation {self.augment!r}: use {', '.join(AUGMENTATIONS)}"),
             (self.target_sensitivity is None or 0 < self.target_sensitivity <= 1,
              f"target sensitivity must be in (0, 1], got {self.target_sensitivity}"),
@@ -201,7 +206,25 @@ def _gaussian_blur(image, sigma: float):
     return tf.nn.depthwise_conv2d(batch, cols, [1, 1, 1, 1], "SAME")[0]
 
 
-def training_dataset(images, labels, *, batch_size: int, augment: str, seed: int):
+def mix_batch(images, labels, seed, alpha: float):
+    """Mixup: blend each cell (and its label) with the next one in the batch.
+
+    The weight of a cell's own image is max(w, 1 - w), w ~ Beta(alpha, alpha), so
+    every blend still mostly shows the cell its label mostly describes.
+    """
+    import tensorflow as tf
+
+    seeds = tf.random.experimental.stateless_split(seed, 2)
+    n = tf.shape(labels)[0]
+    a = tf.random.stateless_gamma([n], seeds[0], alpha)
+    b = tf.random.stateless_gamma([n], seeds[1], alpha)
+    weight = a / (a + b + 1e-12)
+    weight = tf.maximum(weight, 1.0 - weight)
+    mixed = weight[:, None, None, None] * images + (1.0 - weight[:, None, None, None]) * tf.roll(images, 1, axis=0)
+    return mixed, weight * labels + (1.0 - weight) * tf.roll(labels, 1, axis=0)
+
+
+def training_dataset(images, labels, *, batch_size: int, augment: str, seed: int, mixup: float = 0.0):
     """Shuffled, augmented batches of (float RGB 0-255, label), reproducible for a seed."""
     import tensorflow as tf
 
@@ -215,7 +238,11 @@ def training_dataset(images, labels, *, batch_size: int, augment: str, seed: int
             lambda xy, s: (augment_cell(xy[0], s, augment), xy[1]),
             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True,
         )
-    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    dataset = dataset.batch(batch_size)
+    if mixup:
+        seeds = tf.data.Dataset.random(seed=seed + 1, rerandomize_each_iteration=True).batch(2)
+        dataset = tf.data.Dataset.zip(dataset, seeds).map(lambda xy, s: mix_batch(*xy, s, mixup))
+    return dataset.prefetch(tf.data.AUTOTUNE)
 
 
 def evaluation_dataset(images, labels, batch_size: int = 256):
@@ -356,7 +383,8 @@ def train(
 
     keras.utils.set_random_seed(config.seed)
     train_data = training_dataset(images[split.train], files.labels[split.train],
-                                  batch_size=config.batch_size, augment=config.augment, seed=config.seed)
+                                  batch_size=config.batch_size, augment=config.augment, seed=config.seed,
+                                  mixup=config.mixup)
     val_data = evaluation_dataset(images[split.val], files.labels[split.val])
     steps = int(np.ceil(len(split.train) / config.batch_size))
     model = build_model(config.model, image_size=config.image_size, color=config.color,
