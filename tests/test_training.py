@@ -136,6 +136,19 @@ def test_augmentation_is_reproducible_and_keeps_the_surround_black(mode):
         assert max(contrast) - min(contrast) > 0.2
 
 
+def test_flips_give_each_cell_one_of_its_8_rotations_or_mirrors():
+    import tensorflow as tf
+
+    from malaria_cells.training import augment_cell
+
+    cell = (40 + np.arange(8 * 8 * 3)).astype(np.uint8).reshape(8, 8, 3)  # no symmetry, no black
+    views = [np.rot90(cell, k) for k in range(4)]
+    views += [np.fliplr(view) for view in views]
+    outputs = [augment_cell(tf.constant(cell), tf.constant([s, 9], tf.int64), "flips").numpy() for s in range(64)]
+    seen = {next(i for i, view in enumerate(views) if np.allclose(out, view, atol=1e-3)) for out in outputs}
+    assert len(seen) == 8
+
+
 def test_mixup_blends_each_cell_mostly_with_its_own_label():
     import tensorflow as tf
 
