@@ -86,10 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", metavar="RUN_DIR", required=True, help="run folder to create (must be new or empty)")
     train.add_argument("--preset", choices=sorted(PRESETS), help="start from a named recipe; flags override it. "
                        "'tutorial' = 70x70 gray, 3 conv blocks, 3 epochs, random split")
-    train.add_argument("--model", choices=MODEL_NAMES, help="architecture (default: cellnet; cellnet-slim is about 1.5x faster)")
+    train.add_argument("--model", choices=MODEL_NAMES, help="architecture (default: cellnet-slim; cellnet is wider and about 1.5x slower)")
     train.add_argument("--weights", metavar="imagenet|none|PATH",
                        help="starting weights for Keras Applications models (default: none)")
-    train.add_argument("--epochs", type=_positive_int, help="passes over the training cells (default: 30)")
+    train.add_argument("--epochs", type=_positive_int, help="passes over the training cells (default: 60)")
     train.add_argument("--batch-size", type=_positive_int, help="cells per step (default: 64)")
     train.add_argument("--image-size", type=_positive_int, help="resize cells to N x N pixels (default: 64)")
     train.add_argument("--color", choices=COLORS, help="what the network sees (default: rgb)")

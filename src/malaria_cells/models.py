@@ -159,7 +159,7 @@ BODIES: dict[str, Callable] = {"tutorial": tutorial_body, "cellnet": cellnet_bod
 
 
 def build_model(
-    name: str = "cellnet",
+    name: str = "cellnet-slim",
     *,
     image_size: int = 64,
     color: str = "rgb",

@@ -77,8 +77,8 @@ class TrainConfig:
     """
 
     data: str | None = None
-    model: str = "cellnet"
-    epochs: int = 30
+    model: str = "cellnet-slim"
+    epochs: int = 60
     batch_size: int = 64
     image_size: int = 64
     color: str = "rgb"
