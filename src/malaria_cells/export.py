@@ -153,8 +153,9 @@ def _onnx_int8(proto, calibration_images):
         source, prepared, target = (Path(folder) / n for n in ("f.onnx", "p.onnx", "q.onnx"))
         onnx.save(proto, source)
         quant_pre_process(str(source), str(prepared))
+        # Per-channel weight scales: with one scale per tensor, 0.7% of cells changed label.
         quantize_static(str(prepared), str(target), Reader(), weight_type=QuantType.QInt8,
-                        activation_type=QuantType.QUInt8)
+                        activation_type=QuantType.QUInt8, per_channel=True)
         return onnx.load(target)
 
 
