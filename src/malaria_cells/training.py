@@ -55,7 +55,7 @@ class TrainConfig:
     mixup : float
         Mixup's Beta(alpha, alpha) parameter (0: off): blends each training cell and
         its label with another's, which also tolerates mislabelled cells.
-    augment : {"none", "flips", "flips+color", "flips+stain"}
+    augment : {"none", "flips", "flips+color", "flips+stain", "flips+color+focus"}
         ``flips``: the 8 rotations/mirrors of a cell (it is the same cell);
         ``flips+color`` adds stain colour, saturation, contrast and brightness jitter;
         ``flips+stain`` also varies stain density (optical density scaled 0.5-2x);

@@ -1,0 +1,51 @@
+"""Where prediction time goes: the read-decode-resize pipeline and the network, timed apart.
+
+    python benchmarks/predict_parts.py [--model PATH] [--data ../shared/data/cell_images]
+
+Runs every PNG of ``--data`` through ``image_dataset`` (read, decode, resize; no network),
+then the model alone over batches of 256 preprocessed cells. Each uses all the cores on its
+own; ``predict`` has to share them, so it cannot pass 1 / (1 / pipeline + 1 / network).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import time
+
+import numpy as np
+from _common import benchmark_parser
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def main() -> None:
+    parser = benchmark_parser(__doc__)
+    parser.add_argument("--batches", type=int, default=40, help="network batches of 256 to time")
+    args = parser.parse_args()
+
+    from malaria_cells import load_model
+    from malaria_cells.data import image_dataset
+
+    model = load_model(args.model)
+    paths = sorted(glob.glob(os.path.join(args.data, "*", "*.png")))
+    started, count = time.perf_counter(), 0
+    for batch_paths, _ in image_dataset(paths, model.image_size, 256):
+        count += len(batch_paths)
+    pipeline = count / (time.perf_counter() - started)
+
+    cells = np.random.default_rng(0).integers(0, 256, (256, model.image_size, model.image_size, 3)).astype(np.float32)
+    model.predict_proba(cells)
+    started = time.perf_counter()
+    for _ in range(args.batches):
+        model.predict_proba(cells)
+    network = args.batches * len(cells) / (time.perf_counter() - started)
+
+    print(f"{count} PNGs, {os.cpu_count()} CPUs, model {model.path}")
+    print(f"read-decode-resize pipeline alone: {pipeline:.0f} cells/s")
+    print(f"network alone (batches of 256): {network:.0f} cells/s")
+    print(f"both sharing the cores, at best: {1 / (1 / pipeline + 1 / network):.0f} cells/s")
+
+
+if __name__ == "__main__":
+    main()
