@@ -83,6 +83,7 @@ def test_info_shows_the_model(trained_run, capsys):
     (["predict", "x.png", "--model", "nope.keras"], "model file not found"),
     (["download", "--dest", "/proc/no/such", "--url", "http://127.0.0.1:9/x.zip"], "No such file or directory"),
     (["export", "--format", "tflite", "--out", "m.tflite", "--check", "missing"], "no such folder"),
+    (["train", "--data", ".", "--out", "x", "--weight-decay", "-1"], "weight decay must be in [0, 1)"),
 ])
 def test_user_errors_are_one_line_without_traceback(args, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -58,6 +58,9 @@ def test_preset_then_flags():
         make_config("nonsense")
     with pytest.raises(MalariaCellsError, match="image size"):
         make_config(image_size=4)
+    assert make_config(weight_decay=0.05).weight_decay == 0.05
+    with pytest.raises(MalariaCellsError, match="weight decay"):
+        make_config(weight_decay=-0.1)
     assert (make_config(folds=5, fold=4).folds, make_config(folds=5, fold=4).fold) == (5, 4)
     for bad in (dict(fold=2), dict(folds=5, fold=5), dict(folds=1)):
         with pytest.raises(MalariaCellsError, match="fold"):

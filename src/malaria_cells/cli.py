@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="divide each cell by its own mean colour inside the model (default: on)")
     train.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                        help="keep a moving average of the weights and use it (default: on)")
+    train.add_argument("--weight-decay", type=float, metavar="RATE",
+                       help="AdamW decoupled weight decay; 0 for plain Adam (default: 0.0001)")
     train.add_argument("--label-smoothing", type=_fraction, help="target smoothing (default: 0.05)")
     train.add_argument("--mixup", type=float, metavar="ALPHA",
                        help="blend training cells and labels, weights ~ Beta(ALPHA, ALPHA) (default: 0, off)")
@@ -189,7 +191,7 @@ def run_train(args) -> int:
     options = {k: getattr(args, k) for k in (
         "data", "model", "weights", "epochs", "batch_size", "image_size", "color", "split",
         "val_fraction", "test_fraction", "folds", "fold", "seed", "learning_rate", "schedule", "augment",
-        "label_smoothing", "mixup", "target_sensitivity", "min_specificity", "stain_normalization", "ema")}
+        "weight_decay", "label_smoothing", "mixup", "target_sensitivity", "min_specificity", "stain_normalization", "ema")}
     config = make_config(args.preset, **options)
     result = train(config, args.out, overwrite=args.overwrite, verbose=0 if args.quiet else 1)
     from .evaluation import format_report

@@ -116,6 +116,7 @@ class TrainConfig:
              f"--fold must be 0 to {self.folds - 1} with --folds 2 or more, got fold {self.fold} of {self.folds}"),
             (self.learning_rate > 0, f"learning rate must be positive, got {self.learning_rate}"),
             (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}: use cosine or constant"),
+            (0 <= self.weight_decay < 1, f"weight decay must be in [0, 1), got {self.weight_decay}"),
             (0 <= self.label_smoothing < 0.5, f"label smoothing must be in [0, 0.5), got {self.label_smoothing}"),
             (0 <= self.mixup <= 10, f"mixup alpha must be in [0, 10], got {self.mixup}"),
             (self.augment in AUGMENTATIONS, f"unknown augmentation {self.augment!r}: use {', '.join(AUGMENTATIONS)}"),
