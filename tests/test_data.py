@@ -189,5 +189,8 @@ def test_cross_validation_folds_test_everyone_once(cell_dataset, method):
         if method == "patient":
             patients = split.patients(files)
             assert not set(patients["test"]) & (set(patients["train"]) | set(patients["val"]))
+    if method == "patient":  # each fold chooses its epoch and threshold on other patients
+        validation = [set(split.patients(files)["val"]) for split in splits]
+        assert all(not validation[i] & validation[j] for i in range(3) for j in range(i + 1, 3))
     with pytest.raises(MalariaCellsError, match="fold"):
         split_dataset(files, method=method, folds=3, fold=3)

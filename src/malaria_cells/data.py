@@ -294,9 +294,11 @@ def _patient_split(files: CellImageFiles, val_fraction, test_fraction, seed, fol
     for stratum in (sorted(set(groups) - infected), sorted(infected)):
         stratum = list(rng.permutation(stratum))
         if folds:
-            test = [str(g) for g in np.array_split(stratum, folds)[fold]]
-            stratum = test + [g for g in stratum if g not in test]
-            n_test = len(test)
+            chunks = [[str(g) for g in chunk] for chunk in np.array_split(stratum, folds)]
+            # The folds after the test fold come next, so validation patients rotate with
+            # the fold: each fold's threshold and epoch are chosen on different patients.
+            stratum = [g for chunk in chunks[fold:] + chunks[:fold] for g in chunk]
+            n_test = len(chunks[fold])
         else:
             n_test = _share(len(stratum), test_fraction)
         n_val = _share(len(stratum) - n_test, val_fraction)
