@@ -74,3 +74,11 @@ def test_tta_is_invariant_to_rotating_and_mirroring_the_cell(trained_run):
     assert np.allclose(with_tta, with_tta[0], atol=1e-5)
     views = np.stack([np.rot90(image, k) for k in range(4)] + [np.fliplr(np.rot90(image, k)) for k in range(4)])
     assert with_tta[0] == pytest.approx(model.predict_proba(views).mean(), abs=1e-5)
+
+
+def test_scores_are_the_networks_for_uint8_and_float_cells(trained_run):
+    model = load_model(trained_run["model_path"])  # its network runs with batch norms fused
+    cells = np.stack([make_cell(i % 2 == 0, np.random.default_rng(i), model.image_size) for i in range(6)])
+    expected = model.keras_model.predict(cells.astype(np.float32), verbose=0).ravel()
+    assert np.allclose(model.predict_proba(cells), expected, atol=1e-5)
+    assert np.allclose(model.predict_proba(cells.astype(np.float64)), expected, atol=1e-5)

@@ -95,3 +95,38 @@ def test_stain_normalization_removes_a_colour_cast_and_keeps_the_background_blac
     assert np.all(a[0, 0, 0] == 0)
     model = build_model("cellnet", image_size=40, stain_normalization=True)
     assert model.get_layer("stain_normalization") is not None
+
+
+def test_stain_normalization_is_half_the_cell_divided_by_its_mean_colour():
+    from malaria_cells.models import StainNormalization
+
+    rng = np.random.default_rng(1)
+    cells = rng.uniform(0, 255, (3, 12, 12, 3)).astype(np.float32)
+    cells[:, :3] = 0  # black surround, outside the cell
+    cells[2] = 0  # an empty image must not divide by zero
+    inside = cells.max(axis=-1, keepdims=True) > 20
+    mean = (cells * inside).sum(axis=(1, 2), keepdims=True) / np.maximum(inside.sum(axis=(1, 2), keepdims=True), 1)
+    expected = 0.5 * cells / np.maximum(mean, 1.0)
+    assert np.allclose(np.asarray(StainNormalization()(cells)), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["cellnet-slim", "tutorial", "mobilenetv3small"])
+def test_fused_batch_norm_twin_predicts_the_same(name):
+    from malaria_cells.models import fuse_batch_norm
+
+    model = build_model(name, image_size=32, stain_normalization=name != "tutorial", threshold=0.3)
+    rng = np.random.default_rng(2)
+    for layer in model.layers:  # trained-looking statistics, not the identity of a new layer
+        if isinstance(layer, keras.layers.BatchNormalization):
+            gamma, beta, mean, variance = layer.get_weights()
+            layer.set_weights([rng.uniform(0.5, 2, gamma.shape), rng.normal(0, 0.5, beta.shape),
+                               rng.normal(0, 0.5, mean.shape), rng.uniform(0.2, 3, variance.shape)])
+    fused = fuse_batch_norm(model)
+    cells = rng.uniform(0, 255, (8, 32, 32, 3)).astype(np.float32)
+    assert np.allclose(fused.predict(cells, verbose=0), model.predict(cells, verbose=0), atol=1e-5)
+    batch_norms = [layer for layer in fused.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    if name == "cellnet-slim":
+        assert not batch_norms and model_info_layer(fused).threshold == 0.3
+        assert len(fuse_batch_norm(model).layers) == len(fused.layers)  # the original is untouched
+    if name == "mobilenetv3small":  # not a plain chain: left as it is
+        assert fused is model

@@ -56,6 +56,7 @@ class CellClassifier:
         )
 
     def _score(self, images: np.ndarray) -> np.ndarray:
+        """Scores of a batch of cells, uint8 or float32 (n, image_size, image_size, 3)."""
         raise NotImplementedError
 
     def predict_proba(self, images: np.ndarray, *, tta: bool = False, batch_size: int = 256) -> np.ndarray:
@@ -74,7 +75,9 @@ class CellClassifier:
         if len(images) > batch_size:
             return np.concatenate([self.predict_proba(images[i:i + batch_size], tta=tta, batch_size=batch_size)
                                    for i in range(0, len(images), batch_size)])
-        images = np.asarray(images, dtype=np.float32)
+        images = np.asarray(images)
+        if images.dtype != np.uint8:  # uint8 cells stay small until the network casts them
+            images = images.astype(np.float32, copy=False)
         if images.ndim == 3:
             images = images[None]
         if images.shape[1:] != (self.image_size, self.image_size, 3):
@@ -101,7 +104,7 @@ class KerasClassifier(CellClassifier):
     def __init__(self, keras_model, path: str | os.PathLike = "<memory>"):
         import tensorflow as tf
 
-        from .models import model_info_layer
+        from .models import fuse_batch_norm, model_info_layer
 
         shape = keras_model.input_shape
         if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3:
@@ -111,12 +114,16 @@ class KerasClassifier(CellClassifier):
         layer = model_info_layer(keras_model)
         super().__init__(path, shape[1], layer.threshold if layer else 0.5, layer.info if layer else {})
         self.keras_model = keras_model
-        signature = [tf.TensorSpec((None, self.image_size, self.image_size, 3), tf.float32)]
-        self._infer = tf.function(lambda images: keras_model(images, training=False),
-                                  input_signature=signature, autograph=False)
+        network = fuse_batch_norm(keras_model)
+        shape = (None, self.image_size, self.image_size, 3)
+        self._infer = {
+            np.dtype(dtype): tf.function(lambda images: network(tf.cast(images, tf.float32), training=False),
+                                         input_signature=[tf.TensorSpec(shape, dtype)], autograph=False)
+            for dtype in ("uint8", "float32")
+        }
 
     def _score(self, images):
-        return self._infer(images).numpy()
+        return self._infer[images.dtype](images).numpy()
 
     def set_threshold(self, threshold: float) -> None:
         from .models import model_info_layer

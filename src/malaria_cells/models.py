@@ -44,10 +44,16 @@ class StainNormalization(layers.Layer):
 
     def call(self, inputs):
         ops = keras.ops
-        cell = ops.cast(ops.max(inputs, axis=-1, keepdims=True) > self.floor, inputs.dtype)
-        area = ops.maximum(ops.sum(cell, axis=(1, 2), keepdims=True), 1.0)
-        mean = ops.sum(inputs * cell, axis=(1, 2), keepdims=True) / area
-        return 0.5 * inputs / ops.maximum(mean, 1.0)
+        height, width, channels = inputs.shape[1:]
+        pixels = ops.reshape(inputs, (-1, height * width, channels))
+        cell = ops.cast(ops.max(pixels, axis=-1) > self.floor, inputs.dtype)
+        area = ops.maximum(ops.sum(cell, axis=-1), 1.0)
+        # One matrix product sums each channel over the cell: fewer passes over the
+        # pixels than masking then summing (this layer was a quarter of the inference time).
+        totals = ops.squeeze(ops.matmul(ops.expand_dims(cell, 1), pixels), 1)
+        mean = totals / ops.expand_dims(area, -1)
+        scale = 0.5 / ops.maximum(mean, 1.0)
+        return inputs * ops.reshape(scale, (-1, 1, 1, channels))
 
     def get_config(self):
         return {**super().get_config(), "floor": self.floor}
@@ -236,6 +242,54 @@ def _load_backbone_weights(model: keras.Model, path: str) -> None:
             f"{path}: cannot load as {backbone.name} weights ({type(error).__name__}: "
             f"{str(error).splitlines()[0][:200]})"
         ) from error
+
+
+def fuse_batch_norm(model: keras.Model) -> keras.Model:
+    """An inference-only twin of ``model`` with each Conv2D -> BatchNormalization merged.
+
+    At inference a batch norm is a fixed per-channel scale and shift, so it folds into
+    the convolution before it (and the ReLU after it into the same layer), saving two
+    passes over every feature map. The outputs agree to float rounding. Models that are
+    not a plain chain of layers (Keras Applications backbones) come back as they are. The
+    original is left untouched; the twin's weights are a copy taken now (fuse after training).
+    """
+    chain = model.layers
+    if not _is_chain(chain):
+        return model
+    x = inputs = keras.Input(model.input_shape[1:], dtype=model.inputs[0].dtype, name=chain[0].name)
+    index = 1
+    while index < len(chain):
+        layer, following = chain[index], chain[index + 1 : index + 3]
+        if not (isinstance(layer, layers.Conv2D) and layer.get_config()["activation"] == "linear" and following
+                and isinstance(following[0], layers.BatchNormalization) and following[0].axis in (-1, 3)):
+            copy = layer.__class__.from_config(layer.get_config())  # reusing it would change the original
+            x = copy(x)
+            copy.set_weights(layer.get_weights())
+            index += 1
+            continue
+        norm, config = following[0], layer.get_config()
+        activation = None
+        if len(following) == 2 and isinstance(following[1], layers.Activation):
+            activation = following[1].get_config()["activation"]
+        kernel, *bias = layer.get_weights()
+        gamma = keras.ops.convert_to_numpy(norm.gamma) if norm.scale else 1.0
+        beta = keras.ops.convert_to_numpy(norm.beta) if norm.center else 0.0
+        scale = gamma / (keras.ops.convert_to_numpy(norm.moving_variance) + norm.epsilon) ** 0.5
+        shift = beta + ((bias[0] if bias else 0.0) - keras.ops.convert_to_numpy(norm.moving_mean)) * scale
+        fused = layers.Conv2D.from_config({**config, "use_bias": True, "activation": activation,
+                                           "name": f"{layer.name}_fused"})
+        x = fused(x)
+        fused.set_weights([kernel * scale, shift])
+        index += 3 if activation else 2
+    return keras.Model(inputs, x, name=model.name)
+
+
+def _is_chain(chain: list) -> bool:
+    """Does each layer take the output of the one before it, and only that?"""
+    try:
+        return all(layer.input is before.output for before, layer in zip(chain, chain[1:]))
+    except (AttributeError, ValueError):  # a layer used twice has no single input
+        return False
 
 
 def model_info_layer(model: keras.Model) -> CellModelInfo | None:
