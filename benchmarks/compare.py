@@ -140,7 +140,8 @@ def write_report(args, rows, throughput, n_files, n_parts) -> None:
         + (f"--folds {args.folds} --seeds {args.seeds[0]}" if args.folds else f"--seeds {' '.join(map(str, args.seeds))}")
         + (f" --extra {' '.join(args.extra)}" if args.extra else "") + "`", "",
         (f"Test metrics: mean ± std over {args.folds} folds of patient cross-validation (patients shuffled with seed "
-         f"{args.seeds[0]}; each patient is in the test part of exactly one fold, 20% of the others validate)"
+         f"{args.seeds[0]}; each patient is in the test part of exactly one fold; 20% of the others, taken from the next fold, "
+         "validate, so no two folds validate on the same patients)"
          if args.folds else
          f"Test metrics: mean ± std over {n_parts} patient splits (seeds {', '.join(map(str, args.seeds))}; 20% of "
          "patients held out for test, 20% of the rest for validation)")
