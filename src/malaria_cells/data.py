@@ -446,12 +446,13 @@ def preprocess_many(contents: Sequence[bytes], image_size: int) -> tuple[np.ndar
 
     if not contents:
         return np.zeros((0, image_size, image_size, 3), np.uint8), np.zeros(0, bool)
-    try:
-        images = _compiled_preprocess_batch(int(image_size))(tf.constant(list(contents))).numpy()
-        return images, np.ones(len(contents), bool)
-    except (tf.errors.OpError, ValueError):
-        pass
     preprocess = _compiled_preprocess(int(image_size))
+    if len(contents) > 1:  # one image goes straight through: starting the parallel map costs more
+        try:
+            images = _compiled_preprocess_batch(int(image_size))(tf.constant(list(contents))).numpy()
+            return images, np.ones(len(contents), bool)
+        except (tf.errors.OpError, ValueError):
+            pass
     images, decoded = [], np.zeros(len(contents), bool)
     for index, data in enumerate(contents):
         try:
