@@ -99,7 +99,12 @@ class CellClassifier:
 
 
 class KerasClassifier(CellClassifier):
-    """A ``.keras`` model; its threshold and metadata live in its ``CellModelInfo`` layer."""
+    """A ``.keras`` model; its threshold and metadata live in its ``CellModelInfo`` layer.
+
+    Scores come from an inference twin of ``keras_model`` with its batch norms folded
+    into the convolutions (:func:`malaria_cells.models.fuse_batch_norm`), made when the
+    classifier is created: wrap a model once it is trained, not before.
+    """
 
     def __init__(self, keras_model, path: str | os.PathLike = "<memory>"):
         import tensorflow as tf
