@@ -191,7 +191,6 @@ class LiteRTClassifier(CellClassifier):
         self._batch = None
 
     def _score(self, images):
-        images = images.astype(np.float32, copy=False)
         with self._lock:
             if self._batch != len(images):
                 self._interpreter.resize_tensor_input(self._input["index"], images.shape)
@@ -221,7 +220,7 @@ class OnnxClassifier(CellClassifier):
         super().__init__(path, metadata.get("image_size", size), metadata.get("threshold", 0.5), metadata.get("info"))
 
     def _score(self, images):
-        return self._session.run(None, {self._input_name: images.astype(np.float32, copy=False)})[0]
+        return self._session.run(None, {self._input_name: images})[0]
 
 
 def load_exported_model(path: str | os.PathLike) -> CellClassifier:

@@ -42,6 +42,7 @@ class CellClassifier:
     """
 
     keras_model = None
+    _takes_uint8 = False  # whether _score casts uint8 cells itself (inside its graph)
 
     def __init__(self, path, image_size: int, threshold: float = 0.5, info: dict | None = None):
         self.path = str(path)
@@ -56,7 +57,8 @@ class CellClassifier:
         )
 
     def _score(self, images: np.ndarray) -> np.ndarray:
-        """Scores of a batch of cells, uint8 or float32 (n, image_size, image_size, 3)."""
+        """Scores of a batch of float32 cells (n, image_size, image_size, 3); uint8 too where
+        ``_takes_uint8``."""
         raise NotImplementedError
 
     def predict_proba(self, images: np.ndarray, *, tta: bool = False, batch_size: int = 256) -> np.ndarray:
@@ -76,7 +78,7 @@ class CellClassifier:
             return np.concatenate([self.predict_proba(images[i:i + batch_size], tta=tta, batch_size=batch_size)
                                    for i in range(0, len(images), batch_size)])
         images = np.asarray(images)
-        if images.dtype != np.uint8:  # uint8 cells stay small until the network casts them
+        if not (self._takes_uint8 and images.dtype == np.uint8):  # uint8 stays small until the graph casts it
             images = images.astype(np.float32, copy=False)
         if images.ndim == 3:
             images = images[None]
@@ -105,6 +107,8 @@ class KerasClassifier(CellClassifier):
     into the convolutions (:func:`malaria_cells.models.fuse_batch_norm`), made when the
     classifier is created: wrap a model once it is trained, not before.
     """
+
+    _takes_uint8 = True
 
     def __init__(self, keras_model, path: str | os.PathLike = "<memory>"):
         import tensorflow as tf
