@@ -49,7 +49,7 @@ class StainNormalization(layers.Layer):
         cell = ops.cast(ops.max(pixels, axis=-1) > self.floor, inputs.dtype)
         area = ops.maximum(ops.sum(cell, axis=-1), 1.0)
         # One matrix product sums each channel over the cell: fewer passes over the
-        # pixels than masking then summing (this layer was a quarter of the inference time).
+        # pixels than masking then summing (this layer was a large share of the inference time).
         totals = ops.squeeze(ops.matmul(ops.expand_dims(cell, 1), pixels), 1)
         mean = totals / ops.expand_dims(area, -1)
         scale = 0.5 / ops.maximum(mean, 1.0)
