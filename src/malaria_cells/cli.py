@@ -117,9 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--mixup", type=float, metavar="ALPHA",
                        help="blend training cells and labels, weights ~ Beta(ALPHA, ALPHA) (default: 0, off)")
     train.add_argument("--target-sensitivity", type=_fraction,
-                       help="choose the threshold on validation patients for this sensitivity (default: 0.98)")
+                       help="choose the threshold on validation patients for this sensitivity (default: 0.99)")
     train.add_argument("--min-specificity", type=_fraction,
-                       help="...but never below this validation specificity (default: 0.95)")
+                       help="...but never below this validation specificity (default: 0.93)")
     train.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty RUN_DIR")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -96,8 +96,8 @@ class TrainConfig:
     augment: str = "flips+color"
     stain_normalization: bool = True
     ema: bool = True
-    target_sensitivity: float | None = 0.98
-    min_specificity: float = 0.95
+    target_sensitivity: float | None = 0.99
+    min_specificity: float = 0.93
     weights: str | None = None
     preset: str | None = None
 
