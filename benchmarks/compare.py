@@ -104,7 +104,7 @@ def main() -> None:
             at_half = metrics.get("at_threshold_0.5", metrics)
             rows[name].append({"part": part, "train_seconds": seconds, "train_peak_mib": peak,
                                "threshold": metrics["threshold"], "test_patients": config["patients"]["test"],
-                               "threshold_rule": [config.get("target_sensitivity"), config.get("min_specificity")],
+                               "threshold_rule": [config["config"]["target_sensitivity"], config["config"]["min_specificity"]],
                                "model_bytes": (run_dir / "model.keras").stat().st_size,
                                **{k: metrics[k] for k in KEYS},
                                **{f"{k}_at_0.5": at_half[k] for k in ("accuracy", "sensitivity", "specificity")}})
