@@ -84,12 +84,22 @@ def test_info_shows_the_model(trained_run, capsys):
     (["download", "--dest", "/proc/no/such", "--url", "http://127.0.0.1:9/x.zip"], "No such file or directory"),
     (["export", "--format", "tflite", "--out", "m.tflite", "--check", "missing"], "no such folder"),
     (["train", "--data", ".", "--out", "x", "--weight-decay", "-1"], "weight decay must be in [0, 1)"),
+    (["retune", "."], "not a training run folder"),
 ])
 def test_user_errors_are_one_line_without_traceback(args, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(args) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_retune_prints_the_new_threshold_and_test_scores(trained_run, tmp_path, capsys):
+    import shutil
+
+    shutil.copytree(trained_run["run_dir"], tmp_path / "run")
+    assert main(["retune", str(tmp_path / "run"), "--target-sensitivity", "1", "--min-specificity", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "validation sensitivity 1.0000" in out and "Scores on the test split" in out
 
 
 def test_bad_flag_values_are_rejected_by_the_parser(capsys):

@@ -177,3 +177,30 @@ def test_train_with_mixup_and_focus_augmentation_records_them(tmp_path, cell_dat
     config = json.loads((tmp_path / "run" / "config.json").read_text())["config"]
     assert config["mixup"] == 0.4 and config["augment"] == "flips+color+focus"
     assert (tmp_path / "run" / "model.keras").is_file() and str(result["model_path"]).endswith("model.keras")
+
+
+def test_retune_rechooses_the_threshold_on_validation_patients_only(trained_run, tmp_path):
+    import shutil
+    from pathlib import Path
+
+    from malaria_cells import retune
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run["run_dir"], run)
+    anything = retune(run, target_sensitivity=1.0, min_specificity=0.0)
+    choice = anything["threshold_choice"]
+    assert choice["target_sensitivity"] == 1.0 and choice["sensitivity"] == 1.0
+    assert anything["threshold"] <= trained_run["threshold"]
+    model = load_model(run)
+    assert model.threshold == pytest.approx(anything["threshold"])
+    assert model.info["recipe"]["target_sensitivity"] == 1.0
+    config = json.loads((run / "config.json").read_text())
+    assert config["config"]["min_specificity"] == 0.0 and config["threshold"] == anything["threshold"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["evaluated_on"] == "test" and metrics["threshold"] == pytest.approx(anything["threshold"])
+    # Back to the rule it was trained with: the very threshold train chose, and its test scores.
+    again = retune(run, target_sensitivity=0.95, min_specificity=0.93)
+    assert again["threshold"] == pytest.approx(trained_run["threshold"], abs=1e-6)
+    assert again["metrics"]["sensitivity"] == pytest.approx(trained_run["metrics"]["sensitivity"])
+    with pytest.raises(MalariaCellsError, match="not a training run folder"):
+        retune(Path(tmp_path))

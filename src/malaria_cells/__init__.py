@@ -17,11 +17,11 @@ from .download import download
 from .errors import MalariaCellsError
 from .evaluation import compute_metrics, evaluate
 from .inference import CellClassifier, Prediction, iter_predictions, load_model, predict
-from .training import PRESETS, TrainConfig, make_config, train
+from .training import PRESETS, TrainConfig, make_config, retune, train
 
 __all__ = [
     "CLASS_NAMES", "CellClassifier", "MalariaCellsError", "PRESETS", "Prediction", "TrainConfig",
     "compute_metrics", "download", "evaluate", "iter_predictions", "list_cell_images",
-    "load_model", "make_config", "patient_id", "predict", "preprocess_image", "split_dataset",
-    "train",
+    "load_model", "make_config", "patient_id", "predict", "preprocess_image", "retune",
+    "split_dataset", "train",
 ]

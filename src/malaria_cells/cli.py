@@ -123,6 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty RUN_DIR")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    retune = command("retune", "choose a trained run's threshold again, for another operating point",
+                     "No retraining: the threshold is chosen on the run's own validation patients\n"
+                     "(listed in RUN_DIR/config.json) exactly as train does, stored in model.keras,\n"
+                     "and the test patients are scored again (metrics.json). For example, a lab that\n"
+                     "can afford more false alarms: --target-sensitivity 0.995 --min-specificity 0.9")
+    retune.add_argument("run", metavar="RUN_DIR", help="a folder written by train")
+    retune.add_argument("--target-sensitivity", type=_fraction, help="new target (default: the run's own)")
+    retune.add_argument("--min-specificity", type=_fraction, help="new specificity floor (default: the run's own)")
+    retune.add_argument("--data", metavar="DIR", help="where the run's images are now (default: where they were)")
+
     evaluate = command("evaluate", "score a model on a labelled folder",
                        "Sensitivity, specificity, accuracy, precision, F1, MCC and ROC AUC with 95%\n"
                        "confidence intervals, the confusion matrix and, when file names carry NIH\n"
@@ -200,6 +210,20 @@ def run_train(args) -> int:
     print(f"Scores on the {result['metrics']['evaluated_on']} split:")
     print(format_report({**result["metrics"], "patients": None}))
     return EXIT_INTERRUPTED if result["interrupted"] else EXIT_OK
+
+
+def run_retune(args) -> int:
+    from .evaluation import format_report
+    from .training import retune
+
+    result = retune(args.run, target_sensitivity=args.target_sensitivity, min_specificity=args.min_specificity,
+                    data=args.data)
+    choice = result["threshold_choice"]
+    print(f"Threshold {result['threshold']:.4f} ({choice['limited_by']} rule: validation sensitivity "
+          f"{choice.get('sensitivity', float('nan')):.4f}, specificity {choice.get('specificity', float('nan')):.4f})")
+    print(f"Scores on the {result['metrics']['evaluated_on']} split:")
+    print(format_report({**result["metrics"], "patients": None}))
+    return EXIT_OK
 
 
 def run_evaluate(args) -> int:
@@ -385,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_tensorflow()
     handler = {"train": run_train, "evaluate": run_evaluate, "predict": run_predict,
                "download": run_download, "info": run_info, "serve": run_serve,
-               "export": run_export}[args.command]
+               "export": run_export, "retune": run_retune}[args.command]
     try:
         return handler(args)
     except MalariaCellsError as error:

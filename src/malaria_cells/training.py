@@ -358,10 +358,9 @@ def train(
     import keras
     import tensorflow as tf
 
-    from .evaluation import choose_threshold, compute_metrics
     from .inference import KerasClassifier
     from .models import build_model, model_info_layer
-    from .plots import plot_evaluation, plot_history
+    from .plots import plot_history
 
     config = (config or make_config(**options)).validate()
     started = time.time()
@@ -413,23 +412,14 @@ def train(
     best = KerasClassifier(keras.saving.load_model(model_path, compile=False), model_path)
     val_prob = best.predict_proba(images[split.val])
     val_true = files.labels[split.val]
-    threshold, threshold_choice = 0.5, {"threshold": 0.5, "limited_by": "fixed"}
-    if config.target_sensitivity is not None:
-        threshold_choice = choose_threshold(val_true, val_prob, config.target_sensitivity, config.min_specificity)
-        threshold = threshold_choice["threshold"]
-        if threshold_choice["limited_by"] == "specificity":
-            warnings.warn(
-                f"validation sensitivity {threshold_choice['sensitivity']:.3f} is below the target "
-                f"{config.target_sensitivity}: the threshold was raised to keep specificity at "
-                f"{config.min_specificity}", stacklevel=2)
-    val_metrics = compute_metrics(val_true, val_prob, threshold=threshold, resamples=0)
+    threshold, threshold_choice, val_metrics = _operating_point(config, val_true, val_prob)
 
     info = {
         "name": config.model, "image_size": config.image_size, "color": config.color,
         "class_names": list(CLASS_NAMES), "threshold": threshold,
         "target_sensitivity": config.target_sensitivity, "threshold_choice": threshold_choice,
         "recipe": {k: v for k, v in dataclasses.asdict(config).items() if k != "data"},
-        "validation": {k: val_metrics[k] for k in ("n", "accuracy", "sensitivity", "specificity", "auc")},
+        "validation": val_metrics,
         "data": {"root": str(files.root), "cells": len(files.paths), "patients": len(set(files.groups))},
         "best_epoch": checkpoint.best_epoch, "versions": _versions(),
         "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -439,23 +429,17 @@ def train(
     best.save(model_path)
 
     eval_part = split.test if len(split.test) else split.val
-    eval_true = files.labels[eval_part]
     eval_prob = val_prob if eval_part is split.val else best.predict_proba(images[eval_part])
-    groups = [files.groups[i] for i in eval_part]
-    metrics = compute_metrics(eval_true, eval_prob, threshold=threshold, groups=groups)
-    metrics["evaluated_on"] = "test" if len(split.test) else "validation"
-    at_half = compute_metrics(eval_true, eval_prob, threshold=0.5, resamples=0)
-    metrics["at_threshold_0.5"] = {k: at_half[k] for k in ("accuracy", "sensitivity", "specificity", "confusion")}
-    write_json(run_dir / "metrics.json", metrics)
+    metrics = _score_run(run_dir, files.labels[eval_part], eval_prob, [files.groups[i] for i in eval_part],
+                         threshold, "test" if len(split.test) else "validation")
     plot_history(history.history, run_dir / "training_curves.png")
-    plot_evaluation(eval_true, eval_prob, threshold, run_dir)
 
     write_json(run_dir / "config.json", {
         "config": dataclasses.asdict(config), "data_root": str(files.root),
         "class_counts": files.class_counts(),
         "split_counts": {part: len(getattr(split, part)) for part in ("train", "val", "test")},
         "patients": patients, "skipped_files": [list(s) for s in files.ignored + skipped],
-        "threshold": threshold, "threshold_choice": threshold_choice, "validation_metrics": info["validation"],
+        "threshold": threshold, "threshold_choice": threshold_choice, "validation_metrics": val_metrics,
         "best_epoch": checkpoint.best_epoch, "epochs_run": len(history.history.get("loss", [])),
         "interrupted": interrupted, "versions": info["versions"],
         "seconds": {"load": round(load_seconds, 2), "train": round(train_seconds, 2),
@@ -465,6 +449,105 @@ def train(
     })
     return {"run_dir": str(run_dir), "model_path": str(model_path), "metrics": metrics,
             "threshold": threshold, "interrupted": interrupted}
+
+
+def _operating_point(config: TrainConfig, val_true, val_prob) -> tuple[float, dict, dict]:
+    """The threshold the recipe asks for, chosen on validation cells: (threshold, choice, metrics)."""
+    from .evaluation import choose_threshold, compute_metrics
+
+    threshold, threshold_choice = 0.5, {"threshold": 0.5, "limited_by": "fixed"}
+    if config.target_sensitivity is not None:
+        threshold_choice = choose_threshold(val_true, val_prob, config.target_sensitivity, config.min_specificity)
+        threshold = threshold_choice["threshold"]
+        if threshold_choice["limited_by"] == "specificity":
+            warnings.warn(
+                f"validation sensitivity {threshold_choice['sensitivity']:.3f} is below the target "
+                f"{config.target_sensitivity}: the threshold was raised to keep specificity at "
+                f"{config.min_specificity}", stacklevel=3)
+    val_metrics = compute_metrics(val_true, val_prob, threshold=threshold, resamples=0)
+    return threshold, threshold_choice, {k: val_metrics[k] for k in ("n", "accuracy", "sensitivity", "specificity", "auc")}
+
+
+def _score_run(run_dir: Path, eval_true, eval_prob, groups, threshold: float, evaluated_on: str) -> dict:
+    """Write a run's ``metrics.json`` and evaluation plots for its test (or validation) cells."""
+    from .evaluation import compute_metrics
+    from .plots import plot_evaluation
+
+    metrics = compute_metrics(eval_true, eval_prob, threshold=threshold, groups=groups)
+    metrics["evaluated_on"] = evaluated_on
+    at_half = compute_metrics(eval_true, eval_prob, threshold=0.5, resamples=0)
+    metrics["at_threshold_0.5"] = {k: at_half[k] for k in ("accuracy", "sensitivity", "specificity", "confusion")}
+    write_json(run_dir / "metrics.json", metrics)
+    plot_evaluation(eval_true, eval_prob, threshold, run_dir)
+    return metrics
+
+
+def retune(
+    run: str | os.PathLike,
+    *,
+    target_sensitivity: float | None = None,
+    min_specificity: float | None = None,
+    data: str | os.PathLike | None = None,
+) -> dict:
+    """Choose a trained run's screening threshold again, for another operating point.
+
+    No retraining: the threshold is a choice made after training on the run's validation
+    patients (listed in its ``config.json``), so this gives the same model ``train`` would
+    have saved with these settings. ``model.keras``, ``config.json``, ``metrics.json``
+    (its test patients, scored again) and the plots are rewritten, each atomically.
+
+    Parameters
+    ----------
+    run : path
+        A run folder written by :func:`train`.
+    target_sensitivity, min_specificity : float, optional
+        The new rule (see :class:`TrainConfig`); a value not given keeps the run's own.
+    data : path, optional
+        Where the run's images are now, if not where they were when it was trained.
+
+    Returns
+    -------
+    dict
+        ``threshold``, ``threshold_choice`` and ``metrics``.
+    """
+    import json
+
+    from .inference import KerasClassifier, load_model
+    from .models import model_info_layer
+
+    run_dir = Path(run).expanduser()
+    if not (run_dir / "config.json").is_file() or not (run_dir / "model.keras").is_file():
+        raise MalariaCellsError(f"{run_dir}: not a training run folder (needs config.json and model.keras)")
+    saved = json.loads((run_dir / "config.json").read_text())
+    changes = {k: v for k, v in (("target_sensitivity", target_sensitivity), ("min_specificity", min_specificity))
+               if v is not None}
+    config = dataclasses.replace(TrainConfig(**saved["config"]), **changes).validate()
+    model = load_model(run_dir / "model.keras")
+    if not isinstance(model, KerasClassifier):
+        raise MalariaCellsError(f"{run_dir}: retune needs the run's model.keras")
+    files = list_cell_images(data if data is not None else saved["data_root"])
+    groups = np.array(files.groups)
+    parts = {}
+    for part in ("val", "test"):
+        index = np.flatnonzero(np.isin(groups, saved["patients"][part]))
+        images, readable, _ = read_images([files.paths[i] for i in index], model.image_size)
+        parts[part] = (files.labels[index][readable], model.predict_proba(images), list(groups[index][readable]))
+    if len(parts["val"][0]) == 0:
+        raise MalariaCellsError(f"{files.root}: none of the run's validation patients' images are here (use --data)")
+
+    threshold, threshold_choice, val_metrics = _operating_point(config, *parts["val"][:2])
+    info = {**model.info, "threshold": threshold, "target_sensitivity": config.target_sensitivity,
+            "threshold_choice": threshold_choice, "validation": val_metrics,
+            "recipe": {k: v for k, v in dataclasses.asdict(config).items() if k != "data"}}
+    model.set_threshold(threshold)
+    model.info = model_info_layer(model.keras_model).info = info
+    model.save(run_dir / "model.keras")
+
+    part = "test" if len(parts["test"][0]) else "val"
+    metrics = _score_run(run_dir, *parts[part], threshold, "test" if part == "test" else "validation")
+    write_json(run_dir / "config.json", {**saved, "config": dataclasses.asdict(config), "threshold": threshold,
+                                         "threshold_choice": threshold_choice, "validation_metrics": val_metrics})
+    return {"threshold": threshold, "threshold_choice": threshold_choice, "metrics": metrics}
 
 
 def _optimizer(config: TrainConfig, steps_per_epoch: int):
