@@ -2,7 +2,7 @@
 
     python benchmarks/predict_parts.py [--model PATH] [--data ../shared/data/cell_images]
 
-Runs every PNG of ``--data`` through ``image_dataset`` (read, decode, resize; no network),
+Runs every PNG of ``--data`` through ``iter_image_batches`` (read, decode, resize; no network),
 then the model alone over batches of 256 preprocessed cells. Each uses all the cores on its
 own; ``predict`` has to share them, so it cannot pass 1 / (1 / pipeline + 1 / network).
 CPU time per cell is printed too: on a shared virtual machine it varies less than wall time.
@@ -26,12 +26,12 @@ def main() -> None:
     args = parser.parse_args()
 
     from malaria_cells import load_model
-    from malaria_cells.data import image_dataset
+    from malaria_cells.data import iter_image_batches
 
     model = load_model(args.model)
     paths = sorted(glob.glob(os.path.join(args.data, "*", "*.png")))
     started, cpu, count = time.perf_counter(), cpu_seconds(), 0
-    for batch_paths, _ in image_dataset(paths, model.image_size, 256):
+    for batch_paths, _, _ in iter_image_batches(paths, model.image_size, 256):
         count += len(batch_paths)
     pipeline = count / (time.perf_counter() - started)
     pipeline_cpu = (cpu_seconds() - cpu) / count

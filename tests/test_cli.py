@@ -52,7 +52,7 @@ def test_predict_skips_bad_files_with_exit_status_1(trained_run, images, capsys)
     captured = capsys.readouterr()
     assert status == 1
     assert "a.png" in captured.out and "bad.png" not in captured.out
-    assert "skipped: " in captured.err and "bad.png: not a readable image" in captured.err
+    assert "skipped: " in captured.err and "bad.png: corrupt PNG" in captured.err
     assert "missing.tif: no such file or folder" in captured.err
 
 

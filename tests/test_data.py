@@ -84,7 +84,7 @@ def test_every_format_and_mode_decodes_to_rgb_of_the_asked_size(mode, fmt):
         image = Image.fromarray((np.asarray(rgb.convert("L"), np.uint16) * 257))
     else:
         image = rgb.convert(mode)
-    out = preprocess_image(encode(image, fmt), 32).numpy()
+    out = preprocess_image(encode(image, fmt), 32)
     assert out.shape == (32, 32, 3) and out.dtype == np.uint8
     reference = np.asarray(rgb.convert("L").resize((32, 32)), float)
     assert np.corrcoef(out.mean(axis=2).ravel(), reference.ravel())[0, 1] > 0.9
@@ -92,7 +92,7 @@ def test_every_format_and_mode_decodes_to_rgb_of_the_asked_size(mode, fmt):
 
 def test_sixteen_bit_keeps_its_brightness():
     image = Image.fromarray(np.full((20, 20), 40000, np.uint16))
-    out = preprocess_image(encode(image, "PNG"), 8).numpy()
+    out = preprocess_image(encode(image, "PNG"), 8)
     assert abs(int(out[0, 0, 0]) - round(40000 / 257)) <= 1
 
 
@@ -104,7 +104,69 @@ def test_read_images_skips_corrupt_files_and_keeps_order(tmp_path):
     images, readable, skipped = read_images(files.paths, 24)
     assert images.shape == (5, 24, 24, 3)
     assert readable.tolist() == [True, True, False, True, True, True]
-    assert skipped == [(broken, "not a readable image (corrupt or unsupported format)")]
+    assert skipped == [(broken, "corrupt PNG (no image header)")]
+
+
+@pytest.mark.parametrize("contents, reason", [
+    (b"", "empty file"),
+    (b"just some text, not pixels", "not an image (PNG, JPEG, BMP, GIF, WebP or TIFF expected)"),
+    (b"\xff\xd8\xff\xe0 half a jpeg", "corrupt JPEG"),
+])
+def test_unreadable_files_are_skipped_with_the_reason(tmp_path, contents, reason):
+    good = tmp_path / "good.png"
+    Image.fromarray(make_cell(True, np.random.default_rng(0), 30)).save(good)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(contents)
+    images, readable, skipped = read_images([str(good), str(bad)], 16)
+    assert readable.tolist() == [True, False] and len(images) == 1
+    assert skipped[0][0] == str(bad) and skipped[0][1].startswith(reason)
+
+
+def test_truncated_png_and_decompression_bomb_are_refused_before_harm():
+    import struct
+    import zlib
+
+    from malaria_cells.data import UnreadableImage
+
+    whole = encode(Image.fromarray(make_cell(True, np.random.default_rng(0), 40)), "PNG")
+    with pytest.raises(UnreadableImage, match="corrupt or truncated PNG"):
+        preprocess_image(whole[: len(whole) // 2], 16)
+    header = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
+    bomb = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + header + struct.pack(">I", zlib.crc32(b"IHDR" + header))
+    with pytest.raises(UnreadableImage, match="too large"):
+        preprocess_image(bomb, 16)
+
+
+@pytest.mark.parametrize("height, width, size", [(128, 128, 64), (57, 91, 32), (20, 33, 64), (64, 64, 64)])
+def test_preprocessing_is_tensorflows_decode_and_bilinear_resize_pixel_for_pixel(height, width, size):
+    # Models trained before the decoder moved to imagecodecs saw exactly these pixels.
+    import tensorflow as tf
+
+    pixels = np.random.default_rng(height).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    png = encode(Image.fromarray(pixels), "PNG")
+    resized = tf.image.resize(tf.io.decode_png(png, channels=3), (size, size), method="bilinear")
+    expected = tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8).numpy()
+    assert np.array_equal(preprocess_image(png, size), expected)
+
+
+def test_batches_stream_in_order_at_the_asked_size_reporting_skips_once(tmp_path):
+    from malaria_cells.data import iter_image_batches
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(37):
+        path = tmp_path / f"{i:02d}.png"
+        if i in (5, 20):
+            path.write_bytes(b"broken")
+        else:
+            Image.fromarray(make_cell(i % 2 == 0, rng, 30 + i % 7)).save(path)
+        paths.append(str(path))
+    batches = list(iter_image_batches(paths, 12, batch_size=8, chunk=3))
+    assert [len(p) for p, _, _ in batches] == [8, 8, 8, 8, 3]
+    assert [p for b in batches for p in b[0]] == [p for i, p in enumerate(paths) if i not in (5, 20)]
+    assert [s[0] for b in batches for s in b[2]] == [paths[5], paths[20]]
+    first = batches[0]
+    assert np.array_equal(first[1][1], preprocess_image(Path(first[0][1]).read_bytes(), 12))
 
 
 def test_list_image_files_expands_folders_and_reports_missing(tmp_path):
@@ -170,7 +232,7 @@ def test_preprocess_many_keeps_order_and_flags_corrupt_images():
     images, decoded = preprocess_many([good[0], b"\x89PNG\r\n\x1a\nbroken", good[1], good[2]], 24)
     assert decoded.tolist() == [True, False, True, True]
     assert images.shape == (3, 24, 24, 3)
-    assert np.array_equal(images[1], preprocess_image(good[1], 24).numpy())
+    assert np.array_equal(images[1], preprocess_image(good[1], 24))
     assert preprocess_many([], 24)[0].shape == (0, 24, 24, 3)
     # all readable: the batched path gives the same pixels as image by image
     together, decoded = preprocess_many(good, 24)

@@ -31,7 +31,7 @@ def test_bad_files_are_reported_and_skipped(trained_run, tmp_path):
     assert [Path(r.path).name for r in results] == ["good.png"]
     assert {Path(p).name: why for p, why in skipped} == {
         "Thumbs.db": "not an image file", "empty.jpg": "empty file", "nope.png": "no such file or folder",
-        "corrupt.png": "not a readable image (corrupt or unsupported format)"}
+        "corrupt.png": "corrupt PNG (no image header)"}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         predict(tmp_path, trained_run["model_path"])
@@ -50,7 +50,7 @@ def test_api_scores_arrays_like_files(trained_run, tmp_path):
     model = load_model(trained_run["model_path"])
     cell = make_cell(True, np.random.default_rng(3), 50)
     Image.fromarray(cell).save(tmp_path / "x.png")
-    image = preprocess_image((tmp_path / "x.png").read_bytes(), model.image_size).numpy()
+    image = preprocess_image((tmp_path / "x.png").read_bytes(), model.image_size)
     assert model.predict_proba(image)[0] == pytest.approx(predict(tmp_path / "x.png", model)[0].probability, abs=1e-6)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import struct
 import warnings
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
@@ -328,112 +329,186 @@ def _share(n: int, fraction: float) -> int:
 # --------------------------------------------------------------------------- pixels
 
 
-def _decode_with_pillow(contents: bytes) -> np.ndarray:
+class UnreadableImage(MalariaCellsError, ValueError):
+    """Bytes that are not an image this package can read; the message says why."""
+
+
+_CODECS = {"png": "PNG", "jpeg8": "JPEG", "gif": "GIF", "bmp": "BMP", "webp": "WebP", "tiff": "TIFF"}
+NOT_AN_IMAGE = "not an image (PNG, JPEG, BMP, GIF, WebP or TIFF expected)"
+
+
+def _codec(contents: bytes) -> str:
+    """The imagecodecs codec for these bytes, told from their first bytes (never the file name)."""
+    head = bytes(contents[:12])
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg8"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    if head.startswith(b"BM"):
+        return "bmp"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    if head[:4] in _TIFF_MAGIC:
+        return "tiff"
+    raise UnreadableImage(NOT_AN_IMAGE)
+
+
+def image_dimensions(contents: bytes) -> tuple[int, int]:
+    """``(width, height)`` from the header alone, to refuse decompression bombs before decoding."""
+    codec = _codec(contents)
+    if codec == "png":  # the IHDR chunk always comes first
+        if len(contents) < 24 or contents[12:16] != b"IHDR":
+            raise UnreadableImage("corrupt PNG (no image header)")
+        return struct.unpack(">II", contents[16:24])
     from PIL import Image
 
-    with Image.open(io.BytesIO(contents)) as image:
-        if image.width * image.height > MAX_IMAGE_PIXELS:
-            raise ValueError(f"image too large ({image.width}x{image.height})")
-        if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-            pixels = np.asarray(image, dtype=np.float64)
-            top = 65535.0 if pixels.max() > 255 else 255.0
-            image = Image.fromarray((pixels * 255.0 / top).clip(0, 255).astype(np.uint8))
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(contents)) as image:
+                return image.size
+    except Image.DecompressionBombError:
+        raise UnreadableImage("image too large (decompression bomb?)") from None
+    except Exception:  # noqa: BLE001 - Pillow fails on bad headers in many ways
+        raise UnreadableImage(f"corrupt {_CODECS[codec]} (unreadable header)") from None
 
 
-def decode_image(contents):
-    """Decode encoded image bytes (PNG, JPEG, BMP, GIF, WebP, TIFF) to uint8 RGB.
+def decode_image(contents: bytes) -> np.ndarray:
+    """Decode encoded image bytes (PNG, JPEG, BMP, GIF, WebP, TIFF) to uint8 RGB ``(h, w, 3)``.
 
-    Any bit depth and colour mode (gray, palette, RGBA, 16-bit) becomes 8-bit RGB;
-    alpha is dropped. TensorFlow decodes the common formats in-graph; TIFF, which
-    it cannot read, goes through Pillow.
+    Any bit depth and colour mode (gray, palette, RGBA, 16-bit) becomes 8-bit RGB; alpha
+    is dropped; an animation or multi-page file gives its first frame. The decoders
+    (imagecodecs: libpng, libjpeg-turbo, ...) release the GIL, so threads decode in
+    parallel.
+
+    Raises
+    ------
+    UnreadableImage
+        Not an image, corrupt, or larger than :data:`MAX_IMAGE_PIXELS`.
     """
-    import tensorflow as tf
+    import imagecodecs
 
-    head = tf.strings.substr(contents, 0, 4)
-    is_tiff = tf.reduce_any([tf.equal(head, magic) for magic in _TIFF_MAGIC])
-
-    def with_tensorflow():
-        return tf.io.decode_image(
-            contents, channels=3, dtype=tf.uint8, expand_animations=False
-        )
-
-    def with_pillow():
-        return tf.numpy_function(_decode_with_pillow, [contents], tf.uint8, stateful=False)
-
-    image = tf.cond(is_tiff, with_pillow, with_tensorflow)
-    image.set_shape([None, None, 3])
-    return image
+    codec = _codec(contents)
+    width, height = image_dimensions(contents)
+    if width * height > MAX_IMAGE_PIXELS:
+        raise UnreadableImage(f"image too large ({width}x{height} pixels; decompression bomb?)")
+    try:
+        pixels = getattr(imagecodecs, f"{codec}_decode")(contents)
+    except Exception:  # noqa: BLE001 - each codec has its own error type
+        raise UnreadableImage(f"corrupt or truncated {_CODECS[codec]}") from None
+    return _as_rgb8(np.asarray(pixels))
 
 
-def preprocess_image(contents, image_size: int):
-    """Encoded image bytes -> uint8 RGB of ``image_size`` x ``image_size``.
-
-    The one preprocessing step outside the model: colour conversion and scaling are
-    layers inside every model, so a model file alone predicts correctly anywhere.
-    """
-    import tensorflow as tf
-
-    image = decode_image(contents)
-    pixels = tf.shape(image)[0] * tf.shape(image)[1]
-    tf.debugging.assert_less_equal(
-        pixels, MAX_IMAGE_PIXELS, message="image too large (decompression bomb?)"
-    )
-    # Bilinear without antialiasing: 3x faster, and exact 2x2 averaging for the common
-    # 128 -> 64 px case.
-    image = tf.image.resize(image, (image_size, image_size), method="bilinear")
-    return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
-
-
-def image_dataset(paths: Sequence[str], image_size: int, batch_size: int = 256):
-    """A tf.data pipeline of ``(paths, images)`` batches read in parallel.
-
-    Files that fail to read or decode are dropped from the stream (compare the paths
-    that come out with those that went in to find them: see :func:`read_images`).
-    """
-    import tensorflow as tf
-
-    def load(path):
-        return path, preprocess_image(tf.io.read_file(path), image_size)
-
-    return (
-        tf.data.Dataset.from_tensor_slices(tf.constant(list(paths), dtype=tf.string))
-        .map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        .ignore_errors()
-        .batch(batch_size)
-        .prefetch(tf.data.AUTOTUNE)
-    )
+def _as_rgb8(pixels: np.ndarray) -> np.ndarray:
+    if pixels.ndim == 4:  # frames or pages
+        pixels = pixels[0]
+    if pixels.ndim == 2:
+        pixels = pixels[..., None]
+    if pixels.ndim != 3 or pixels.size == 0:
+        raise UnreadableImage(f"unsupported image layout {pixels.shape}")
+    if pixels.dtype == np.uint16:
+        pixels = (pixels >> 8).astype(np.uint8)  # as tf.image.convert_image_dtype
+    elif pixels.dtype != np.uint8:
+        values = pixels.astype(np.float64)
+        top = 1.0 if values.max() <= 1 else 255.0 if values.max() <= 255 else float(values.max())
+        pixels = np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8)
+    if pixels.shape[2] < 3:
+        pixels = np.repeat(pixels[..., :1], 3, axis=2)
+    return np.ascontiguousarray(pixels[..., :3])
 
 
 @lru_cache(maxsize=8)
-def _compiled_preprocess(image_size: int):
+def _compiled_resize(image_size: int):
     import tensorflow as tf
 
-    return tf.function(lambda contents: preprocess_image(contents, image_size),
-                       input_signature=[tf.TensorSpec([], tf.string)], autograph=False)
+    def resize(images):
+        # Bilinear without antialiasing: 3x faster, and exact 2x2 averaging for the common
+        # 128 -> 64 px case.
+        images = tf.image.resize(images, (image_size, image_size), method="bilinear")
+        return tf.cast(tf.clip_by_value(tf.round(images), 0, 255), tf.uint8)
+
+    return tf.function(resize, input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8)], autograph=False)
 
 
-@lru_cache(maxsize=8)
-def _compiled_preprocess_batch(image_size: int):
-    """:func:`preprocess_image` over a batch of encoded images, in parallel, in one call."""
-    import tensorflow as tf
+def resize_images(images: Sequence[np.ndarray], image_size: int) -> np.ndarray:
+    """Resize decoded uint8 RGB images to ``image_size`` x ``image_size``; one array out.
 
-    def batch(contents):
-        # A tf.data map traced once into this function: it decodes on every core, with
-        # less overhead per image than tf.map_fn (about 2/3 of the wall time per request).
-        images = tf.data.Dataset.from_tensor_slices(contents).map(
-            lambda one: preprocess_image(one, image_size), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        return images.batch(tf.cast(tf.size(contents), tf.int64)).get_single_element()
+    Images of one size go through TensorFlow's resize together (one call per size: a
+    folder of NIH cells, all 128 px, is one call per batch).
+    """
+    out = np.empty((len(images), image_size, image_size, 3), np.uint8)
+    by_shape: dict[tuple, list[int]] = {}
+    for index, image in enumerate(images):
+        by_shape.setdefault(image.shape, []).append(index)
+    resize = _compiled_resize(int(image_size))
+    for members in by_shape.values():
+        out[members] = resize(np.stack([images[i] for i in members])).numpy()
+    return out
 
-    return tf.function(batch, input_signature=[tf.TensorSpec([None], tf.string)], autograph=False)
+
+def preprocess_image(contents: bytes, image_size: int) -> np.ndarray:
+    """Encoded image bytes -> uint8 RGB array of ``image_size`` x ``image_size`` x 3.
+
+    The one preprocessing step outside the model (:func:`decode_image`, then
+    :func:`resize_images`), shared by training, evaluation, prediction, serving and
+    export: colour conversion and scaling are layers inside every model, so a model file
+    alone predicts correctly anywhere.
+
+    Raises
+    ------
+    UnreadableImage
+        When the bytes are not a readable image, with the reason.
+    """
+    return resize_images([decode_image(bytes(contents))], image_size)[0]
+
+
+def _read_file(path: str) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            contents = handle.read()
+    except OSError as error:
+        raise UnreadableImage(error.strerror or "cannot be read") from None
+    if not contents:
+        raise UnreadableImage("empty file")
+    return contents
+
+
+def _decode_all(items: Sequence, read) -> tuple[list[np.ndarray], list[tuple[int, str]]]:
+    """Decode ``read(item)`` for each item: (images, [(position, reason)] of failures)."""
+    images, failures = [], []
+    for position, item in enumerate(items):
+        try:
+            images.append(decode_image(read(item)))
+        except UnreadableImage as error:
+            failures.append((position, str(error)))
+    return images, failures
+
+
+_POOL = None
+
+
+def _workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def _thread_pool():
+    """Threads shared by every reader: the decoders release the GIL, so they use every core."""
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(_workers(), thread_name_prefix="malaria-cells-decode")
+    return _POOL
+
+
+def _chunks(items: Sequence, size: int) -> list:
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def preprocess_many(contents: Sequence[bytes], image_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Decode and resize encoded images held in memory (what a web request carries).
-
-    The whole batch goes through :func:`preprocess_image` in one compiled call that
-    decodes in parallel; only when some image fails does it go image by image, to find
-    which ones (a tf.data pipeline per request costs more to build than this).
+    """Decode and resize encoded images held in memory (what a web request carries), in parallel.
 
     Returns
     -------
@@ -442,69 +517,58 @@ def preprocess_many(contents: Sequence[bytes], image_size: int) -> tuple[np.ndar
     decoded : numpy.ndarray of bool
         Which inputs decoded (the others are corrupt or not images).
     """
-    import tensorflow as tf
-
-    if not contents:
-        return np.zeros((0, image_size, image_size, 3), np.uint8), np.zeros(0, bool)
-    preprocess = _compiled_preprocess(int(image_size))
-    if len(contents) > 1:  # one image goes straight through: starting the parallel map costs more
-        try:
-            images = _compiled_preprocess_batch(int(image_size))(tf.constant(list(contents))).numpy()
-            return images, np.ones(len(contents), bool)
-        except (tf.errors.OpError, ValueError):
-            pass
-    images, decoded = [], np.zeros(len(contents), bool)
-    for index, data in enumerate(contents):
-        try:
-            images.append(preprocess(tf.constant(data)).numpy())
-            decoded[index] = True
-        except (tf.errors.OpError, ValueError):
-            continue
-    stacked = np.stack(images) if images else np.zeros((0, image_size, image_size, 3), np.uint8)
-    return stacked, decoded
+    decoded = np.ones(len(contents), bool)
+    images: list[np.ndarray] = []
+    pool = _thread_pool()
+    size = max(1, -(-len(contents) // _workers()))
+    parts = _chunks(list(contents), size)
+    for offset, (part_images, failures) in zip(range(0, len(contents), size),
+                                                pool.map(lambda part: _decode_all(part, bytes), parts)):
+        images += part_images
+        decoded[[offset + position for position, _ in failures]] = False
+    return resize_images(images, image_size), decoded
 
 
-def explain_unreadable(path: str) -> str:
-    """Why a file could not be read as an image, in a few words."""
-    try:
-        with open(path, "rb") as handle:
-            contents = handle.read()
-    except OSError as error:
-        return error.strerror or "cannot be read"
-    if not contents:
-        return "empty file"
-    try:
-        import tensorflow as tf
-
-        preprocess_image(tf.constant(contents), 8)
-    except Exception as error:  # noqa: BLE001 - any decoder failure is the answer
-        text = str(error).strip().splitlines()
-        message = text[-1] if text else type(error).__name__
-        if "too large" in message:
-            return "image too large (decompression bomb?)"
-        return "not a readable image (corrupt or unsupported format)"
-    return "could not be read"
+def _load_files(paths: Sequence[str], image_size: int):
+    images, failures = _decode_all(paths, _read_file)
+    bad = {position for position, _ in failures}
+    return ([p for i, p in enumerate(paths) if i not in bad], resize_images(images, image_size),
+            [(paths[position], reason) for position, reason in failures])
 
 
-def iter_image_batches(paths: Sequence[str], image_size: int, batch_size: int = 256):
+def iter_image_batches(paths: Sequence[str], image_size: int, batch_size: int = 256, *, chunk: int = 32):
     """Yield ``(paths, images, skipped)`` per batch, streaming over any number of files.
 
-    ``images`` is a uint8 array (n, image_size, image_size, 3); ``skipped`` lists the
-    ``(path, reason)`` of files dropped since the previous batch.
+    Files are read and decoded on all cores, ``chunk`` files per task, a bounded number
+    of tasks ahead, so memory stays flat however many files there are. ``images`` is a
+    uint8 array (n, image_size, image_size, 3) in the order of ``paths``; ``skipped``
+    lists the ``(path, reason)`` of files left out since the previous batch.
     """
-    expected = iter(paths)
-    for batch_paths, images in image_dataset(paths, image_size, batch_size):
-        batch_paths = [p.decode() for p in batch_paths.numpy()]
-        skipped = []
-        for path in batch_paths:
-            for missing in expected:
-                if missing == path:
-                    break
-                skipped.append((missing, explain_unreadable(missing)))
-        yield batch_paths, images.numpy(), skipped
-    rest = [(p, explain_unreadable(p)) for p in expected]
-    if rest:
-        yield [], np.zeros((0, image_size, image_size, 3), np.uint8), rest
+    from collections import deque
+
+    pool = _thread_pool()
+    pending: deque = deque()
+    tasks = iter(_chunks(list(paths), chunk))
+
+    def submit():
+        part = next(tasks, None)
+        if part is not None:
+            pending.append(pool.submit(_load_files, part, image_size))
+
+    for _ in range(2 * _workers() + batch_size // chunk):
+        submit()
+    ready_paths: list[str] = []
+    ready_images = np.zeros((0, image_size, image_size, 3), np.uint8)
+    skipped: list[tuple[str, str]] = []
+    while pending:
+        part_paths, part_images, part_skipped = pending.popleft().result()
+        submit()
+        ready_paths += part_paths
+        ready_images = np.concatenate([ready_images, part_images]) if len(ready_images) else part_images
+        skipped += part_skipped
+        while len(ready_paths) >= batch_size or (not pending and (ready_paths or skipped)):
+            yield ready_paths[:batch_size], ready_images[:batch_size], skipped
+            ready_paths, ready_images, skipped = ready_paths[batch_size:], ready_images[batch_size:], []
 
 
 def read_images(
