@@ -28,7 +28,7 @@ def main() -> None:
     paths = sorted(glob.glob(os.path.join(args.data, "*", "*.png")))[: args.repeats]
 
     def once(path):
-        images, _ = preprocess_many([Path(path).read_bytes()], model.image_size)
+        images, _, _ = preprocess_many([Path(path).read_bytes()], model.image_size)
         return model.predict_proba(images)
 
     for path in paths[:20]:

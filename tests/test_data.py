@@ -229,13 +229,14 @@ def test_preprocess_many_keeps_order_and_flags_corrupt_images():
 
     rng = np.random.default_rng(0)
     good = [encode(Image.fromarray(make_cell(i % 2 == 0, rng, 40 + i)), "PNG") for i in range(3)]
-    images, decoded = preprocess_many([good[0], b"\x89PNG\r\n\x1a\nbroken", good[1], good[2]], 24)
+    images, decoded, reasons = preprocess_many([good[0], b"\x89PNG\r\n\x1a\nbroken", good[1], good[2]], 24)
     assert decoded.tolist() == [True, False, True, True]
+    assert reasons == [None, "corrupt PNG (no image header)", None, None]
     assert images.shape == (3, 24, 24, 3)
     assert np.array_equal(images[1], preprocess_image(good[1], 24))
     assert preprocess_many([], 24)[0].shape == (0, 24, 24, 3)
     # all readable: the batched path gives the same pixels as image by image
-    together, decoded = preprocess_many(good, 24)
+    together, decoded, _ = preprocess_many(good, 24)
     assert decoded.all() and np.array_equal(together, images)
 
 

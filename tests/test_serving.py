@@ -30,6 +30,17 @@ def bomb_png(side=20000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b"")
 
 
+def bomb_bmp(side=9000) -> bytes:
+    """A small BMP whose header announces side x side pixels (81 MP: over the limit, under Pillow's)."""
+    import struct
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buffer, "BMP")
+    data = bytearray(buffer.getvalue())
+    data[18:26] = struct.pack("<ii", side, side)
+    return bytes(data)
+
+
 @pytest.fixture(scope="module")
 def client(trained_run):
     return TestClient(create_app(trained_run["model_path"], limits=ServeLimits(max_images=4, max_request_bytes=2**20)))
@@ -69,6 +80,7 @@ def test_same_probability_as_the_command_line_path(client, trained_run, tmp_path
     ("notes.png", b"hello, not an image", 415, "not an image"),
     ("cut.png", png_bytes()[:200], 422, "corrupt"),
     ("bomb.png", bomb_png(), 413, "too large"),
+    ("bomb.bmp", bomb_bmp(), 413, "too large"),
 ])
 def test_bad_uploads_are_rejected_without_spoiling_the_rest(client, name, data, status, message):
     files = [("files", ("good.png", png_bytes(), "image/png")), ("files", (name, data, "image/png"))]

@@ -507,7 +507,7 @@ def _chunks(items: Sequence, size: int) -> list:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def preprocess_many(contents: Sequence[bytes], image_size: int) -> tuple[np.ndarray, np.ndarray]:
+def preprocess_many(contents: Sequence[bytes], image_size: int) -> tuple[np.ndarray, np.ndarray, list]:
     """Decode and resize encoded images held in memory (what a web request carries), in parallel.
 
     Returns
@@ -515,18 +515,23 @@ def preprocess_many(contents: Sequence[bytes], image_size: int) -> tuple[np.ndar
     images : numpy.ndarray
         uint8 (n_decoded, image_size, image_size, 3), in input order.
     decoded : numpy.ndarray of bool
-        Which inputs decoded (the others are corrupt or not images).
+        Which inputs decoded.
+    reasons : list of str or None
+        Why each input that did not decode was refused (None for the others).
     """
     decoded = np.ones(len(contents), bool)
+    reasons: list = [None] * len(contents)
     images: list[np.ndarray] = []
-    pool = _thread_pool()
     size = max(1, -(-len(contents) // _workers()))
     parts = _chunks(list(contents), size)
-    for offset, (part_images, failures) in zip(range(0, len(contents), size),
-                                                pool.map(lambda part: _decode_all(part, bytes), parts)):
+    # One image is decoded here: handing it to a thread would only add latency.
+    results = (_thread_pool().map(lambda part: _decode_all(part, bytes), parts) if len(parts) > 1
+               else [_decode_all(part, bytes) for part in parts])
+    for offset, (part_images, failures) in zip(range(0, len(contents), size), results):
         images += part_images
-        decoded[[offset + position for position, _ in failures]] = False
-    return resize_images(images, image_size), decoded
+        for position, reason in failures:
+            decoded[offset + position], reasons[offset + position] = False, reason
+    return resize_images(images, image_size), decoded, reasons
 
 
 def _load_files(paths: Sequence[str], image_size: int):

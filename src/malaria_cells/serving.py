@@ -7,10 +7,8 @@ Endpoints: ``GET /`` (drop-images web page), ``POST /v1/predict`` (multipart ``f
 """
 
 import hmac
-import io
 import os
 import sys
-import warnings
 from dataclasses import dataclass
 from importlib import resources
 
@@ -42,19 +40,15 @@ class UploadError(ValueError):
 
 def check_upload(contents: bytes, max_pixels: int) -> None:
     """Refuse empty, non-image and oversized uploads from their header, before decoding."""
-    from PIL import Image, UnidentifiedImageError
+    from .data import NOT_AN_IMAGE, UnreadableImage, image_dimensions
 
     if not contents:
         raise UploadError(422, "empty file")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(contents)) as image:
-                width, height = image.size
-    except Image.DecompressionBombError:
-        raise UploadError(413, "image too large (decompression bomb)") from None
-    except (UnidentifiedImageError, OSError, ValueError):
-        raise UploadError(415, "not an image (PNG, JPEG, BMP, GIF, WebP or TIFF expected)") from None
+        width, height = image_dimensions(contents)
+    except UnreadableImage as error:
+        status = 415 if str(error) == NOT_AN_IMAGE else 413 if "too large" in str(error) else 422
+        raise UploadError(status, str(error)) from None
     if width * height > max_pixels:
         raise UploadError(413, f"image too large ({width}x{height} pixels, limit {max_pixels})")
 
@@ -123,9 +117,10 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
             except UploadError as error:
                 entry.update(status=error.status, error=str(error))
             results.append(entry)
-        images, decoded = preprocess_many(contents, model.image_size)
-        for entry in (e for e, ok in zip(accepted, decoded) if not ok):
-            entry.update(status=422, error="corrupt or unsupported image")
+        images, decoded, reasons = preprocess_many(contents, model.image_size)
+        for entry, ok, reason in zip(accepted, decoded, reasons):
+            if not ok:
+                entry.update(status=422, error=reason)
         scored = [e for e, ok in zip(accepted, decoded) if ok]
         probabilities = model.predict_proba(images) if len(images) else []
         for entry, probability in zip(scored, probabilities):
