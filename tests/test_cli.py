@@ -99,7 +99,8 @@ def test_retune_prints_the_new_threshold_and_test_scores(trained_run, tmp_path, 
     shutil.copytree(trained_run["run_dir"], tmp_path / "run")
     assert main(["retune", str(tmp_path / "run"), "--target-sensitivity", "1", "--min-specificity", "0"]) == 0
     out = capsys.readouterr().out
-    assert "validation sensitivity 1.0000" in out and "Scores on the test split" in out
+    assert "set by the validation sensitivity target 1.0: on validation patients sensitivity 1.0000" in out
+    assert "Scores on the test split" in out
 
 
 def test_bad_flag_values_are_rejected_by_the_parser(capsys):

@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import sys
+from pathlib import Path
 import warnings
 
 from .errors import MalariaCellsError
@@ -207,9 +208,21 @@ def run_train(args) -> int:
     from .evaluation import format_report
 
     print(f"\nRun folder: {result['run_dir']}  (model: {result['model_path']})")
+    print(describe_threshold(json.loads((Path(result["run_dir"]) / "config.json").read_text())["threshold_choice"]))
     print(f"Scores on the {result['metrics']['evaluated_on']} split:")
     print(format_report({**result["metrics"], "patients": None}))
     return EXIT_INTERRUPTED if result["interrupted"] else EXIT_OK
+
+
+def describe_threshold(choice: dict) -> str:
+    """One line on how a run's threshold was chosen (``threshold_choice`` in its config.json)."""
+    if choice["limited_by"] == "fixed":
+        return f"Threshold {choice['threshold']:.4f} (fixed)"
+    rule = (f"validation sensitivity target {choice['target_sensitivity']}" if choice["limited_by"] == "sensitivity"
+            else f"validation specificity floor {choice['min_specificity']}, before the sensitivity target "
+                 f"{choice['target_sensitivity']}")
+    return (f"Threshold {choice['threshold']:.4f}, set by the {rule}: on validation patients sensitivity "
+            f"{choice['sensitivity']:.4f}, specificity {choice['specificity']:.4f}")
 
 
 def run_retune(args) -> int:
@@ -218,9 +231,7 @@ def run_retune(args) -> int:
 
     result = retune(args.run, target_sensitivity=args.target_sensitivity, min_specificity=args.min_specificity,
                     data=args.data)
-    choice = result["threshold_choice"]
-    print(f"Threshold {result['threshold']:.4f} ({choice['limited_by']} rule: validation sensitivity "
-          f"{choice.get('sensitivity', float('nan')):.4f}, specificity {choice.get('specificity', float('nan')):.4f})")
+    print(describe_threshold(result["threshold_choice"]))
     print(f"Scores on the {result['metrics']['evaluated_on']} split:")
     print(format_report({**result["metrics"], "patients": None}))
     return EXIT_OK

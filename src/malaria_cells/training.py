@@ -6,7 +6,6 @@ import dataclasses
 import os
 import platform
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -459,11 +458,6 @@ def _operating_point(config: TrainConfig, val_true, val_prob) -> tuple[float, di
     if config.target_sensitivity is not None:
         threshold_choice = choose_threshold(val_true, val_prob, config.target_sensitivity, config.min_specificity)
         threshold = threshold_choice["threshold"]
-        if threshold_choice["limited_by"] == "specificity":
-            warnings.warn(
-                f"validation sensitivity {threshold_choice['sensitivity']:.3f} is below the target "
-                f"{config.target_sensitivity}: the threshold was raised to keep specificity at "
-                f"{config.min_specificity}", stacklevel=3)
     val_metrics = compute_metrics(val_true, val_prob, threshold=threshold, resamples=0)
     return threshold, threshold_choice, {k: val_metrics[k] for k in ("n", "accuracy", "sensitivity", "specificity", "auc")}
 
