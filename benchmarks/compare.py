@@ -168,6 +168,7 @@ def write_report(args, rows, throughput, n_files, n_parts) -> None:
     lines.append(f"| predict peak memory, MiB | | {throughput['tutorial'][1]:.0f} | {throughput['malaria-cells'][1]:.0f} |")
     lines += ["", "Predict times are whole commands (process start, TensorFlow import and model load included)."]
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "RESULTS.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps({"rows": rows, "throughput": throughput}, indent=2))
     print("\n".join(lines))
