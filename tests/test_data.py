@@ -149,6 +149,18 @@ def test_preprocessing_is_tensorflows_decode_and_bilinear_resize_pixel_for_pixel
     assert np.array_equal(preprocess_image(png, size), expected)
 
 
+def test_single_images_and_batches_resize_to_the_same_pixels():
+    # Groups under 4 images skip TensorFlow's call overhead with the same arithmetic in numpy.
+    from malaria_cells.data import resize_images
+
+    rng = np.random.default_rng(0)
+    for height, width, size in [(128, 128, 64), (1, 1, 8), (3, 200, 24), (64, 64, 64), (31, 17, 70), (150, 97, 32)]:
+        images = list(rng.integers(0, 256, (5, height, width, 3), dtype=np.uint8))
+        batched = resize_images(images, size)
+        one_by_one = np.stack([resize_images([image], size)[0] for image in images])
+        assert np.array_equal(batched, one_by_one), (height, width, size)
+
+
 def test_batches_stream_in_order_at_the_asked_size_reporting_skips_once(tmp_path):
     from malaria_cells.data import iter_image_batches
 

@@ -435,17 +435,47 @@ def _compiled_resize(image_size: int):
 def resize_images(images: Sequence[np.ndarray], image_size: int) -> np.ndarray:
     """Resize decoded uint8 RGB images to ``image_size`` x ``image_size``; one array out.
 
-    Images of one size go through TensorFlow's resize together (one call per size: a
-    folder of NIH cells, all 128 px, is one call per batch).
+    Images of one size go through TensorFlow's bilinear resize together (one call per
+    size: a folder of NIH cells, all 128 px, is one call per batch). A call costs about
+    0.3 ms whatever its size, so a size with fewer than 4 images (a single upload) takes
+    :func:`_resize_bilinear`, the same arithmetic in numpy: the same pixels (tested).
     """
     out = np.empty((len(images), image_size, image_size, 3), np.uint8)
     by_shape: dict[tuple, list[int]] = {}
     for index, image in enumerate(images):
         by_shape.setdefault(image.shape, []).append(index)
-    resize = _compiled_resize(int(image_size))
     for members in by_shape.values():
-        out[members] = resize(np.stack([images[i] for i in members])).numpy()
+        if len(members) < 4:
+            for index in members:
+                out[index] = _resize_bilinear(images[index], image_size)
+        else:
+            out[members] = _compiled_resize(int(image_size))(np.stack([images[i] for i in members])).numpy()
     return out
+
+
+@lru_cache(maxsize=64)
+def _bilinear_weights(in_size: int, out_size: int):
+    # TensorFlow's half-pixel-centre sampling (resize_bilinear_op.cc), in float32 as it does.
+    scale = np.float32(in_size) / np.float32(out_size)
+    position = (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
+    floor = np.floor(position)
+    lower = np.maximum(floor, 0).astype(np.intp)
+    upper = np.minimum(np.ceil(position), in_size - 1).astype(np.intp)
+    return lower, upper, (position - floor).astype(np.float32)
+
+
+def _resize_bilinear(image: np.ndarray, image_size: int) -> np.ndarray:
+    """One image through TensorFlow's bilinear resize and rounding, in numpy (no call overhead)."""
+    rows_low, rows_high, row_weight = _bilinear_weights(image.shape[0], image_size)
+    cols_low, cols_high, col_weight = _bilinear_weights(image.shape[1], image_size)
+    col_weight = col_weight[None, :, None]
+    top, bottom = image[rows_low], image[rows_high]
+    top_left, top_right = top[:, cols_low].astype(np.float32), top[:, cols_high].astype(np.float32)
+    bottom_left, bottom_right = bottom[:, cols_low].astype(np.float32), bottom[:, cols_high].astype(np.float32)
+    upper = top_left + (top_right - top_left) * col_weight  # same operations in the same order as TensorFlow
+    lower = bottom_left + (bottom_right - bottom_left) * col_weight
+    pixels = upper + (lower - upper) * row_weight[:, None, None]
+    return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
 
 
 def preprocess_image(contents: bytes, image_size: int) -> np.ndarray:
