@@ -21,6 +21,10 @@ from .inference import CellClassifier, load_model
 
 FORMATS = ("tflite", "onnx", "saved_model")
 QUANTIZATIONS = ("none", "float16", "int8")
+INT8_FLOAT_OPS = ("ADD", "BATCH_MATMUL", "CAST", "CONCATENATION", "DIV", "EXPAND_DIMS", "FULLY_CONNECTED",
+                  "GREATER", "HARD_SWISH", "LOGISTIC", "MAXIMUM", "MEAN", "MINIMUM", "MUL", "REDUCE_MAX",
+                  "RESHAPE", "SUB", "SUM")
+"""TFLite operators that ``--quantize int8`` leaves in float: all but convolutions and pooling."""
 METADATA_KEY = "malaria_cells"
 
 
@@ -109,10 +113,16 @@ def _tflite_bytes(model: CellClassifier, quantize: str, calibration_images) -> b
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_types = [tf.float16]
     elif quantize == "int8":
-        # int8 weights and activations inside; float input and output, so the same
-        # preprocessing and threshold apply unchanged.
+        # int8 weights and activations in the convolutions (nearly all the compute); the
+        # stain normalization, pooling head and sigmoid stay float. Quantized too, they
+        # changed 0.7% of labels at the shipped model's threshold, over the 0.5% bar.
+        # Float input and output, so the same preprocessing and threshold apply unchanged.
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.representative_dataset = _representative(calibration_images)
+        debugger = tf.lite.experimental.QuantizationDebugger(
+            converter=converter, debug_dataset=_representative(calibration_images[:100]),
+            debug_options=tf.lite.experimental.QuantizationDebugOptions(denylisted_ops=list(INT8_FLOAT_OPS)))
+        return debugger.get_nondebug_quantized_model()
     return converter.convert()
 
 
