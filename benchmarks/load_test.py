@@ -6,7 +6,8 @@
 Starts the real server on 127.0.0.1 (a free port), sends a fixed number of POST
 /v1/predict requests from concurrent clients (each request carries --batch real or
 synthetic cell PNGs), then stops it. Reports requests/s, images/s, p50/p99 latency and
-errors. Traffic never leaves this machine.
+errors, and (Linux) the CPU time per image of the server and of the client, which share the
+cores. Traffic never leaves this machine.
 """
 
 from __future__ import annotations
@@ -44,6 +45,15 @@ def sample_pngs(data: str | None, count: int) -> list[bytes]:
         Image.fromarray(rng.integers(0, 255, (128, 128, 3), dtype=np.uint8)).save(buffer, "PNG")
         out.append(buffer.getvalue())
     return out
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process (Linux /proc; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def hammer(url: str, images: list[bytes], clients: int, requests: int, batch: int):
@@ -96,7 +106,11 @@ def main() -> None:
         images = sample_pngs(args.data, 512)
         url = f"http://127.0.0.1:{port}/v1/predict"
         asyncio.run(hammer(url, images, args.clients, args.warmup, args.batch))
+        server_cpu, client_cpu = cpu_seconds(server.pid), sum(os.times()[:2])
         seconds, latencies, errors = asyncio.run(hammer(url, images, args.clients, args.requests, args.batch))
+        if server_cpu is not None:
+            server_cpu = cpu_seconds(server.pid) - server_cpu
+        client_cpu = sum(os.times()[:2]) - client_cpu
     finally:
         server.terminate()
         server.wait(10)
@@ -104,6 +118,10 @@ def main() -> None:
           f"{args.requests / seconds:.0f} requests/s, {args.requests * args.batch / seconds:.0f} images/s, "
           f"p50 {1000 * np.percentile(latencies, 50):.1f} ms, p99 {1000 * np.percentile(latencies, 99):.1f} ms, "
           f"errors {errors}")
+    n_images = args.requests * args.batch
+    if server_cpu is not None:  # the clients share the cores: how the CPU time divided
+        print(f"CPU per image: server {1e6 * server_cpu / n_images:.0f} us, load-test client "
+              f"{1e6 * client_cpu / n_images:.0f} us")
 
 
 if __name__ == "__main__":
