@@ -1,4 +1,4 @@
-"""Wall time to load a whole dataset: the tutorial's cv2 loop vs the tf.data pipeline.
+"""Wall time to load a whole dataset: the tutorial's cv2 loop vs read_images (our multi-core pipeline).
 
     python benchmarks/loading.py [--data ../shared/data/cell_images] [--image-size 70]
 
@@ -50,7 +50,7 @@ def main() -> None:
     import tensorflow  # noqa: F401 - import time is not loading time
 
     print(f"{platform.node()}: {os.cpu_count()} CPUs, {args.data}, {args.image_size} px")
-    for name, load in (("tutorial cv2 loop", tutorial_loop), ("malaria-cells tf.data", our_pipeline)):
+    for name, load in (("tutorial cv2 loop", tutorial_loop), ("malaria-cells read_images", our_pipeline)):
         started = time.perf_counter()
         images, labels = load(args.data, args.image_size)
         seconds = time.perf_counter() - started
