@@ -516,21 +516,16 @@ def _decode_all(items: Sequence, read) -> tuple[list[np.ndarray], list[tuple[int
     return images, failures
 
 
-_POOL = None
-
-
 def _workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
+@lru_cache(maxsize=1)
 def _thread_pool():
     """Threads shared by every reader: the decoders release the GIL, so they use every core."""
-    global _POOL
-    if _POOL is None:
-        from concurrent.futures import ThreadPoolExecutor
+    from concurrent.futures import ThreadPoolExecutor
 
-        _POOL = ThreadPoolExecutor(_workers(), thread_name_prefix="malaria-cells-decode")
-    return _POOL
+    return ThreadPoolExecutor(_workers(), thread_name_prefix="malaria-cells-decode")
 
 
 def _chunks(items: Sequence, size: int) -> list:
