@@ -61,6 +61,15 @@ def test_predict_evaluate_and_parity_accept_exports(trained_run, tmp_path, cell_
     assert parity["agreement"] == 1.0 and parity["accuracy_difference_points"] == 0
 
 
+def test_int8_tflite_keeps_the_sigmoid_in_float(trained_run, tmp_path, calibration, probe):
+    # A quantized sigmoid can only output multiples of 1/256: too coarse near a low threshold.
+    out = export_model(trained_run["model_path"], tmp_path / "m.tflite", quantize="int8",
+                       calibration_images=calibration)
+    scores = load_model(out).predict_proba(probe).astype(np.float64)
+    off_grid = np.abs(scores * 256 - np.round(scores * 256)) > 1e-3
+    assert off_grid.mean() > 0.5
+
+
 def test_cli_export_with_check(trained_run, tmp_path, cell_dataset, capsys):
     out = tmp_path / "m.onnx"
     status = main(["export", "--model", trained_run["model_path"], "--format", "onnx", "--out", str(out),
