@@ -85,9 +85,13 @@ def test_info_shows_the_model(trained_run, capsys):
     (["export", "--format", "tflite", "--out", "m.tflite", "--check", "missing"], "no such folder"),
     (["train", "--data", ".", "--out", "x", "--weight-decay", "-1"], "weight decay must be in [0, 1)"),
     (["retune", "."], "not a training run folder"),
+    (["retune", "run"], "not a config.json written by train"),
 ])
 def test_user_errors_are_one_line_without_traceback(args, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{not json")
+    (tmp_path / "run" / "model.keras").write_bytes(b"")
     assert main(args) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and err.count("\n") == 1

@@ -7,7 +7,6 @@ import csv
 import json
 import os
 import sys
-from pathlib import Path
 import warnings
 
 from .errors import MalariaCellsError
@@ -208,7 +207,7 @@ def run_train(args) -> int:
     from .evaluation import format_report
 
     print(f"\nRun folder: {result['run_dir']}  (model: {result['model_path']})")
-    print(describe_threshold(json.loads((Path(result["run_dir"]) / "config.json").read_text())["threshold_choice"]))
+    print(describe_threshold(result["threshold_choice"]))
     print(f"Scores on the {result['metrics']['evaluated_on']} split:")
     print(format_report({**result["metrics"], "patients": None}))
     return EXIT_INTERRUPTED if result["interrupted"] else EXIT_OK

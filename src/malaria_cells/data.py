@@ -357,7 +357,10 @@ def _codec(contents: bytes) -> str:
 
 def image_dimensions(contents: bytes) -> tuple[int, int]:
     """``(width, height)`` from the header alone, to refuse decompression bombs before decoding."""
-    codec = _codec(contents)
+    return _dimensions(contents, _codec(contents))
+
+
+def _dimensions(contents: bytes, codec: str) -> tuple[int, int]:
     if codec == "png":  # the IHDR chunk always comes first
         if len(contents) < 24 or contents[12:16] != b"IHDR":
             raise UnreadableImage("corrupt PNG (no image header)")
@@ -391,7 +394,7 @@ def decode_image(contents: bytes) -> np.ndarray:
     import imagecodecs
 
     codec = _codec(contents)
-    width, height = image_dimensions(contents)
+    width, height = _dimensions(contents, codec)
     if width * height > MAX_IMAGE_PIXELS:
         raise UnreadableImage(f"image too large ({width}x{height} pixels; decompression bomb?)")
     try:
@@ -412,7 +415,8 @@ def _as_rgb8(pixels: np.ndarray) -> np.ndarray:
         pixels = (pixels >> 8).astype(np.uint8)  # as tf.image.convert_image_dtype
     elif pixels.dtype != np.uint8:
         values = pixels.astype(np.float64)
-        top = 1.0 if values.max() <= 1 else 255.0 if values.max() <= 255 else float(values.max())
+        brightest = values.max()
+        top = 1.0 if brightest <= 1 else 255.0 if brightest <= 255 else float(brightest)
         pixels = np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8)
     if pixels.shape[2] < 3:
         pixels = np.repeat(pixels[..., :1], 3, axis=2)

@@ -347,7 +347,7 @@ def train(
     -------
     dict
         ``run_dir``, ``model_path``, ``metrics`` (test split, or validation when there is
-        no test split), ``threshold`` and ``interrupted``.
+        no test split), ``threshold``, ``threshold_choice`` and ``interrupted``.
 
     Examples
     --------
@@ -447,7 +447,7 @@ def train(
                     "gpus": len(tf.config.list_physical_devices("GPU"))},
     })
     return {"run_dir": str(run_dir), "model_path": str(model_path), "metrics": metrics,
-            "threshold": threshold, "interrupted": interrupted}
+            "threshold": threshold, "threshold_choice": threshold_choice, "interrupted": interrupted}
 
 
 def _operating_point(config: TrainConfig, val_true, val_prob) -> tuple[float, dict, dict]:
@@ -512,18 +512,22 @@ def retune(
     run_dir = Path(run).expanduser()
     if not (run_dir / "config.json").is_file() or not (run_dir / "model.keras").is_file():
         raise MalariaCellsError(f"{run_dir}: not a training run folder (needs config.json and model.keras)")
-    saved = json.loads((run_dir / "config.json").read_text())
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+        recipe, patients, data_root = TrainConfig(**saved["config"]), saved["patients"], saved["data_root"]
+    except (ValueError, TypeError, KeyError) as error:
+        raise MalariaCellsError(f"{run_dir / 'config.json'}: not a config.json written by train ({error})") from None
     changes = {k: v for k, v in (("target_sensitivity", target_sensitivity), ("min_specificity", min_specificity))
                if v is not None}
-    config = dataclasses.replace(TrainConfig(**saved["config"]), **changes).validate()
+    config = dataclasses.replace(recipe, **changes).validate()
     model = load_model(run_dir / "model.keras")
     if not isinstance(model, KerasClassifier):
         raise MalariaCellsError(f"{run_dir}: retune needs the run's model.keras")
-    files = list_cell_images(data if data is not None else saved["data_root"])
+    files = list_cell_images(data if data is not None else data_root)
     groups = np.array(files.groups)
     parts = {}
     for part in ("val", "test"):
-        index = np.flatnonzero(np.isin(groups, saved["patients"][part]))
+        index = np.flatnonzero(np.isin(groups, patients[part]))
         images, readable, _ = read_images([files.paths[i] for i in index], model.image_size)
         parts[part] = (files.labels[index][readable], model.predict_proba(images), list(groups[index][readable]))
     if len(parts["val"][0]) == 0:
