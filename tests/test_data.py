@@ -149,6 +149,21 @@ def test_preprocessing_is_tensorflows_decode_and_bilinear_resize_pixel_for_pixel
     assert np.array_equal(preprocess_image(png, size), expected)
 
 
+@pytest.mark.parametrize("height, width, size", [(128, 128, 64), (46, 46, 23), (64, 64, 64), (130, 130, 64)])
+def test_every_resize_path_gives_tensorflows_bilinear_pixels(height, width, size):
+    # Half size and same size skip TensorFlow (integer 2x2 means, copies); others go through it.
+    import tensorflow as tf
+
+    from malaria_cells.data import resize_images
+
+    images = np.random.default_rng(height).integers(0, 256, (6, height, width, 3), dtype=np.uint8)
+    images[0], images[1] = 255, 0  # the largest and smallest block sums
+    images[2] = ((np.arange(width) + 1) // 2 % 256)[:, None].astype(np.uint8)  # 2x2 sums 4k + 2: rounding ties
+    resized = tf.image.resize(images, (size, size), method="bilinear")
+    expected = tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8).numpy()
+    assert np.array_equal(resize_images(list(images), size), expected)
+
+
 def test_single_images_and_batches_resize_to_the_same_pixels():
     # Groups under 4 images skip TensorFlow's call overhead with the same arithmetic in numpy.
     from malaria_cells.data import resize_images
