@@ -61,6 +61,18 @@ def test_predict_evaluate_and_parity_accept_exports(trained_run, tmp_path, cell_
     assert parity["agreement"] == 1.0 and parity["accuracy_difference_points"] == 0
 
 
+def test_info_describes_an_export(trained_run, tmp_path, capsys):
+    from malaria_cells.cli import main
+
+    out = export_model(trained_run["model_path"], tmp_path / "m.tflite", format="tflite")
+    capsys.readouterr()
+    assert main(["info", "--model", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["model"] == str(out) and summary["parameters"] is None
+    assert summary["runtime"] == "LiteRT" or "TFLite" in summary["runtime"]
+    assert summary["threshold"] == pytest.approx(load_model(trained_run["model_path"]).threshold)
+
+
 def test_int8_tflite_keeps_the_sigmoid_in_float(trained_run, tmp_path, calibration, probe):
     # A quantized sigmoid can only output multiples of 1/256: too coarse near a low threshold.
     out = export_model(trained_run["model_path"], tmp_path / "m.tflite", quantize="int8",

@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import warnings
+from pathlib import Path
 
 from .errors import MalariaCellsError
 
@@ -336,7 +337,7 @@ def run_serve(args) -> int:
 
 def run_export(args) -> int:
     from .export import check_parity, export_model
-    from .inference import load_model
+    from .inference import default_model_path, load_model
 
     from .data import find_dataset_root
 
@@ -344,7 +345,7 @@ def run_export(args) -> int:
         raise MalariaCellsError(f"{args.out}: already exists; choose another --out or pass --overwrite")
     if args.check:
         find_dataset_root(args.check)  # a wrong folder fails before any work is done
-    model = load_model(args.model)
+    model = load_model(args.model or default_model_path(fast_start=False))
     calibration = _calibration_images(args.calibration, model) if args.quantize == "int8" else None
     out = export_model(model, args.out, format=args.format, quantize=args.quantize,
                        calibration_images=calibration)
@@ -378,22 +379,41 @@ def _calibration_images(folder, model, count: int = 400):
 
 
 def run_info(args) -> int:
-    from .inference import load_model
+    from .inference import DEFAULT_MODEL, DEFAULT_MODEL_ONNX, load_model
 
     model = load_model(args.model)
-    summary = {"model": model.path, "image_size": model.image_size, "threshold": model.threshold,
-               "parameters": int(model.keras_model.count_params()),
+    keras_model = model.keras_model
+    summary = {"model": model.path, "runtime": model.runtime, "image_size": model.image_size,
+               "threshold": model.threshold,
+               "parameters": int(keras_model.count_params()) if keras_model is not None else None,
                "file_bytes": os.path.getsize(model.path), "info": model.info}
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
         return EXIT_OK
     print(f"model       {summary['model']}")
+    print(f"runtime     {model.runtime}")
+    if Path(model.path) == DEFAULT_MODEL_ONNX:
+        print(f"note        the shipped model's ONNX copy, run to start without TensorFlow; original: {DEFAULT_MODEL}")
     print(f"input       {model.image_size}x{model.image_size} RGB (colour handling and scaling inside the model)")
     print(f"threshold   {model.threshold:.4f}")
-    print(f"parameters  {summary['parameters']:,}  ({summary['file_bytes'] / 1e6:.2f} MB on disk)")
+    parameters = f"{summary['parameters']:,}  " if keras_model is not None else ""
+    print(f"size        {parameters}({summary['file_bytes'] / 1e6:.2f} MB on disk)")
     for key, value in model.info.items():
         print(f"{key:<11} {json.dumps(value, default=str) if isinstance(value, (dict, list)) else value}")
     return EXIT_OK
+
+
+def _needs_tensorflow(args: argparse.Namespace) -> bool:
+    """Whether the command runs TensorFlow: not for downloads, nor for .tflite / .onnx
+    models, which then start in a fraction of a second instead of seconds."""
+    if args.command == "download":
+        return False
+    if args.command in ("predict", "evaluate", "serve", "info"):
+        from .inference import default_model_path
+
+        model = args.model or default_model_path(fast_start=args.command != "serve")
+        return Path(model).suffix.lower() not in (".tflite", ".onnx")
+    return True
 
 
 def _quiet_tensorflow() -> None:
@@ -415,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``malaria-cells`` command; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command != "download":
+    if _needs_tensorflow(args):
         _quiet_tensorflow()
     handler = {"train": run_train, "evaluate": run_evaluate, "predict": run_predict,
                "download": run_download, "info": run_info, "serve": run_serve,

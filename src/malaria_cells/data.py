@@ -11,6 +11,7 @@ import io
 import os
 import re
 import struct
+import sys
 import warnings
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
@@ -442,7 +443,8 @@ def resize_images(images: Sequence[np.ndarray], image_size: int) -> np.ndarray:
     The arithmetic is always TensorFlow's bilinear resize (half-pixel centres, no
     antialiasing, rounded). Images of one size go through it together, one call per size;
     a call costs about 0.3 ms whatever its size, so a size with fewer than 4 images (a
-    single upload) takes :func:`_resize_bilinear`, the same arithmetic in numpy, and the
+    single upload), or any size where TensorFlow is not loaded (a .tflite or .onnx model
+    needs none), takes :func:`_resize_bilinear`, the same arithmetic in numpy, and the
     common exact cases skip it: images already of the size are copied, images of twice
     the size (the NIH cells, 128 -> 64 px) are averaged by 2x2 blocks (:func:`_halve`).
     All give the same pixels (tested).
@@ -458,7 +460,7 @@ def resize_images(images: Sequence[np.ndarray], image_size: int) -> np.ndarray:
             for start in range(0, len(members), 8):  # 8 at a time stay in the CPU cache: 2x faster
                 some = members[start : start + 8]
                 out[some] = _halve(np.stack([images[i] for i in some]))
-        elif len(members) < 4:
+        elif len(members) < 4 or "tensorflow" not in sys.modules:  # not imported just to resize
             for index in members:
                 out[index] = _resize_bilinear(images[index], image_size)
         else:

@@ -8,6 +8,8 @@ embed that JSON in their metadata, so they stand alone.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import threading
@@ -17,7 +19,7 @@ import numpy as np
 
 from .errors import MalariaCellsError
 from .files import atomic_path, write_json
-from .inference import CellClassifier, load_model
+from .inference import CellClassifier, default_model_path, load_model
 
 FORMATS = ("tflite", "onnx", "saved_model")
 QUANTIZATIONS = ("none", "float16", "int8")
@@ -66,7 +68,7 @@ def export_model(model, out: str | os.PathLike, *, format: str = "tflite", quant
         raise MalariaCellsError("float16 is offered for tflite only; for onnx use --quantize int8 or none")
     if quantize == "int8" and (calibration_images is None or len(calibration_images) == 0):
         raise MalariaCellsError("int8 quantization needs calibration images: pass --calibration DIR")
-    model = load_model(model)
+    model = load_model(default_model_path(fast_start=False) if model is None else model)
     if model.keras_model is None:
         raise MalariaCellsError(f"{model.path}: export starts from a .keras model")
     out = Path(out)
@@ -74,14 +76,16 @@ def export_model(model, out: str | os.PathLike, *, format: str = "tflite", quant
                 "threshold": model.threshold, "input": "RGB pixels 0-255, float32, shape (n, S, S, 3)",
                 "output": "probability of Parasitized, shape (n, 1)",
                 "class_names": ["Uninfected", "Parasitized"], "source": model.path, "info": model.info}
-    if format == "saved_model":
-        _export_saved_model(model, out)
-    elif format == "tflite":
-        with atomic_path(out) as temporary:
-            temporary.write_bytes(_tflite_bytes(model, quantize, calibration_images))
-    else:
-        with atomic_path(out) as temporary:
-            temporary.write_bytes(_onnx_bytes(model, quantize, calibration_images, metadata))
+    # Keras prints a listing of every variable of the SavedModel the converters start from.
+    with contextlib.redirect_stdout(io.StringIO()):
+        if format == "saved_model":
+            _export_saved_model(model, out)
+        elif format == "tflite":
+            with atomic_path(out) as temporary:
+                temporary.write_bytes(_tflite_bytes(model, quantize, calibration_images))
+        else:
+            with atomic_path(out) as temporary:
+                temporary.write_bytes(_onnx_bytes(model, quantize, calibration_images, metadata))
     write_json(sidecar_path(out), metadata)
     return out
 
@@ -185,10 +189,12 @@ class LiteRTClassifier(CellClassifier):
     def __init__(self, path: Path):
         try:
             from ai_edge_litert.interpreter import Interpreter
+
+            runtime = "LiteRT"
         except ImportError:
             import tensorflow as tf
 
-            Interpreter = tf.lite.Interpreter
+            Interpreter, runtime = tf.lite.Interpreter, f"TensorFlow {tf.__version__} (TFLite interpreter)"
         try:
             self._interpreter = Interpreter(model_path=str(path), num_threads=os.cpu_count())
         except Exception as error:  # noqa: BLE001 - any failure means an unusable file
@@ -197,6 +203,7 @@ class LiteRTClassifier(CellClassifier):
         self._output = self._interpreter.get_output_details()[0]
         metadata = _read_metadata(path)
         super().__init__(path, self._input["shape"][1], metadata.get("threshold", 0.5), metadata.get("info"))
+        self.runtime = runtime
         self._lock = threading.Lock()
         self._batch = None
 
@@ -228,6 +235,7 @@ class OnnxClassifier(CellClassifier):
         self._input_name = self._session.get_inputs()[0].name
         size = self._session.get_inputs()[0].shape[1]
         super().__init__(path, metadata.get("image_size", size), metadata.get("threshold", 0.5), metadata.get("info"))
+        self.runtime = f"onnxruntime {onnxruntime.__version__}"
 
     def _score(self, images):
         return self._session.run(None, {self._input_name: images})[0]
