@@ -9,7 +9,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from .data import CLASS_NAMES, iter_image_batches, list_image_files
+from .data import CLASS_NAMES, _thread_pool, iter_image_batches, list_image_files
 from .errors import MalariaCellsError
 
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
@@ -81,6 +81,7 @@ class CellClassifier:
 
     keras_model = None
     runtime = "?"
+    _parallel_batches = False  # whether batches of a large array run side by side (one thread each)
     _takes_uint8 = False  # whether _score casts uint8 cells itself (inside its graph)
 
     def __init__(self, path, image_size: int, threshold: float = 0.5, info: dict | None = None):
@@ -114,8 +115,12 @@ class CellClassifier:
             Images run through the network at once (bounds memory for large arrays).
         """
         if len(images) > batch_size:
-            return np.concatenate([self.predict_proba(images[i:i + batch_size], tta=tta, batch_size=batch_size)
-                                   for i in range(0, len(images), batch_size)])
+            def score(start):
+                return self.predict_proba(images[start:start + batch_size], tta=tta, batch_size=batch_size)
+
+            starts = range(0, len(images), batch_size)
+            return np.concatenate(list(_thread_pool().map(score, starts)) if self._parallel_batches
+                                  else [score(start) for start in starts])
         images = np.asarray(images)
         if not (self._takes_uint8 and images.dtype == np.uint8):  # uint8 stays small until the graph casts it
             images = images.astype(np.float32, copy=False)
