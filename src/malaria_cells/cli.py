@@ -411,7 +411,7 @@ def _needs_tensorflow(args: argparse.Namespace) -> bool:
     if args.command in ("predict", "evaluate", "serve", "info"):
         from .inference import default_model_path
 
-        model = args.model or default_model_path(fast_start=args.command != "serve")
+        model = args.model or default_model_path()
         return Path(model).suffix.lower() not in (".tflite", ".onnx")
     return True
 

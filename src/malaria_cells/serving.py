@@ -68,11 +68,9 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
     """
     from . import __version__
     from .data import preprocess_many
-    from .inference import default_model_path, label_for, load_model
+    from .inference import label_for, load_model
 
-    # The .keras model by default: a server starts once, and under concurrent requests
-    # TensorFlow spent less CPU per image than onnxruntime (683 against 839 us, batches of 64).
-    model = load_model(default_model_path(fast_start=False) if model is None else model)
+    model = load_model(model)
     limits = limits or ServeLimits()
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     model_version = model.info.get("trained_at") or os.path.basename(model.path)
