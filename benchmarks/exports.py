@@ -29,10 +29,11 @@ def main() -> None:
     args = parser.parse_args()
 
     from malaria_cells import load_model
+    from malaria_cells.inference import default_model_path
     from malaria_cells.data import list_cell_images, read_images
     from malaria_cells.export import export_model
 
-    reference = load_model(args.model)
+    reference = load_model(args.model or default_model_path(fast_start=False))  # the .keras file
     files = list_cell_images(args.data)
     chosen = np.sort(np.random.default_rng(0).permutation(len(files.paths))[: args.limit])
     images, readable, _ = read_images([files.paths[i] for i in chosen], reference.image_size)
