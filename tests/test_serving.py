@@ -103,6 +103,27 @@ def test_request_limits(client):
     assert response.status_code == 413 and "request too large" in response.json()["detail"]
 
 
+def test_a_chunked_body_without_length_is_counted(client):
+    # No Content-Length to check up front: the body is counted as it streams in.
+    boundary = "limit-test"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"big.png\"\r\n"
+            "Content-Type: image/png\r\n\r\n").encode()
+
+    def body():
+        yield head
+        for _ in range(24):
+            yield b"\0" * 65536
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    request = client.build_request("POST", "/v1/predict", content=body(),
+                                   headers={"content-type": f"multipart/form-data; boundary={boundary}"})
+    assert "content-length" not in request.headers
+    response = client.send(request)
+    assert response.status_code == 413 and "request too large (at least" in response.json()["detail"]
+    small = [("files", ("ok.png", png_bytes(), "image/png"))]
+    assert client.post("/v1/predict", files=small).status_code == 200  # the server is still healthy
+
+
 def test_api_key_guards_everything_but_health(trained_run):
     client = TestClient(create_app(trained_run["model_path"], api_key="s3cret"))
     assert client.get("/healthz").status_code == 200

@@ -38,6 +38,41 @@ class UploadError(ValueError):
         self.status = status
 
 
+class RequestSizeLimit:
+    """ASGI middleware: answer 413 to a request body over ``max_bytes``.
+
+    A declared Content-Length is refused before anything is read; a body sent in chunks
+    without one is counted as it arrives and refused once it passes the limit. (A plain ASGI
+    class rather than ``@app.middleware``, whose wrapping of every request in extra tasks and
+    streams cost CPU time on the event loop.)
+    """
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            response = JSONResponse({"detail": self._message(int(length))}, status_code=413)
+            return await response(scope, receive, send)
+        received = 0
+
+        async def counted_receive():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:  # FastAPI answers an HTTPException raised while it reads the body
+                raise HTTPException(413, self._message(received, "at least "))
+            return message
+
+        await self.app(scope, counted_receive, send)
+
+    def _message(self, size: int, qualifier: str = "") -> str:
+        return f"request too large ({qualifier}{size} bytes, limit {self.max_bytes})"
+
+
 def check_upload(contents: bytes, max_pixels: int) -> None:
     """Refuse empty, non-image and oversized uploads from their header, before decoding."""
     from .data import NOT_AN_IMAGE, UnreadableImage, image_dimensions
@@ -84,13 +119,7 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
         if not hmac.compare_digest(given.encode(), api_key.encode()):
             raise HTTPException(401, "missing or wrong API key (send header X-API-Key)")
 
-    @app.middleware("http")
-    async def limit_request_size(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limits.max_request_bytes:
-            return JSONResponse({"detail": f"request too large ({int(length)} bytes, limit "
-                                           f"{limits.max_request_bytes})"}, status_code=413)
-        return await call_next(request)
+    app.add_middleware(RequestSizeLimit, max_bytes=limits.max_request_bytes)
 
     @app.get("/healthz", summary="Liveness check (no API key needed)")
     def healthz():
