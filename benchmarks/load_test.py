@@ -48,12 +48,25 @@ def sample_pngs(data: str | None, count: int) -> list[bytes]:
 
 
 def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a process (Linux /proc; None elsewhere)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
+    """User + system CPU time of a process and its running children, such as uvicorn's
+    worker processes (Linux /proc; None elsewhere)."""
+    if not Path(f"/proc/{pid}/stat").is_file():
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    parents, ticks = {}, {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        process = int(stat.parent.name)
+        parents[process], ticks[process] = int(fields[1]), int(fields[11]) + int(fields[12])
+
+    def in_tree(process: int) -> bool:
+        while process not in (pid, 0, 1) and process in parents:
+            process = parents[process]
+        return process == pid
+
+    return sum(t for process, t in ticks.items() if in_tree(process)) / os.sysconf("SC_CLK_TCK")
 
 
 BODIES = 32
@@ -103,9 +116,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=1, help="images per request")
     parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--workers", type=int, default=1, help="server processes (serve --workers)")
     args = parser.parse_args()
     port = free_port()
-    command = [sys.executable, "-m", "malaria_cells", "serve", "--port", str(port)]
+    command = [sys.executable, "-m", "malaria_cells", "serve", "--port", str(port), "--workers", str(args.workers)]
     if args.model:
         command += ["--model", args.model]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

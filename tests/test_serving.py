@@ -132,3 +132,24 @@ def test_api_key_guards_everything_but_health(trained_run):
     assert client.get("/v1/model", headers={"X-API-Key": "wrong"}).status_code == 401
     assert client.get("/v1/model", headers={"X-API-Key": "s3cret"}).status_code == 200
     assert client.get("/?api_key=s3cret").status_code == 200
+
+
+def test_worker_processes_build_the_same_app(trained_run, monkeypatch):
+    # serve(workers=N) hands uvicorn an import string; each worker rebuilds the app from the environment.
+    import uvicorn
+
+    from malaria_cells import serving
+
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: calls.append((app, kwargs)))
+    monkeypatch.delenv(serving._WORKER_CONFIG_ENV, raising=False)
+    serving.serve(trained_run["model_path"], port=8123, api_key="k3y", workers=3,
+                  limits=ServeLimits(max_images=7))
+    (app, kwargs), = calls
+    assert app == "malaria_cells.serving:app_from_environment" and kwargs["factory"] and kwargs["workers"] == 3
+    worker = TestClient(serving.app_from_environment())
+    assert worker.get("/v1/model").status_code == 401
+    described = worker.get("/v1/model", headers={"X-API-Key": "k3y"}).json()
+    assert described["path"] == str(trained_run["model_path"]) and described["limits"]["max_images"] == 7
+    files = [("files", ("a.png", png_bytes(), "image/png"))]
+    assert worker.post("/v1/predict", files=files, headers={"X-API-Key": "k3y"}).json()["summary"]["n"] == 1

@@ -174,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", help="require this key (header X-API-Key) on every endpoint but /healthz")
     serve.add_argument("--max-images", type=_positive_int, default=256, help="images per request (default: 256)")
     serve.add_argument("--max-upload-mb", type=_positive_int, default=64, help="request size limit in MiB (default: 64)")
+    serve.add_argument("--workers", type=_positive_int, default=1,
+                       help="server processes sharing the port, each with its own copy of the model "
+                       "(default: 1; on a machine that only serves, try its number of cores)")
 
     export = command("export", "export a model for phones and servers (TFLite, ONNX, SavedModel)",
                      "Writes the model with its preprocessing inside, and FILE.json beside it with the\n"
@@ -331,7 +334,7 @@ def run_serve(args) -> int:
     from .serving import ServeLimits, serve
 
     limits = ServeLimits(max_images=args.max_images, max_request_bytes=args.max_upload_mb * 2**20)
-    serve(args.model, host=args.host, port=args.port, api_key=args.api_key, limits=limits)
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key, limits=limits, workers=args.workers)
     return EXIT_OK
 
 

@@ -7,6 +7,7 @@ Endpoints: ``GET /`` (drop-images web page), ``POST /v1/predict`` (multipart ``f
 """
 
 import hmac
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -111,6 +112,7 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
     model_version = model.info.get("trained_at") or os.path.basename(model.path)
     app = FastAPI(title="malaria-cells", version=__version__,
                   description="Label red blood cells as Parasitized or Uninfected.")
+    app.state.model_path = model.path
 
     def require_key(request: Request) -> None:
         if api_key is None:
@@ -171,11 +173,35 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
 
 def serve(model=None, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           limits: ServeLimits | None = None, workers: int = 1) -> None:
-    """Run the web page and API with uvicorn until interrupted."""
+    """Run the web page and API with uvicorn until interrupted.
+
+    With ``workers`` > 1, that many processes share the port (uvicorn's workers), each
+    with its own copy of the model: requests are then parsed and answered in parallel
+    instead of sharing one Python interpreter.
+    """
     import uvicorn
 
     if not 0 < port < 65536:
         raise MalariaCellsError(f"port must be 1 to 65535, got {port}")
-    app = create_app(model, api_key=api_key, limits=limits)
-    print(f"Serving on http://{host}:{port}/ (API docs at /docs); Ctrl-C to stop", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", workers=workers)
+    if workers < 1:
+        raise MalariaCellsError(f"workers must be at least 1, got {workers}")
+    app = create_app(model, api_key=api_key, limits=limits)  # fails here, once, on a bad model
+    print(f"Serving on http://{host}:{port}/ (API docs at /docs) with {workers} worker"
+          f"{'s' if workers > 1 else ''}; Ctrl-C to stop", file=sys.stderr, flush=True)
+    if workers == 1:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+        return
+    # Worker processes build their own app from this description (uvicorn needs an import string).
+    os.environ[_WORKER_CONFIG_ENV] = json.dumps({"model": app.state.model_path, "api_key": api_key,
+                                                 "limits": (limits or ServeLimits()).__dict__})
+    uvicorn.run(f"{__name__}:app_from_environment", factory=True, host=host, port=port,
+                log_level="warning", workers=workers)
+
+
+_WORKER_CONFIG_ENV = "MALARIA_CELLS_SERVE_CONFIG"
+
+
+def app_from_environment():
+    """The app a ``serve(workers=N)`` worker process runs (its settings come in the environment)."""
+    config = json.loads(os.environ[_WORKER_CONFIG_ENV])
+    return create_app(config["model"], api_key=config["api_key"], limits=ServeLimits(**config["limits"]))
