@@ -51,7 +51,6 @@ def ship_onnx_copy(data: str) -> None:
     """Export the shipped model to ONNX beside it, if it labels all of ``data`` alike."""
     export_model(DEFAULT_MODEL, DEFAULT_MODEL_ONNX, format="onnx")
     sidecar = sidecar_path(DEFAULT_MODEL_ONNX)
-    write_json(sidecar, {**json.loads(sidecar.read_text()), "source": DEFAULT_MODEL.name})
     parity = check_parity(DEFAULT_MODEL, DEFAULT_MODEL_ONNX, data)
     if parity["agreement"] < 1.0:
         DEFAULT_MODEL_ONNX.unlink()

@@ -75,7 +75,9 @@ def export_model(model, out: str | os.PathLike, *, format: str = "tflite", quant
     metadata = {"format": format, "quantize": quantize, "image_size": model.image_size,
                 "threshold": model.threshold, "input": "RGB pixels 0-255, float32, shape (n, S, S, 3)",
                 "output": "probability of Parasitized, shape (n, 1)",
-                "class_names": ["Uninfected", "Parasitized"], "source": model.path, "info": model.info}
+                "class_names": ["Uninfected", "Parasitized"],
+                "source": Path(model.path).name,  # not the whole path: exports travel to other machines
+                "info": model.info}
     # Keras prints a listing of every variable of the SavedModel the converters start from.
     with contextlib.redirect_stdout(io.StringIO()):
         if format == "saved_model":
