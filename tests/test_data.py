@@ -154,7 +154,7 @@ def test_every_resize_path_gives_tensorflows_bilinear_pixels(height, width, size
     # Half size and same size skip TensorFlow (integer 2x2 means, copies); others go through it.
     import tensorflow as tf
 
-    from malaria_cells.data import resize_images
+    from malaria_cells.data import _resize_bilinear, resize_images
 
     images = np.random.default_rng(height).integers(0, 256, (6, height, width, 3), dtype=np.uint8)
     images[0], images[1] = 255, 0  # the largest and smallest block sums
@@ -162,6 +162,8 @@ def test_every_resize_path_gives_tensorflows_bilinear_pixels(height, width, size
     resized = tf.image.resize(images, (size, size), method="bilinear")
     expected = tf.cast(tf.clip_by_value(tf.round(resized), 0, 255), tf.uint8).numpy()
     assert np.array_equal(resize_images(list(images), size), expected)
+    # the numpy twin, which resizes when TensorFlow is not loaded (an ONNX or TFLite model)
+    assert np.array_equal(_resize_bilinear(images, size), expected)
 
 
 def test_single_images_and_batches_resize_to_the_same_pixels():
