@@ -1,5 +1,6 @@
 import csv
 import io
+import importlib.util
 import json
 import subprocess
 import sys
@@ -105,6 +106,8 @@ def test_retune_prints_the_new_threshold_and_test_scores(trained_run, tmp_path, 
     out = capsys.readouterr().out
     assert "set by the validation sensitivity target 1.0: on validation patients sensitivity 1.0000" in out
     assert "Scores on the test split" in out
+    if importlib.util.find_spec("tf2onnx"):
+        assert f"ONNX copy: {tmp_path / 'run' / 'model.onnx'}" in out
 
 
 def test_bad_flag_values_are_rejected_by_the_parser(capsys):

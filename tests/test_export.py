@@ -100,3 +100,41 @@ def test_bad_export_requests(trained_run, tmp_path):
     (tmp_path / "bad.tflite").write_bytes(b"nonsense")
     with pytest.raises(MalariaCellsError, match="cannot load TFLite model"):
         load_model(tmp_path / "bad.tflite")
+
+
+def test_train_and_retune_leave_an_onnx_copy_that_labels_alike(trained_run, tmp_path, probe):
+    import shutil
+
+    from malaria_cells import retune
+
+    pytest.importorskip("tf2onnx")
+    copy = load_model(trained_run["onnx_path"])
+    original = load_model(trained_run["model_path"])
+    assert copy.runtime.startswith("onnxruntime") and copy.threshold == original.threshold
+    assert np.array_equal(copy.predict_proba(probe) >= copy.threshold, original.predict_proba(probe) >= original.threshold)
+    run = tmp_path / "run"
+    shutil.copytree(trained_run["run_dir"], run)
+    result = retune(run, target_sensitivity=1.0, min_specificity=0.0)
+    assert result["onnx_path"] == str(run / "model.onnx")
+    assert load_model(run / "model.onnx").threshold == load_model(run / "model.keras").threshold == result["threshold"]
+
+
+def test_an_onnx_copy_that_disagrees_or_cannot_be_made_is_not_left(trained_run, tmp_path, probe, monkeypatch):
+    import shutil
+    import sys
+
+    from malaria_cells.export import OnnxClassifier, write_onnx_copy
+
+    pytest.importorskip("tf2onnx")
+    run = tmp_path / "run"
+    shutil.copytree(trained_run["run_dir"], run)
+    assert (run / "model.onnx").is_file()
+    keras_labels = load_model(run / "model.keras").predict_proba(probe) >= trained_run["threshold"]
+    flipped = (~keras_labels).astype(np.float32)  # every label the other way
+    monkeypatch.setattr(OnnxClassifier, "predict_proba", lambda self, images, **kw: flipped)
+    assert write_onnx_copy(run / "model.keras", probe) is None
+    assert not (run / "model.onnx").exists() and not (run / "model.onnx.json").exists()
+    monkeypatch.undo()
+    assert write_onnx_copy(run / "model.keras", probe) == run / "model.onnx"
+    monkeypatch.setitem(sys.modules, "tf2onnx", None)  # not installed: the stale copy goes too
+    assert write_onnx_copy(run / "model.keras", probe) is None and not (run / "model.onnx").exists()

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -254,6 +255,37 @@ def load_exported_model(path: str | os.PathLike) -> CellClassifier:
     """Load a ``.tflite`` or ``.onnx`` export (with its side-car metadata when present)."""
     path = Path(path)
     return LiteRTClassifier(path) if path.suffix == ".tflite" else OnnxClassifier(path)
+
+
+def write_onnx_copy(model, images: np.ndarray) -> Path | None:
+    """Export a run's ``model.keras`` to ``model.onnx`` beside it, kept only if it labels
+    ``images`` (preprocessed cells, e.g. the run's validation cells) exactly as the Keras
+    model does. ``predict --model RUN/model.onnx`` then starts without TensorFlow.
+
+    Returns the copy's path, or None when tf2onnx is not installed or the copy is not kept
+    (a stale copy from before is removed either way, so none can disagree with the run).
+    """
+    model = load_model(model)
+    out = Path(model.path).with_suffix(".onnx")
+    for path in (out, sidecar_path(out)):
+        path.unlink(missing_ok=True)
+    try:
+        import tf2onnx  # noqa: F401
+    except ImportError:
+        return None
+    try:
+        export_model(model, out, format="onnx")
+        copy = load_model(out)
+        same = np.array_equal(model.predict_proba(images) >= model.threshold,
+                              copy.predict_proba(images) >= copy.threshold)
+    except Exception as error:  # noqa: BLE001 - an optional extra: training must not fail on it
+        same = False
+        warnings.warn(f"{out}: no ONNX copy written ({str(error).splitlines()[0][:200] if str(error) else type(error).__name__})")
+    if not same:
+        for path in (out, sidecar_path(out)):
+            path.unlink(missing_ok=True)
+        return None
+    return out
 
 
 def check_parity(reference, exported, data, batch_size: int = 256) -> dict:

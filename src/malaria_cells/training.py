@@ -357,6 +357,7 @@ def train(
     import keras
     import tensorflow as tf
 
+    from .export import write_onnx_copy
     from .inference import KerasClassifier
     from .models import build_model, model_info_layer
     from .plots import plot_history
@@ -426,6 +427,7 @@ def train(
     best.set_threshold(threshold)
     best.info = model_info_layer(best.keras_model).info = info
     best.save(model_path)
+    onnx_path = write_onnx_copy(best, images[split.val])
 
     eval_part = split.test if len(split.test) else split.val
     eval_prob = val_prob if eval_part is split.val else best.predict_proba(images[eval_part])
@@ -447,7 +449,8 @@ def train(
                     "gpus": len(tf.config.list_physical_devices("GPU"))},
     })
     return {"run_dir": str(run_dir), "model_path": str(model_path), "metrics": metrics,
-            "threshold": threshold, "threshold_choice": threshold_choice, "interrupted": interrupted}
+            "threshold": threshold, "threshold_choice": threshold_choice, "interrupted": interrupted,
+            "onnx_path": None if onnx_path is None else str(onnx_path)}
 
 
 def _operating_point(config: TrainConfig, val_true, val_prob) -> tuple[float, dict, dict]:
@@ -506,6 +509,7 @@ def retune(
     """
     import json
 
+    from .export import write_onnx_copy
     from .inference import KerasClassifier, load_model
     from .models import model_info_layer
 
@@ -525,11 +529,11 @@ def retune(
         raise MalariaCellsError(f"{run_dir}: retune needs the run's model.keras")
     files = list_cell_images(data if data is not None else data_root)
     groups = np.array(files.groups)
-    parts = {}
+    parts, cells = {}, {}
     for part in ("val", "test"):
         index = np.flatnonzero(np.isin(groups, patients[part]))
-        images, readable, _ = read_images([files.paths[i] for i in index], model.image_size)
-        parts[part] = (files.labels[index][readable], model.predict_proba(images), list(groups[index][readable]))
+        cells[part], readable, _ = read_images([files.paths[i] for i in index], model.image_size)
+        parts[part] = (files.labels[index][readable], model.predict_proba(cells[part]), list(groups[index][readable]))
     if len(parts["val"][0]) == 0:
         raise MalariaCellsError(f"{files.root}: none of the run's validation patients' images are here (use --data)")
 
@@ -540,12 +544,14 @@ def retune(
     model.set_threshold(threshold)
     model.info = model_info_layer(model.keras_model).info = info
     model.save(run_dir / "model.keras")
+    onnx_path = write_onnx_copy(model, cells["val"])
 
     part = "test" if len(parts["test"][0]) else "val"
     metrics = _score_run(run_dir, *parts[part], threshold, "test" if part == "test" else "validation")
     write_json(run_dir / "config.json", {**saved, "config": dataclasses.asdict(config), "threshold": threshold,
                                          "threshold_choice": threshold_choice, "validation_metrics": val_metrics})
-    return {"threshold": threshold, "threshold_choice": threshold_choice, "metrics": metrics}
+    return {"threshold": threshold, "threshold_choice": threshold_choice, "metrics": metrics,
+            "onnx_path": None if onnx_path is None else str(onnx_path)}
 
 
 def _optimizer(config: TrainConfig, steps_per_epoch: int):
