@@ -347,7 +347,9 @@ def train(
     -------
     dict
         ``run_dir``, ``model_path``, ``metrics`` (test split, or validation when there is
-        no test split), ``threshold``, ``threshold_choice`` and ``interrupted``.
+        no test split), ``threshold``, ``threshold_choice``, ``interrupted`` and
+        ``onnx_path`` (the model's ONNX copy, see :func:`malaria_cells.export.write_onnx_copy`;
+        None without tf2onnx).
 
     Examples
     --------
@@ -505,7 +507,8 @@ def retune(
     Returns
     -------
     dict
-        ``threshold``, ``threshold_choice`` and ``metrics``.
+        ``threshold``, ``threshold_choice``, ``metrics`` and ``onnx_path`` (the rewritten
+        ONNX copy, or None).
     """
     import json
 
