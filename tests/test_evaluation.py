@@ -103,3 +103,18 @@ def test_specificity_floor_limits_a_threshold_dragged_down_by_odd_cells():
     guarded = choose_threshold(y, p, 0.98, min_specificity=0.9)
     assert guarded["limited_by"] == "specificity"
     assert guarded["specificity"] >= 0.9 and guarded["threshold"] == pytest.approx(t)
+
+
+def test_bootstrap_intervals_do_not_depend_on_how_resamples_are_blocked(monkeypatch):
+    from malaria_cells import evaluation
+
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 600)
+    p = np.clip(0.3 * y + 0.7 * rng.random(600), 0, 1)
+    groups = [f"C{i % 30}" for i in range(600)]
+    results = []
+    for cells in (10**9, 600 * 7, 1):  # all at once, blocks of 7 resamples, one at a time
+        monkeypatch.setattr(evaluation, "_BOOTSTRAP_BLOCK_CELLS", cells)
+        results.append([evaluation._bootstrap(y, p, (p > 0.5).astype(int), g, 50, 0) for g in (groups, None)])
+    assert results[0] == results[1] == results[2]
+    assert results[0][0]["auc"][0] < results[0][0]["auc"][1]

@@ -101,6 +101,9 @@ def expected_calibration_error(y_true, y_prob, bins: int = 10) -> float:
     return float(error)
 
 
+_BOOTSTRAP_BLOCK_CELLS = 2_000_000  # resamples x cells weighed at once (16 MB of weights)
+
+
 def _bootstrap(y_true, y_prob, y_pred, groups, resamples: int, seed: int) -> dict:
     """Percentile intervals of F1, MCC and AUC over bootstrap resamples.
 
@@ -118,7 +121,7 @@ def _bootstrap(y_true, y_prob, y_pred, groups, resamples: int, seed: int) -> dic
     f1, mcc, auc = [], [], []
     # A block of resamples at a time: one weight matrix for all of them is resamples x cells
     # (1.3 GB for 1,000 resamples of 160,000 cells); the draws are the same either way.
-    block = max(1, min(resamples, 2_000_000 // max(n, 1)))
+    block = max(1, min(resamples, _BOOTSTRAP_BLOCK_CELLS // max(n, 1)))
     for start in range(0, resamples, block):
         size = min(block, resamples - start)
         if by_patient:
