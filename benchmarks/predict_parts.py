@@ -44,9 +44,10 @@ def main() -> None:
     network = args.batches * len(cells) / (time.perf_counter() - started)
     network_cpu = (cpu_seconds() - cpu) / (args.batches * len(cells))
 
-    print(f"{count} PNGs, {os.cpu_count()} CPUs, model {model.path}")
+    print(f"{count} PNGs, {os.cpu_count()} CPUs, model {model.path} ({model.runtime})")
     print(f"read-decode-resize pipeline alone: {pipeline:.0f} cells/s, {1e6 * pipeline_cpu:.0f} us of CPU per cell")
-    print(f"network alone (batches of 256): {network:.0f} cells/s, {1e6 * network_cpu:.0f} us of CPU per cell")
+    print(f"network alone (batches of 256, one call at a time; onnxruntime runs each on one thread): "
+          f"{network:.0f} cells/s, {1e6 * network_cpu:.0f} us of CPU per cell")
     print(f"both sharing the cores, at best: {1 / (1 / pipeline + 1 / network):.0f} cells/s; "
           f"all {os.cpu_count()} CPUs busy: {os.cpu_count() / (pipeline_cpu + network_cpu):.0f} cells/s")
 
