@@ -12,6 +12,7 @@ import os
 import re
 import struct
 import sys
+import threading
 import warnings
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
@@ -398,11 +399,52 @@ def decode_image(contents: bytes) -> np.ndarray:
     width, height = _dimensions(contents, codec)
     if width * height > MAX_IMAGE_PIXELS:
         raise UnreadableImage(f"image too large ({width}x{height} pixels; decompression bomb?)")
-    try:
-        pixels = getattr(imagecodecs, f"{codec}_decode")(contents)
-    except Exception:  # noqa: BLE001 - each codec has its own error type
-        raise UnreadableImage(f"corrupt or truncated {_CODECS[codec]}") from None
+    # The compiled PNG path, once loaded (see load_kernels), takes the common PNGs: same pixels, half the time.
+    pixels = _kernels.decode_png(contents) if codec == "png" and _kernels is not None else None
+    if pixels is None:
+        try:
+            pixels = getattr(imagecodecs, f"{codec}_decode")(contents)
+        except Exception:  # noqa: BLE001 - each codec has its own error type
+            raise UnreadableImage(f"corrupt or truncated {_CODECS[codec]}") from None
     return _as_rgb8(np.asarray(pixels))
+
+
+_kernels = None  # the module malaria_cells.kernels, once imported and compiled by load_kernels
+_kernels_lock = threading.Lock()
+_kernels_loader: threading.Thread | None = None
+
+
+def load_kernels(wait: bool = True) -> bool:
+    """Switch decoding and 2x resizing to the compiled loops of :mod:`.kernels` (numba).
+
+    They give the same pixels in about half the time, but numba's import and first call
+    cost ~0.5 s of CPU, so only readers of many images (:data:`MANY_IMAGES`) and the
+    server call this; one image from the shell does not pay for it. The loops are loaded
+    on a thread of their own: with ``wait=False`` reading goes on with libpng meanwhile and
+    switches when they are ready. Returns whether they are in use (False while loading,
+    where numba cannot be imported, e.g. it lags a new NumPy, or where the environment
+    variable ``MALARIA_CELLS_NO_KERNELS`` is set to 1); nothing but the speed depends on it.
+    """
+    global _kernels_loader
+    with _kernels_lock:
+        if _kernels_loader is None and os.environ.get("MALARIA_CELLS_NO_KERNELS", "") in ("", "0"):
+            _kernels_loader = threading.Thread(target=_import_kernels, name="malaria-cells-kernels")
+            _kernels_loader.start()
+        loader = _kernels_loader
+    if wait and loader is not None:
+        loader.join()
+    return _kernels is not None
+
+
+def _import_kernels() -> None:
+    global _kernels
+    try:
+        from . import kernels
+
+        kernels.warm_up()
+    except Exception:  # noqa: BLE001 - ImportError, or numba refusing this NumPy or a cache folder
+        return
+    _kernels = kernels
 
 
 def _as_rgb8(pixels: np.ndarray) -> np.ndarray:
@@ -476,6 +518,8 @@ def _halve(images: np.ndarray) -> np.ndarray:
     a 2x2 block; numpy does that here in a few passes, without TensorFlow, whose ops
     would compete with the network for its threads while prediction runs.
     """
+    if _kernels is not None:
+        return _kernels.halve(images)
     count, height, width, channels = images.shape
     blocks = images.reshape(count * height // 2, 2, width // 2, 2 * channels)
     rows = np.add(blocks[:, 0], blocks[:, 1], dtype=np.uint16)
@@ -549,6 +593,10 @@ def _decode_all(items: Sequence, read) -> tuple[list[np.ndarray], list[tuple[int
     return images, failures
 
 
+MANY_IMAGES = 2_000
+"""From this many images on, the compiled loops of :func:`load_kernels` save more than they cost."""
+
+
 def _workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
@@ -577,6 +625,8 @@ def preprocess_many(contents: Sequence[bytes], image_size: int) -> tuple[np.ndar
     reasons : list of str or None
         Why each input that did not decode was refused (None for the others).
     """
+    if len(contents) >= MANY_IMAGES:
+        load_kernels(wait=False)
     decoded = np.ones(len(contents), bool)
     reasons: list = [None] * len(contents)
     images: list[np.ndarray] = []
@@ -609,6 +659,8 @@ def iter_image_batches(paths: Sequence[str], image_size: int, batch_size: int = 
     """
     from collections import deque
 
+    if len(paths) >= MANY_IMAGES:
+        load_kernels(wait=False)
     pool = _thread_pool()
     pending: deque = deque()
     tasks = iter(_chunks(list(paths), chunk))
@@ -621,17 +673,18 @@ def iter_image_batches(paths: Sequence[str], image_size: int, batch_size: int = 
     for _ in range(2 * _workers() + batch_size // chunk):
         submit()
     ready_paths: list[str] = []
-    ready_images = np.zeros((0, image_size, image_size, 3), np.uint8)
+    ready_images: list[np.ndarray] = [np.zeros((0, image_size, image_size, 3), np.uint8)]
     skipped: list[tuple[str, str]] = []
     while pending:
         part_paths, part_images, part_skipped = pending.popleft().result()
         submit()
         ready_paths += part_paths
-        ready_images = np.concatenate([ready_images, part_images]) if len(ready_images) else part_images
+        ready_images.append(part_images)  # joined once per batch: each cell is copied once
         skipped += part_skipped
         while len(ready_paths) >= batch_size or (not pending and (ready_paths or skipped)):
-            yield ready_paths[:batch_size], ready_images[:batch_size], skipped
-            ready_paths, ready_images, skipped = ready_paths[batch_size:], ready_images[batch_size:], []
+            images = np.concatenate(ready_images) if len(ready_images) > 1 else ready_images[0]
+            yield ready_paths[:batch_size], images[:batch_size], skipped
+            ready_paths, ready_images, skipped = ready_paths[batch_size:], [images[batch_size:]], []
 
 
 def read_images(

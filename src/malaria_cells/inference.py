@@ -296,11 +296,36 @@ def iter_predictions(
 def predict_files(files: Sequence[str], model: CellClassifier, threshold: float, *,
                   batch_size: int = 256, tta: bool = False, skipped: list | None = None):
     """Stream predictions for a list of image files (see :func:`iter_predictions`)."""
-    for paths, images, bad in iter_image_batches(files, model.image_size, batch_size):
+    batches = iter_image_batches(files, model.image_size, batch_size)
+    scored = (_scored_ahead(batches, model, tta) if model._parallel_batches
+              else ((paths, model.predict_proba(images, tta=tta), bad) for paths, images, bad in batches))
+    for paths, probabilities, bad in scored:
         if skipped is not None:
             skipped += bad
-        for path, probability in zip(paths, model.predict_proba(images, tta=tta)):
+        for path, probability in zip(paths, probabilities):
             yield Prediction(path, float(probability), label_for(probability, threshold))
+
+
+def _scored_ahead(batches, model: CellClassifier, tta: bool, ahead: int = 2):
+    """``(paths, images, skipped)`` batches -> ``(paths, probabilities, skipped)``, in order,
+    each batch scored on the shared threads while later ones are read.
+
+    Scoring in this thread would cap the network at one core while decoding leaves the
+    other half idle; queued with the decoding, both cores stay busy with whichever work
+    is ready. Only for models whose calls may run side by side (``_parallel_batches``).
+    """
+    from collections import deque
+
+    pool, pending = _thread_pool(), deque()
+    for paths, images, skipped in batches:
+        # batch_size = the whole batch: a scoring task must not wait on tasks queued behind it
+        pending.append((paths, pool.submit(model.predict_proba, images, tta=tta, batch_size=max(1, len(images))),
+                        skipped))
+        while len(pending) > ahead:
+            paths, scores, skipped = pending.popleft()
+            yield paths, scores.result(), skipped
+    for paths, scores, skipped in pending:
+        yield paths, scores.result(), skipped
 
 
 def predict(

@@ -1,0 +1,148 @@
+"""The compiled PNG decoder and 2x resize must give libpng's and numpy's pixels exactly."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import imagecodecs
+import numpy as np
+import pytest
+
+from malaria_cells import data
+
+kernels = pytest.importorskip("malaria_cells.kernels", reason="numba is not installed")
+
+
+def _chunk(kind: bytes, body: bytes, crc: int | None = None) -> bytes:
+    crc = zlib.crc32(kind + body) if crc is None else crc
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+
+def encode_png(pixels: np.ndarray, filters, *, extra: bytes = b"", interlace: int = 0) -> bytes:
+    """An 8-bit RGB/RGBA PNG whose rows use the given filter types (0-4), as PNG defines them."""
+    height, width, channels = pixels.shape
+    rows, above = [], np.zeros(width * channels, np.int32)
+    for y in range(height):
+        row = pixels[y].reshape(-1).astype(np.int32)
+        left = np.concatenate([np.zeros(channels, np.int32), row[:-channels]])
+        up_left = np.concatenate([np.zeros(channels, np.int32), above[:-channels]])
+        estimate = left + above - up_left
+        distances = [np.abs(estimate - left), np.abs(estimate - above), np.abs(estimate - up_left)]
+        paeth = np.where((distances[0] <= distances[1]) & (distances[0] <= distances[2]), left,
+                         np.where(distances[1] <= distances[2], above, up_left))
+        predicted = [0, left, above, (left + above) // 2, paeth][filters[y]]
+        rows.append(bytes([filters[y]]) + ((row - predicted) % 256).astype(np.uint8).tobytes())
+        above = row
+    header = struct.pack(">IIBBBBB", width, height, 8, {3: 2, 4: 6}[channels], 0, 0, interlace)
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + extra
+            + _chunk(b"IDAT", zlib.compress(b"".join(rows))) + _chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("channels", [3, 4])
+@pytest.mark.parametrize("height, width", [(1, 1), (7, 5), (33, 17), (128, 128)])
+def test_every_row_filter_decodes_to_libpngs_pixels(channels, height, width):
+    rng = np.random.default_rng(height * width + channels)
+    smooth = rng.integers(0, 256, (height, width, channels)).cumsum(axis=1) // max(1, width // 8)
+    for pixels in (rng.integers(0, 256, (height, width, channels)), smooth % 256):
+        pixels = pixels.astype(np.uint8)
+        for filters in ([4] * height, rng.integers(0, 5, height)):
+            png = encode_png(pixels, filters)
+            decoded = kernels.decode_png(png)
+            assert decoded is not None
+            np.testing.assert_array_equal(decoded, pixels)
+            np.testing.assert_array_equal(decoded, imagecodecs.png_decode(png))
+
+
+def test_files_written_by_libpng_and_pillow_decode_the_same(tmp_path):
+    from PIL import Image
+
+    pixels = np.random.default_rng(1).integers(0, 256, (40, 30, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "cell.png")
+    for png in (imagecodecs.png_encode(pixels), (tmp_path / "cell.png").read_bytes()):
+        np.testing.assert_array_equal(kernels.decode_png(png), pixels)
+
+
+def test_text_and_colour_space_chunks_do_not_change_libpngs_pixels():
+    pixels = np.random.default_rng(2).integers(0, 256, (9, 11, 3), dtype=np.uint8)
+    extra = _chunk(b"gAMA", struct.pack(">I", 45455)) + _chunk(b"sRGB", b"\x00") + _chunk(b"tEXt", b"a\x00b")
+    png = encode_png(pixels, [1] * 9, extra=extra)
+    np.testing.assert_array_equal(imagecodecs.png_decode(png), pixels)  # what makes ignoring them right
+    np.testing.assert_array_equal(kernels.decode_png(png), pixels)
+
+
+def _with_filter_byte(value: int) -> bytes:
+    rows = bytes([value]) + bytes(6) + bytes([0]) + bytes(6)  # 2 x 2 RGB, first row's filter = value
+    header = struct.pack(">IIBBBBB", 2, 2, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(rows))
+            + _chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("case", ["gray", "sixteen-bit", "palette", "interlaced", "bad crc", "truncated",
+                                  "bad filter", "transparency", "short stream", "not png"])
+def test_anything_unusual_is_left_to_libpng(case):
+    pixels = np.random.default_rng(3).integers(0, 256, (6, 6, 3), dtype=np.uint8)
+    png = encode_png(pixels, [2] * 6)
+    if case == "gray":
+        png = imagecodecs.png_encode(np.ascontiguousarray(pixels[..., 0]))
+    elif case == "sixteen-bit":
+        png = imagecodecs.png_encode(pixels.astype(np.uint16) * 257)
+    elif case == "palette":
+        from PIL import Image
+        import io
+
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).convert("P").save(buffer, format="PNG")
+        png = buffer.getvalue()
+    elif case == "interlaced":
+        png = encode_png(pixels, [2] * 6, interlace=1)
+    elif case == "bad crc":
+        png = png[:-20] + bytes([png[-20] ^ 1]) + png[-19:]
+    elif case == "truncated":
+        png = png[: len(png) // 2]
+    elif case == "bad filter":
+        png = _with_filter_byte(9)
+    elif case == "transparency":
+        png = encode_png(pixels, [2] * 6, extra=_chunk(b"tRNS", b"\x00\x00\x00\x00\x00\x00"))
+    elif case == "short stream":
+        png = encode_png(pixels[:3], [2] * 3).replace(struct.pack(">II", 6, 3), struct.pack(">II", 6, 6))
+        png = png[:16] + png[16:29] + struct.pack(">I", zlib.crc32(png[12:29])) + png[33:]
+    else:
+        png = b"GIF89a" + png[6:]
+    assert kernels.decode_png(png) is None
+
+
+def test_decode_image_gives_the_same_pixels_and_errors_with_the_kernels(monkeypatch):
+    pixels = np.random.default_rng(4).integers(0, 256, (20, 24, 4), dtype=np.uint8)
+    png = encode_png(pixels, [4, 3, 2, 1, 0] * 4)
+    monkeypatch.setattr(data, "_kernels", None)
+    without = data.decode_image(png)
+    with pytest.raises(data.UnreadableImage) as libpng_error:
+        data.decode_image(png[:60])
+    monkeypatch.setattr(data, "_kernels", kernels)
+    np.testing.assert_array_equal(data.decode_image(png), without)
+    np.testing.assert_array_equal(without, pixels[..., :3])
+    with pytest.raises(data.UnreadableImage) as kernels_error:
+        data.decode_image(png[:60])
+    assert str(kernels_error.value) == str(libpng_error.value)
+
+
+def test_halve_is_the_numpy_block_mean_rounding_halves_to_even(monkeypatch):
+    rng = np.random.default_rng(5)
+    images = rng.integers(0, 256, (9, 24, 18, 3), dtype=np.uint8)
+    images[0] = rng.integers(0, 2, (24, 18, 3)) * 255  # sums ending in .5 after dividing
+    monkeypatch.setattr(data, "_kernels", None)
+    expected = data._halve(images)
+    np.testing.assert_array_equal(kernels.halve(images), expected)
+    np.testing.assert_array_equal(kernels.halve(images[:, :, ::-1]), data._halve(images[:, :, ::-1]))
+
+
+def test_load_kernels_can_be_switched_off(monkeypatch):
+    monkeypatch.setattr(data, "_kernels", None)
+    monkeypatch.setattr(data, "_kernels_loader", None)
+    monkeypatch.setenv("MALARIA_CELLS_NO_KERNELS", "1")
+    assert data.load_kernels() is False
+    assert data._kernels is None
+    monkeypatch.setenv("MALARIA_CELLS_NO_KERNELS", "0")
+    assert data.load_kernels() is True
+    assert data._kernels is kernels
