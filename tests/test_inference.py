@@ -82,3 +82,23 @@ def test_scores_are_the_networks_for_uint8_and_float_cells(trained_run):
     expected = model.keras_model.predict(cells.astype(np.float32), verbose=0).ravel()
     assert np.allclose(model.predict_proba(cells), expected, atol=1e-5)
     assert np.allclose(model.predict_proba(cells.astype(np.float64)), expected, atol=1e-5)
+
+
+def test_models_scored_ahead_on_threads_keep_file_order_and_skips(trained_run, tmp_path):
+    pytest.importorskip("tf2onnx")
+    from malaria_cells.export import export_model
+
+    rng = np.random.default_rng(7)
+    for i in range(11):
+        Image.fromarray(make_cell(i % 3 == 0, rng, 40 + i)).save(tmp_path / f"{i:02d}.png")
+    (tmp_path / "05b.png").write_bytes(b"\x89PNG\r\n\x1a\ngarbage")
+    onnx = load_model(export_model(trained_run["model_path"], tmp_path.parent / f"{tmp_path.name}.onnx", format="onnx"))
+    assert onnx._parallel_batches  # the path under test
+    keras = load_model(trained_run["model_path"])
+    ahead_skipped, skipped = [], []
+    ahead = list(iter_predictions([tmp_path], onnx, batch_size=2, skipped=ahead_skipped))
+    in_turn = list(iter_predictions([tmp_path], keras, batch_size=2, skipped=skipped))
+    assert [r.path for r in ahead] == [r.path for r in in_turn] == sorted(str(p) for p in tmp_path.glob("[0-9]*.png")
+                                                                         if p.name != "05b.png")
+    np.testing.assert_allclose([r.probability for r in ahead], [r.probability for r in in_turn], atol=1e-5)
+    assert ahead_skipped == skipped == [(str(tmp_path / "05b.png"), "corrupt PNG (no image header)")]
