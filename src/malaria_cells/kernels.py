@@ -12,7 +12,7 @@ takes only what it can decode exactly: anything else (other bit depths and colou
 interlacing, a bad checksum, an unexpected chunk, a stream that does not inflate to the
 image's size) returns None and goes to libpng, which decodes it or says what is wrong.
 
-Importing numba and loading the compiled loops costs about 0.5 s of CPU, so :mod:`.data`
+Importing numba and loading the compiled loops costs about 0.8 s of CPU, so :mod:`.data`
 uses this module only after :func:`.data.load_kernels`, which the readers of many images
 and the server call. Without numba (a platform or NumPy it does not support yet) nothing
 changes but the speed.
