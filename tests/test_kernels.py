@@ -79,7 +79,8 @@ def _with_filter_byte(value: int) -> bytes:
 
 
 @pytest.mark.parametrize("case", ["gray", "sixteen-bit", "palette", "interlaced", "bad crc", "truncated",
-                                  "bad filter", "transparency", "short stream", "not png"])
+                                  "bad filter", "transparency", "short stream", "not png", "split data",
+                                  "second header"])
 def test_anything_unusual_is_left_to_libpng(case):
     pixels = np.random.default_rng(3).integers(0, 256, (6, 6, 3), dtype=np.uint8)
     png = encode_png(pixels, [2] * 6)
@@ -107,6 +108,12 @@ def test_anything_unusual_is_left_to_libpng(case):
     elif case == "short stream":
         png = encode_png(pixels[:3], [2] * 3).replace(struct.pack(">II", 6, 3), struct.pack(">II", 6, 6))
         png = png[:16] + png[16:29] + struct.pack(">I", zlib.crc32(png[12:29])) + png[33:]
+    elif case in ("split data", "second header"):
+        idat = png[33:-12]
+        (length,) = struct.unpack(">I", idat[:4])
+        data, half = idat[8 : 8 + length], length // 2
+        between = _chunk(b"tEXt", b"a\x00b") if case == "split data" else png[8:33]
+        png = png[:33] + _chunk(b"IDAT", data[:half]) + between + _chunk(b"IDAT", data[half:]) + png[-12:]
     else:
         png = b"GIF89a" + png[6:]
     assert kernels.decode_png(png) is None

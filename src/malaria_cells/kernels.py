@@ -38,16 +38,17 @@ def decode_png(contents: bytes) -> np.ndarray | None:
     """Decode an 8-bit, non-interlaced RGB or RGBA PNG to ``(h, w, 3 or 4)`` uint8.
 
     Returns None for anything else, or for anything unusual about the file, so the
-    caller can hand it to libpng.
+    caller can hand it to libpng. The caller checks the image size first
+    (:func:`.data.decode_image` refuses decompression bombs from the header).
     """
-    if len(contents) < 33 or contents[:8] != _SIGNATURE or contents[12:16] != b"IHDR":
+    if len(contents) < 33 or contents[:8] != _SIGNATURE or contents[8:16] != b"\x00\x00\x00\x0dIHDR":
         return None
     width, height, depth, colour, compression, filtering, interlace = struct.unpack_from(">IIBBBBB", contents, 16)
     channels = _CHANNELS.get(colour)
     if depth != 8 or channels is None or compression or filtering or interlace or not width or not height:
         return None
     compressed = []
-    position, end = 8, len(contents)
+    position, end, previous_kind = 8, len(contents), b""
     while True:
         if position + 12 > end:
             return None  # no IEND: truncated
@@ -57,12 +58,14 @@ def decode_png(contents: bytes) -> np.ndarray | None:
         if stop + 4 > end or zlib.crc32(contents[position + 4 : stop]) != struct.unpack_from(">I", contents, stop)[0]:
             return None
         if kind == b"IDAT":
+            if compressed and previous_kind != b"IDAT":
+                return None  # image data split by another chunk: libpng says what it makes of it
             compressed.append(contents[position + 8 : stop])
         elif kind == b"IEND":
             break
-        elif kind != b"IHDR" and kind not in _IGNORED_CHUNKS:
+        elif (kind != b"IHDR" or position != 8) and kind not in _IGNORED_CHUNKS:
             return None
-        position = stop + 4
+        position, previous_kind = stop + 4, kind
     stride = width * channels
     import imagecodecs
 
