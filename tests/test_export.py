@@ -135,6 +135,9 @@ def test_an_onnx_copy_that_disagrees_or_cannot_be_made_is_not_left(trained_run, 
     assert write_onnx_copy(run / "model.keras", probe) is None
     assert not (run / "model.onnx").exists() and not (run / "model.onnx.json").exists()
     monkeypatch.undo()
+    assert write_onnx_copy(run / "model.keras", probe, scores=flipped) is None  # given scores are what it checks
+    keras_scores = load_model(run / "model.keras").predict_proba(probe)
+    assert write_onnx_copy(run / "model.keras", probe, scores=keras_scores) == run / "model.onnx"
     assert write_onnx_copy(run / "model.keras", probe) == run / "model.onnx"
     monkeypatch.setitem(sys.modules, "tf2onnx", None)  # not installed: the stale copy goes too
     assert write_onnx_copy(run / "model.keras", probe) is None and not (run / "model.onnx").exists()

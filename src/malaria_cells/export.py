@@ -257,10 +257,12 @@ def load_exported_model(path: str | os.PathLike) -> CellClassifier:
     return LiteRTClassifier(path) if path.suffix == ".tflite" else OnnxClassifier(path)
 
 
-def write_onnx_copy(model, images: np.ndarray) -> Path | None:
+def write_onnx_copy(model, images: np.ndarray, scores: np.ndarray | None = None) -> Path | None:
     """Export a run's ``model.keras`` to ``model.onnx`` beside it, kept only if it labels
     ``images`` (preprocessed cells, e.g. the run's validation cells) exactly as the Keras
-    model does. ``predict --model RUN/model.onnx`` then starts without TensorFlow.
+    model does (``scores``: its scores of ``images`` when already computed, as ``train``
+    and ``retune`` have them). ``predict --model RUN/model.onnx`` then starts without
+    TensorFlow.
 
     Returns the copy's path, or None when tf2onnx is not installed or the copy is not kept
     (a stale copy from before is removed either way, so none can disagree with the run).
@@ -276,8 +278,8 @@ def write_onnx_copy(model, images: np.ndarray) -> Path | None:
     try:
         export_model(model, out, format="onnx")
         copy = load_model(out)
-        same = np.array_equal(model.predict_proba(images) >= model.threshold,
-                              copy.predict_proba(images) >= copy.threshold)
+        reference = model.predict_proba(images) if scores is None else np.asarray(scores).reshape(-1)
+        same = np.array_equal(reference >= model.threshold, copy.predict_proba(images) >= copy.threshold)
     except Exception as error:  # noqa: BLE001 - an optional extra: training must not fail on it
         same = False
         warnings.warn(f"{out}: no ONNX copy written ({str(error).splitlines()[0][:200] if str(error) else type(error).__name__})")

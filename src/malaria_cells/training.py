@@ -429,7 +429,7 @@ def train(
     best.set_threshold(threshold)
     best.info = model_info_layer(best.keras_model).info = info
     best.save(model_path)
-    onnx_path = write_onnx_copy(best, images[split.val])
+    onnx_path = write_onnx_copy(best, images[split.val], val_prob)
 
     eval_part = split.test if len(split.test) else split.val
     eval_prob = val_prob if eval_part is split.val else best.predict_proba(images[eval_part])
@@ -547,7 +547,7 @@ def retune(
     model.set_threshold(threshold)
     model.info = model_info_layer(model.keras_model).info = info
     model.save(run_dir / "model.keras")
-    onnx_path = write_onnx_copy(model, cells["val"])
+    onnx_path = write_onnx_copy(model, cells["val"], parts["val"][1])
 
     part = "test" if len(parts["test"][0]) else "val"
     metrics = _score_run(run_dir, *parts[part], threshold, "test" if part == "test" else "validation")
