@@ -170,9 +170,16 @@ def _onnx_int8(proto, calibration_images):
         source, prepared, target = (Path(folder) / n for n in ("f.onnx", "p.onnx", "q.onnx"))
         onnx.save(proto, source)
         quant_pre_process(str(source), str(prepared))
+        convs = [node.name for node in onnx.load(prepared).graph.node if node.op_type == "Conv"]
         # Per-channel weight scales: with one scale per tensor, 0.7% of cells changed label.
+        # Only the convolutions after the first become int8 (nearly all the compute): the
+        # stain normalization's products in int8 were slower than in float, and the first
+        # convolution's input (normalized pixels) loses the most in 8 bits. On the shipped model:
+        # same label as Keras on 99.69% of 15,914 cells (99.55% with everything int8) and 145-161
+        # against 199 us of CPU per cell (float: 190).
         quantize_static(str(prepared), str(target), Reader(), weight_type=QuantType.QInt8,
-                        activation_type=QuantType.QUInt8, per_channel=True)
+                        activation_type=QuantType.QUInt8, per_channel=True, op_types_to_quantize=["Conv"],
+                        nodes_to_exclude=convs[:1])
         return onnx.load(target)
 
 
