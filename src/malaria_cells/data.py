@@ -594,11 +594,12 @@ def _decode_all(items: Sequence, read) -> tuple[list[np.ndarray], list[tuple[int
     return images, failures
 
 
-MANY_IMAGES = 20_000
+MANY_IMAGES = 12_000
 """From this many images on, the compiled loops of :func:`load_kernels` save more than they cost:
 loading them takes ~0.8 s of CPU (numba imports SciPy's BLAS, for one) and holds the
-interpreter lock much of that time. Measured on 2 cores: 3,000 cells 1.3 -> 2.1 s with them,
-6,000 cells 2.4 -> 2.9 s, 15,914 about even, 100,000 cells 33 -> 25-28.5 s."""
+interpreter lock much of that time. ``predict`` on 2 cores, without -> with them: 3,000 cells
+1.3 -> 2.1 s, 6,000 2.4-2.7 -> 3.0-4.4 s, 10,000 3.6-4.4 -> 3.7-4.0 s (even), 15,914 5.4-5.5 ->
+4.8-5.5 s, 100,000 31-33 -> 25-28.5 s."""
 
 
 def _workers() -> int:
