@@ -110,6 +110,30 @@ def test_stain_normalization_is_half_the_cell_divided_by_its_mean_colour():
     assert np.allclose(np.asarray(StainNormalization()(cells)), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("channels", [3, 1])
+def test_stain_normalizations_two_forms_give_the_same_numbers(channels, tmp_path):
+    from malaria_cells.export import _tflite_bytes
+    from malaria_cells.models import StainNormalization, stain_normalization_by_matrices
+
+    cells = np.random.default_rng(2).uniform(0, 255, (4, 10, 10, channels)).astype(np.float32)
+    cells[:, :2] = 0
+    layer = StainNormalization()
+    by_planes = np.asarray(layer(cells))
+    with stain_normalization_by_matrices():
+        by_matrices = np.asarray(layer(cells))
+    assert StainNormalization.by_planes  # restored after the block
+    np.testing.assert_allclose(by_planes, by_matrices, rtol=1e-6, atol=1e-6)
+
+    if channels == 3:  # and TFLite exports are traced in the matrix form (no strided slices)
+        from malaria_cells.inference import KerasClassifier
+
+        interpreter = pytest.importorskip("ai_edge_litert.interpreter")
+        model = build_model("cellnet-slim", image_size=16, stain_normalization=True)
+        flat = _tflite_bytes(KerasClassifier(model), "none", None)
+        ops = {op["op_name"] for op in interpreter.Interpreter(model_content=flat)._get_ops_details()}
+        assert "BATCH_MATMUL" in ops and "STRIDED_SLICE" not in ops
+
+
 @pytest.mark.parametrize("name", ["cellnet-slim", "tutorial", "mobilenetv3small"])
 def test_fused_batch_norm_twin_predicts_the_same(name):
     from malaria_cells.models import fuse_batch_norm

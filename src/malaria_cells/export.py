@@ -113,6 +113,13 @@ def _representative(images: np.ndarray):
 
 
 def _tflite_bytes(model: CellClassifier, quantize: str, calibration_images) -> bytes:
+    from .models import stain_normalization_by_matrices
+
+    with stain_normalization_by_matrices():  # TFLite's fastest form of the layer
+        return _convert_to_tflite(model, quantize, calibration_images)
+
+
+def _convert_to_tflite(model: CellClassifier, quantize: str, calibration_images) -> bytes:
     import tensorflow as tf
 
     converter = tf.lite.TFLiteConverter.from_keras_model(model.keras_model)
