@@ -182,8 +182,8 @@ def _onnx_int8(proto, calibration_images):
         # Only the convolutions after the first become int8 (nearly all the compute): the
         # stain normalization's products in int8 were slower than in float, and the first
         # convolution's input (normalized pixels) loses the most in 8 bits. On the shipped model:
-        # same label as Keras on 99.69% of 15,914 cells (99.55% with everything int8) and 145-161
-        # against 199 us of CPU per cell (float: 190).
+        # same label as Keras on 99.69% of 15,914 cells (99.55% with everything int8) and 127-128
+        # against 199 us of CPU per cell on one thread (float: ~175).
         quantize_static(str(prepared), str(target), Reader(), weight_type=QuantType.QInt8,
                         activation_type=QuantType.QUInt8, per_channel=True, op_types_to_quantize=["Conv"],
                         nodes_to_exclude=convs[:1])
