@@ -44,9 +44,11 @@ def _onnx_copy_matches() -> bool:
     import importlib.util
     import json
 
+    from .export import sidecar_path
+
     try:
         shipped = json.loads(DEFAULT_MODEL.with_suffix(".json").read_text())
-        copy = json.loads(DEFAULT_MODEL_ONNX.with_name(DEFAULT_MODEL_ONNX.name + ".json").read_text())
+        copy = json.loads(sidecar_path(DEFAULT_MODEL_ONNX).read_text())
     except (OSError, ValueError):
         return False
     return (DEFAULT_MODEL_ONNX.is_file() and importlib.util.find_spec("onnxruntime") is not None

@@ -113,7 +113,6 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
     model_version = model.info.get("trained_at") or os.path.basename(model.path)
     app = FastAPI(title="malaria-cells", version=__version__,
                   description="Label red blood cells as Parasitized or Uninfected.")
-    app.state.model_path = model.path
 
     def require_key(request: Request) -> None:
         if api_key is None:
@@ -186,15 +185,21 @@ def serve(model=None, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
         raise MalariaCellsError(f"port must be 1 to 65535, got {port}")
     if workers < 1:
         raise MalariaCellsError(f"workers must be at least 1, got {workers}")
-    app = create_app(model, api_key=api_key, limits=limits)  # fails here, once, on a bad model
-    print(f"Serving on http://{host}:{port}/ (API docs at /docs) with {workers} worker"
-          f"{'s' if workers > 1 else ''}; Ctrl-C to stop", file=sys.stderr, flush=True)
+    message = (f"Serving on http://{host}:{port}/ (API docs at /docs) with {workers} worker"
+               f"{'s' if workers > 1 else ''}; Ctrl-C to stop")
     if workers == 1:
+        app = create_app(model, api_key=api_key, limits=limits)
+        print(message, file=sys.stderr, flush=True)
         uvicorn.run(app, host=host, port=port, log_level="warning")
         return
-    # Worker processes build their own app from this description (uvicorn needs an import string).
-    os.environ[_WORKER_CONFIG_ENV] = json.dumps({"model": app.state.model_path, "api_key": api_key,
+    from .inference import load_model
+
+    # Loaded here only to fail once, with one line, on a bad model; the workers build their own
+    # app from this description (uvicorn needs an import string), this process only supervises.
+    model_path = load_model(model).path
+    os.environ[_WORKER_CONFIG_ENV] = json.dumps({"model": model_path, "api_key": api_key,
                                                  "limits": (limits or ServeLimits()).__dict__})
+    print(message, file=sys.stderr, flush=True)
     uvicorn.run(f"{__name__}:app_from_environment", factory=True, host=host, port=port,
                 log_level="warning", workers=workers)
 
