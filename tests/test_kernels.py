@@ -119,6 +119,52 @@ def test_anything_unusual_is_left_to_libpng(case):
     assert kernels.decode_png(png) is None
 
 
+@pytest.mark.parametrize("channels", [3, 4])
+def test_decode_png_into_halves_as_decoding_then_resizing_does(channels, monkeypatch):
+    rng = np.random.default_rng(6 + channels)
+    monkeypatch.setattr(data, "_kernels", None)
+    for side in (1, 5, 32):
+        pixels = rng.integers(0, 256, (2 * side, 2 * side, channels), dtype=np.uint8)
+        pixels[: side // 2] = rng.integers(0, 2, pixels[: side // 2].shape) * 255  # block sums ending in .5
+        png = encode_png(pixels, rng.integers(0, 5, 2 * side))
+        out = np.full((side, side, 3), 7, np.uint8)
+        assert kernels.decode_png_into(png, out)
+        np.testing.assert_array_equal(out, data.resize_images([data.decode_image(png)], side)[0])
+
+
+def test_decode_png_into_copies_a_png_of_its_size_and_refuses_other_sizes():
+    pixels = np.random.default_rng(8).integers(0, 256, (12, 12, 4), dtype=np.uint8)
+    png = encode_png(pixels, [4, 1] * 6)
+    out = np.zeros((12, 12, 3), np.uint8)
+    assert kernels.decode_png_into(png, out)
+    np.testing.assert_array_equal(out, pixels[..., :3])
+    for side in (5, 7, 11, 24):
+        assert not kernels.decode_png_into(png, np.zeros((side, side, 3), np.uint8))
+    assert not kernels.decode_png_into(encode_png(pixels[:, :10], [0] * 12), np.zeros((5, 5, 3), np.uint8))
+    assert not kernels.decode_png_into(png[:-20] + bytes([png[-20] ^ 1]) + png[-19:], np.zeros((6, 6, 3), np.uint8))
+    assert not kernels.decode_png_into(_with_filter_byte(9)[:-12] + _chunk(b"IEND", b""), np.zeros((1, 1, 3), np.uint8))
+
+
+def test_reading_files_gives_the_same_cells_and_skips_with_the_kernels(tmp_path, monkeypatch):
+    rng = np.random.default_rng(9)
+    paths = []
+    for index, (side, channels) in enumerate([(16, 3), (8, 3), (16, 4), (13, 3), (8, 4), (32, 3)]):
+        pixels = rng.integers(0, 256, (side, side, channels), dtype=np.uint8)
+        paths.append(tmp_path / f"cell{index}.png")
+        paths[-1].write_bytes(encode_png(pixels, rng.integers(0, 5, side)))
+    (tmp_path / "broken.png").write_bytes(paths[0].read_bytes()[:70])
+    (tmp_path / "cell.jpg").write_bytes(imagecodecs.jpeg8_encode(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)))
+    paths[3:3] = [tmp_path / "broken.png", tmp_path / "cell.jpg"]
+    paths = [str(path) for path in paths]
+    monkeypatch.setattr(data, "_kernels", None)
+    expected = data._load_files(paths, 8)
+    monkeypatch.setattr(data, "_kernels", kernels)
+    kept, images, skipped = data._load_files(paths, 8)
+    assert kept == expected[0] and skipped == expected[2] and [p for p, _ in skipped] == paths[3:4]
+    np.testing.assert_array_equal(images, expected[1])
+    assert images.shape == (len(paths) - 1, 8, 8, 3)
+
+
 def test_decode_image_gives_the_same_pixels_and_errors_with_the_kernels(monkeypatch):
     pixels = np.random.default_rng(4).integers(0, 256, (20, 24, 4), dtype=np.uint8)
     png = encode_png(pixels, [4, 3, 2, 1, 0] * 4)

@@ -569,7 +569,10 @@ def preprocess_image(contents: bytes, image_size: int) -> np.ndarray:
     UnreadableImage
         When the bytes are not a readable image, with the reason.
     """
-    return resize_images([decode_image(bytes(contents))], image_size)[0]
+    images, failures = _preprocess_all([contents], bytes, image_size)
+    if failures:
+        raise UnreadableImage(failures[0][1])
+    return images[0]
 
 
 def _read_file(path: str) -> bytes:
@@ -583,15 +586,26 @@ def _read_file(path: str) -> bytes:
     return contents
 
 
-def _decode_all(items: Sequence, read) -> tuple[list[np.ndarray], list[tuple[int, str]]]:
-    """Decode ``read(item)`` for each item: (images, [(position, reason)] of failures)."""
-    images, failures = [], []
+def _preprocess_all(items: Sequence, read, image_size: int) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    """:func:`preprocess_image` of ``read(item)`` for each item: (the images, in order, of
+    those that decoded; [(position, reason)] of the others)."""
+    images = np.empty((len(items), image_size, image_size, 3), np.uint8)
+    failures: list[tuple[int, str]] = []
+    others: dict[int, np.ndarray] = {}  # row -> decoded image, resized together below
+    count = 0
     for position, item in enumerate(items):
         try:
-            images.append(decode_image(read(item)))
+            contents = read(item)
+            # The compiled decoder writes PNGs of the model's size or twice it (the NIH
+            # cells) straight into their row, halving them as it decodes: same pixels.
+            if _kernels is None or not _kernels.decode_png_into(contents, images[count]):
+                others[count] = decode_image(contents)
+            count += 1
         except UnreadableImage as error:
             failures.append((position, str(error)))
-    return images, failures
+    if others:
+        images[list(others)] = resize_images(list(others.values()), image_size)
+    return images[:count], failures
 
 
 MANY_IMAGES = 12_000
@@ -634,23 +648,26 @@ def preprocess_many(contents: Sequence[bytes], image_size: int) -> tuple[np.ndar
         load_kernels(wait=False)
     decoded = np.ones(len(contents), bool)
     reasons: list = [None] * len(contents)
-    images: list[np.ndarray] = []
     size = max(1, -(-len(contents) // _workers()))
     parts = _chunks(list(contents), size)
+
+    def preprocess(part):
+        return _preprocess_all(part, bytes, image_size)
+
     # One image is decoded here: handing it to a thread would only add latency.
-    results = (_thread_pool().map(lambda part: _decode_all(part, bytes), parts) if len(parts) > 1
-               else [_decode_all(part, bytes) for part in parts])
-    for offset, (part_images, failures) in zip(range(0, len(contents), size), results):
-        images += part_images
+    results = list(_thread_pool().map(preprocess, parts) if len(parts) > 1 else map(preprocess, parts))
+    for offset, (_, failures) in zip(range(0, len(contents), size), results):
         for position, reason in failures:
             decoded[offset + position], reasons[offset + position] = False, reason
-    return resize_images(images, image_size), decoded, reasons
+    images = [part_images for part_images, _ in results]
+    return (np.concatenate(images) if len(images) > 1 else images[0] if images
+            else np.zeros((0, image_size, image_size, 3), np.uint8)), decoded, reasons
 
 
 def _load_files(paths: Sequence[str], image_size: int):
-    images, failures = _decode_all(paths, _read_file)
+    images, failures = _preprocess_all(paths, _read_file, image_size)
     bad = {position for position, _ in failures}
-    return ([p for i, p in enumerate(paths) if i not in bad], resize_images(images, image_size),
+    return ([p for i, p in enumerate(paths) if i not in bad], images,
             [(paths[position], reason) for position, reason in failures])
 
 
