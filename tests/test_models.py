@@ -42,6 +42,14 @@ def test_cellnet_slim_is_the_same_network_narrower():
     assert len(slim.layers) == len(full.layers)
 
 
+def test_cellnet_lite_has_whole_blocks_of_16_channels():
+    lite, slim = build_model("cellnet-lite", image_size=64), build_model("cellnet-slim", image_size=64)
+    assert len(lite.layers) == len(slim.layers) and lite.output_shape == (None, 1)
+    widths = [layer.filters for layer in lite.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert widths == [16, 16, 16, 48, 48, 96, 96]
+    assert lite.count_params() < slim.count_params()
+
+
 @pytest.mark.parametrize("name", ["mobilenetv3small", "efficientnetv2b0"])
 def test_keras_applications_build_without_downloading(name):
     model = build_model(name, image_size=64, weights="none")

@@ -198,8 +198,18 @@ def cellnet_slim_body(x):
     return cellnet_body(x, widths=(16, 24, 48, 96))
 
 
+def cellnet_lite_body(x):
+    """``cellnet-slim`` with 16 channels in its first stage (16/16/48/96): 1.5x its speed.
+
+    CPUs with AVX-512 compute convolutions on blocks of 16 channels (onnxruntime's NCHWc
+    kernels), so slim's 24-channel stage runs as 32 channels: its two convolutions took 76
+    of the network's ~160 us per cell, against 27 at 16 channels.
+    """
+    return cellnet_body(x, widths=(16, 16, 48, 96))
+
+
 BODIES: dict[str, Callable] = {"tutorial": tutorial_body, "cellnet": cellnet_body,
-                               "cellnet-slim": cellnet_slim_body}
+                               "cellnet-slim": cellnet_slim_body, "cellnet-lite": cellnet_lite_body}
 
 
 def build_model(
