@@ -659,9 +659,9 @@ def preprocess_many(contents: Sequence[bytes], image_size: int) -> tuple[np.ndar
     for offset, (_, failures) in zip(range(0, len(contents), size), results):
         for position, reason in failures:
             decoded[offset + position], reasons[offset + position] = False, reason
-    images = [part_images for part_images, _ in results]
-    return (np.concatenate(images) if len(images) > 1 else images[0] if images
-            else np.zeros((0, image_size, image_size, 3), np.uint8)), decoded, reasons
+    if not results:
+        return np.zeros((0, image_size, image_size, 3), np.uint8), decoded, reasons
+    return np.concatenate([part_images for part_images, _ in results]), decoded, reasons
 
 
 def _load_files(paths: Sequence[str], image_size: int):
