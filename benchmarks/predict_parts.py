@@ -4,7 +4,7 @@
 
 Runs every PNG of ``--data`` through ``iter_image_batches`` (read, decode, resize; no network),
 with libpng and numpy, then again with the compiled loops of ``malaria_cells.kernels`` (what
-the server and folders of 12,000 or more images use), then the model alone over batches of 256 preprocessed cells. Each uses all the cores on its
+the server and folders of 6,000 or more images use), then the model alone over batches of 256 preprocessed cells. Each uses all the cores on its
 own; ``predict`` has to share them, so it cannot pass 1 / (1 / pipeline + 1 / network).
 CPU time per cell is printed too: on a shared virtual machine it varies less than wall time.
 """

@@ -199,3 +199,39 @@ def test_load_kernels_can_be_switched_off(monkeypatch):
     monkeypatch.setenv("MALARIA_CELLS_NO_KERNELS", "0")
     assert data.load_kernels() is True
     assert data._kernels is kernels
+
+
+def test_loading_waits_at_most_the_time_it_is_given(monkeypatch):
+    import threading
+    import time
+
+    release = threading.Event()
+
+    def slow_import():
+        release.wait(5)
+        data._kernels = kernels
+
+    monkeypatch.setattr(data, "_kernels", None)
+    monkeypatch.setattr(data, "_kernels_loader", None)
+    monkeypatch.setattr(data, "_import_kernels", slow_import)
+    monkeypatch.delenv("MALARIA_CELLS_NO_KERNELS", raising=False)
+    started = time.perf_counter()
+    assert data.load_kernels(wait=0.2) is False
+    assert 0.15 < time.perf_counter() - started < 2
+    assert data.load_kernels(wait=False) is False
+    release.set()
+    assert data.load_kernels(wait=True) is True
+
+
+def test_the_blas_stand_in_imports_the_real_module_when_read(monkeypatch):
+    import sys
+
+    pytest.importorskip("scipy")
+    monkeypatch.delitem(sys.modules, "scipy.linalg.cython_blas", raising=False)
+    with data._scipy_blas_deferred():
+        stand_in = sys.modules["scipy.linalg.cython_blas"]
+        assert isinstance(stand_in, data._ImportedOnUse)
+        capi = stand_in.__pyx_capi__  # what Cython modules read from it
+        assert "dgemm" in capi
+    real = sys.modules["scipy.linalg.cython_blas"]
+    assert real is not stand_in and real.__pyx_capi__ is capi

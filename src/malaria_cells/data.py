@@ -7,12 +7,14 @@ preprocessing function (:func:`preprocess_image`) and can never drift apart.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
 import struct
 import sys
 import threading
+import types
 import warnings
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
@@ -415,16 +417,17 @@ _kernels_lock = threading.Lock()
 _kernels_loader: threading.Thread | None = None
 
 
-def load_kernels(wait: bool = True) -> bool:
+def load_kernels(wait: bool | float = True) -> bool:
     """Switch decoding and 2x resizing to the compiled loops of :mod:`.kernels` (numba).
 
     They give the same pixels in about half the time, but numba's import and first call
-    cost ~0.8 s of CPU, so only readers of many images (:data:`MANY_IMAGES`) and the
-    server call this; smaller jobs do not pay for it. The loops are loaded
-    on a thread of their own: with ``wait=False`` reading goes on with libpng meanwhile and
-    switches when they are ready. Returns whether they are in use (False while loading,
-    where numba cannot be imported, e.g. it lags a new NumPy, or where the environment
-    variable ``MALARIA_CELLS_NO_KERNELS`` is set to 1); nothing but the speed depends on it.
+    cost ~0.5 s of CPU, so only readers of many images (:data:`MANY_IMAGES`) and the
+    server call this; smaller jobs do not pay for it. The loops are loaded on a thread of
+    their own. ``wait``: True waits for them, False returns at once (reading goes on with
+    libpng and switches when they are ready), a number waits at most that many seconds.
+    Returns whether they are in use (False while loading, where numba cannot be imported,
+    e.g. it lags a new NumPy, or where the environment variable ``MALARIA_CELLS_NO_KERNELS``
+    is set to 1); nothing but the speed depends on it.
     """
     global _kernels_loader
     with _kernels_lock:
@@ -432,20 +435,65 @@ def load_kernels(wait: bool = True) -> bool:
             _kernels_loader = threading.Thread(target=_import_kernels, name="malaria-cells-kernels")
             _kernels_loader.start()
         loader = _kernels_loader
-    if wait and loader is not None:
-        loader.join()
+    if wait is not False and loader is not None:
+        loader.join(None if wait is True else float(wait))
     return _kernels is not None
+
+
+KERNELS_WAIT = 1.0
+"""Seconds a reader of many images waits for the compiled loops before it starts decoding.
+From numba's cache they load in ~0.4 s; decoding meanwhile with libpng gained nothing (the
+import holds the interpreter lock, so 2 threads decoded only ~400-900 cells while it took
+0.7-0.9 s instead of 0.4). The first run after installing compiles them (~7 s): then
+decoding starts with libpng after this wait and switches when they are ready."""
 
 
 def _import_kernels() -> None:
     global _kernels
     try:
-        from . import kernels
+        with _scipy_blas_deferred():
+            from . import kernels
 
-        kernels.warm_up()
+            kernels.warm_up()
     except Exception:  # noqa: BLE001 - ImportError, or numba refusing this NumPy or a cache folder
         return
     _kernels = kernels
+
+
+@contextlib.contextmanager
+def _scipy_blas_deferred():
+    """While numba loads, ``scipy.linalg.cython_blas`` is a stand-in that imports the real
+    module as soon as anything reads from it.
+
+    numba's first compilation imports that module only to learn that np.dot could use BLAS
+    (these loops never call it), and importing scipy.linalg costs ~0.3 s of CPU right when
+    the decoding waits for the loops (the whole ``predict`` of 15,914 cells: 3.6-3.9 against
+    4.0-4.6 s). Anything else that imports it meanwhile gets a module that behaves as the
+    real one, and the stand-in leaves ``sys.modules`` when numba is loaded.
+    """
+    import importlib.util
+
+    name = "scipy.linalg.cython_blas"
+    if name in sys.modules or importlib.util.find_spec("scipy") is None:
+        yield
+        return
+    stand_in = sys.modules[name] = _ImportedOnUse(name)
+    try:
+        yield
+    finally:
+        if sys.modules.get(name) is stand_in:
+            del sys.modules[name]
+
+
+class _ImportedOnUse(types.ModuleType):
+    """A module that imports the real one of its name when one of its attributes is read."""
+
+    def __getattr__(self, attribute):
+        import importlib
+
+        if sys.modules.get(self.__name__) is self:
+            del sys.modules[self.__name__]
+        return getattr(importlib.import_module(self.__name__), attribute)
 
 
 def _as_rgb8(pixels: np.ndarray) -> np.ndarray:
@@ -608,12 +656,12 @@ def _preprocess_all(items: Sequence, read, image_size: int) -> tuple[np.ndarray,
     return images[:count], failures
 
 
-MANY_IMAGES = 12_000
-"""From this many images on, the compiled loops of :func:`load_kernels` save more than they cost:
-loading them takes ~0.8 s of CPU (numba imports SciPy's BLAS, for one) and holds the
-interpreter lock much of that time. ``predict`` on 2 cores, without -> with them: 3,000 cells
-1.3 -> 2.1 s, 6,000 2.4-2.7 -> 3.0-4.4 s, 10,000 3.6-4.4 -> 3.7-4.0 s (even), 15,914 5.4-5.5 ->
-4.8-5.5 s, 100,000 31-33 -> 25-28.5 s."""
+MANY_IMAGES = 6_000
+"""From this many images on, the compiled loops of :func:`load_kernels` save more than they cost
+(~0.5 s of CPU to load numba, most of it holding the interpreter lock). ``predict`` on 2
+cores, whole command, libpng -> the loops (2 alternating runs each): 3,000 cells 1.18-1.31 ->
+1.43-1.48 s, 6,000 2.01-2.10 -> 1.99-2.27 s (even; less CPU with the loops), 10,000 3.42-3.54
+-> 2.85-2.96 s."""
 
 
 def _workers() -> int:
@@ -645,7 +693,7 @@ def preprocess_many(contents: Sequence[bytes], image_size: int) -> tuple[np.ndar
         Why each input that did not decode was refused (None for the others).
     """
     if len(contents) >= MANY_IMAGES:
-        load_kernels(wait=False)
+        load_kernels(wait=KERNELS_WAIT)
     decoded = np.ones(len(contents), bool)
     reasons: list = [None] * len(contents)
     size = max(1, -(-len(contents) // _workers()))
@@ -682,7 +730,7 @@ def iter_image_batches(paths: Sequence[str], image_size: int, batch_size: int = 
     from collections import deque
 
     if len(paths) >= MANY_IMAGES:
-        load_kernels(wait=False)
+        load_kernels(wait=KERNELS_WAIT)
     pool = _thread_pool()
     pending: deque = deque()
     tasks = iter(_chunks(list(paths), chunk))
