@@ -123,3 +123,17 @@ def test_console_script_and_module_run(tmp_path):
     out = subprocess.run(["malaria-cells", "evaluate", "--data", str(tmp_path), "--model", str(tmp_path / "m.keras")],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "Traceback" not in out.stderr and out.stderr.strip().startswith("malaria-cells evaluate: error:")
+
+
+def test_the_program_entry_returns_mains_status_and_skips_the_exit_collection(monkeypatch, tmp_path, capsys):
+    import gc
+
+    from malaria_cells.cli import run
+
+    monkeypatch.setattr(sys, "argv", ["malaria-cells", "predict", str(tmp_path / "missing.png")])
+    try:
+        assert run() == 2
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+    assert "missing.png" in capsys.readouterr().err
