@@ -128,11 +128,13 @@ def test_console_script_and_module_run(tmp_path):
 def test_the_program_entry_returns_mains_status_and_skips_the_exit_collection(monkeypatch, tmp_path, capsys):
     import gc
 
-    from malaria_cells.cli import run
+    from malaria_cells.cli import main, run
 
-    monkeypatch.setattr(sys, "argv", ["malaria-cells", "predict", str(tmp_path / "missing.png")])
+    argv = ["predict", str(tmp_path / "missing.png")]
+    expected = main(argv)
+    monkeypatch.setattr(sys, "argv", ["malaria-cells", *argv])
     try:
-        assert run() == 2
+        assert run() == expected == 1
         assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
