@@ -96,6 +96,7 @@ def _inflate(contents: bytes, width: int, height: int, channels: int) -> np.ndar
     """The filtered rows (1 filter byte + ``width * channels`` bytes each) of a PNG whose
     chunks are all as expected, with good checksums; None otherwise."""
     compressed = []
+    view = memoryview(contents)  # slices of it are not copies
     position, end, previous_kind = 8, len(contents), b""
     while True:
         if position + 12 > end:
@@ -103,12 +104,12 @@ def _inflate(contents: bytes, width: int, height: int, channels: int) -> np.ndar
         (length,) = struct.unpack_from(">I", contents, position)
         kind = contents[position + 4 : position + 8]
         stop = position + 8 + length
-        if stop + 4 > end or zlib.crc32(contents[position + 4 : stop]) != struct.unpack_from(">I", contents, stop)[0]:
+        if stop + 4 > end or zlib.crc32(view[position + 4 : stop]) != struct.unpack_from(">I", contents, stop)[0]:
             return None
         if kind == b"IDAT":
             if compressed and previous_kind != b"IDAT":
                 return None  # image data split by another chunk: libpng says what it makes of it
-            compressed.append(contents[position + 8 : stop])
+            compressed.append(view[position + 8 : stop])
         elif kind == b"IEND":
             break
         elif (kind != b"IHDR" or position != 8) and kind not in _IGNORED_CHUNKS:
