@@ -37,6 +37,12 @@ def validation_cells(run: str):
 
     Returns (model, images, labels, patient ids), read with the model's own input size.
     """
+    return patient_cells(run, "val")
+
+
+def patient_cells(run: str, part: str, model=None):
+    """The model of a run (or ``model``) and the cells of its ``part`` patients: "train",
+    "val" or "test", as ``config.json`` lists them. Returns (model, images, labels, patient ids)."""
     import json
 
     import numpy as np
@@ -45,9 +51,9 @@ def validation_cells(run: str):
     from malaria_cells.data import read_images
 
     config = json.loads((Path(run) / "config.json").read_text())
-    model = load_model(run)
+    model = load_model(run if model is None else model)
     files = list_cell_images(config["data_root"])
     groups = np.array(files.groups)
-    index = np.flatnonzero(np.isin(groups, config["patients"]["val"]))
+    index = np.flatnonzero(np.isin(groups, config["patients"][part]))
     images, readable, _ = read_images([files.paths[i] for i in index], model.image_size)
     return model, images, files.labels[index][readable], groups[index][readable]
