@@ -17,7 +17,7 @@ depths and colour types, interlacing, a bad checksum, an unexpected chunk, a str
 does not inflate to the image's size) returns None or False and goes to libpng, which
 decodes it or says what is wrong.
 
-Importing numba and loading the compiled loops costs about 0.8 s of CPU, so :mod:`.data`
+Importing numba and loading the compiled loops costs about 0.5 s of CPU, so :mod:`.data`
 uses this module only after :func:`.data.load_kernels`, which the readers of many images
 and the server call. Without numba (a platform or NumPy it does not support yet) nothing
 changes but the speed.
@@ -62,7 +62,7 @@ def decode_png_into(contents: bytes, out: np.ndarray) -> bool:
 
     A PNG of twice the side is halved while it is decoded, with the rounding of
     :func:`halve` (the same pixels as decoding, then ``data.resize_images``), two rows at a
-    time, so the full image never leaves the CPU cache; alpha is dropped, as
+    time, so the full-size image is never written; alpha is dropped, as
     ``data.decode_image`` does. Returns False, with ``out`` unspecified, for whatever
     :func:`decode_png` would refuse and for other sizes.
     """
