@@ -480,4 +480,3 @@ def run() -> int:
     status = main()
     gc.freeze()
     return status
-

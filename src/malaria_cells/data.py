@@ -468,7 +468,7 @@ def _scipy_blas_deferred():
     numba's first compilation imports that module only to learn that np.dot could use BLAS
     (these loops never call it), and importing scipy.linalg costs ~0.3 s of CPU right when
     the decoding waits for the loops (the whole ``predict`` of 15,914 cells: 3.6-3.9 against
-    4.0-4.6 s). Anything else that imports it meanwhile gets a module that behaves as the
+    4.0-5.4 s). Anything else that imports it meanwhile gets a module that behaves as the
     real one, and the stand-in leaves ``sys.modules`` when numba is loaded.
     """
     import importlib.util
