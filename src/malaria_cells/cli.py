@@ -472,7 +472,7 @@ def run() -> int:
     """The ``malaria-cells`` program: :func:`main`, then an exit without the final garbage collection.
 
     At exit the interpreter collects every object left, and numba's and onnxruntime's are
-    many: ~0.2 s of a 3.5 s ``predict`` of 15,914 cells. Frozen objects are skipped; the
+    many: ~0.17 s of a 3.5 s ``predict`` of 15,914 cells. Frozen objects are skipped; the
     process ends right after, so nothing is kept that would have been freed.
     """
     import gc
