@@ -11,7 +11,7 @@ import pytest
 
 from malaria_cells import data
 
-kernels = pytest.importorskip("malaria_cells.kernels", reason="numba is not installed")
+kernels = pytest.importorskip("malaria_cells.kernels", reason="the C extension malaria_cells._pngloops was not built")
 
 
 def _chunk(kind: bytes, body: bytes, crc: int | None = None) -> bytes:
@@ -190,48 +190,40 @@ def test_halve_is_the_numpy_block_mean_rounding_halves_to_even(monkeypatch):
     np.testing.assert_array_equal(kernels.halve(images[:, :, ::-1]), data._halve(images[:, :, ::-1]))
 
 
-def test_load_kernels_can_be_switched_off(monkeypatch):
-    monkeypatch.setattr(data, "_kernels", None)
-    monkeypatch.setattr(data, "_kernels_loader", None)
+def test_kernels_can_be_switched_off(monkeypatch):
     monkeypatch.setenv("MALARIA_CELLS_NO_KERNELS", "1")
-    assert data.load_kernels() is False
-    assert data._kernels is None
+    assert data._import_kernels() is None
     monkeypatch.setenv("MALARIA_CELLS_NO_KERNELS", "0")
-    assert data.load_kernels() is True
-    assert data._kernels is kernels
+    assert data._import_kernels() is kernels
 
 
-def test_loading_waits_at_most_the_time_it_is_given(monkeypatch):
-    import threading
-    import time
-
-    release = threading.Event()
-
-    def slow_import():
-        release.wait(5)
-        data._kernels = kernels
-
-    monkeypatch.setattr(data, "_kernels", None)
-    monkeypatch.setattr(data, "_kernels_loader", None)
-    monkeypatch.setattr(data, "_import_kernels", slow_import)
-    monkeypatch.delenv("MALARIA_CELLS_NO_KERNELS", raising=False)
-    started = time.perf_counter()
-    assert data.load_kernels(wait=0.2) is False
-    assert 0.15 < time.perf_counter() - started < 2
-    assert data.load_kernels(wait=False) is False
-    release.set()
-    assert data.load_kernels(wait=True) is True
-
-
-def test_the_blas_stand_in_imports_the_real_module_when_read(monkeypatch):
+def test_without_the_compiled_loops_reading_goes_on_with_libpng(monkeypatch):
     import sys
 
-    pytest.importorskip("scipy")
-    monkeypatch.delitem(sys.modules, "scipy.linalg.cython_blas", raising=False)
-    with data._scipy_blas_deferred():
-        stand_in = sys.modules["scipy.linalg.cython_blas"]
-        assert isinstance(stand_in, data._ImportedOnUse)
-        capi = stand_in.__pyx_capi__  # what Cython modules read from it
-        assert "dgemm" in capi
-    real = sys.modules["scipy.linalg.cython_blas"]
-    assert real is not stand_in and real.__pyx_capi__ is capi
+    import malaria_cells
+
+    monkeypatch.delenv("MALARIA_CELLS_NO_KERNELS", raising=False)
+    monkeypatch.delitem(sys.modules, "malaria_cells.kernels")
+    monkeypatch.delattr(malaria_cells, "kernels")
+    monkeypatch.delattr(malaria_cells, "_pngloops")
+    monkeypatch.setitem(sys.modules, "malaria_cells._pngloops", None)  # as where no compiler built it
+    assert data._import_kernels() is None
+
+
+def test_the_loops_refuse_buffers_that_do_not_fit():
+    from malaria_cells import _pngloops
+
+    raw = np.zeros(4 * (12 + 1), np.uint8)
+    with pytest.raises(ValueError, match="too small"):
+        _pngloops.unfilter(raw[:-1], 4, 12, 3, np.empty(48, np.uint8))
+    with pytest.raises(ValueError, match="too small"):
+        _pngloops.unfilter(raw, 4, 12, 3, np.empty(47, np.uint8))
+    with pytest.raises(ValueError, match="geometry"):
+        _pngloops.unfilter(raw, 4, 12, 5, np.empty(48, np.uint8))
+    with pytest.raises(ValueError, match="even"):
+        _pngloops.unfilter_halved(raw[:39], 3, 12, 3, np.empty(6, np.uint8))
+    with pytest.raises(TypeError):  # read-only output
+        _pngloops.unfilter(raw, 4, 12, 3, bytes(48))
+    with pytest.raises(ValueError, match="shape"):
+        _pngloops.halve(np.zeros((1, 4, 4, 3), np.uint8), 1, 4, 4, 3, np.empty(11, np.uint8))
+    assert _pngloops.unfilter(raw, 4, 12, 3, out := np.ones(48, np.uint8)) and not out.any()

@@ -7,14 +7,11 @@ preprocessing function (:func:`preprocess_image`) and can never drift apart.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import re
 import struct
 import sys
-import threading
-import types
 import warnings
 from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
@@ -402,7 +399,7 @@ def decode_image(contents: bytes) -> np.ndarray:
     width, height = _dimensions(contents, codec)
     if width * height > MAX_IMAGE_PIXELS:
         raise UnreadableImage(f"image too large ({width}x{height} pixels; decompression bomb?)")
-    # The compiled PNG path, once loaded (see load_kernels), takes the common PNGs: same pixels, half the time.
+    # The compiled PNG path takes the common PNGs: same pixels, half the time.
     pixels = _kernels.decode_png(contents) if codec == "png" and _kernels is not None else None
     if pixels is None:
         try:
@@ -412,88 +409,20 @@ def decode_image(contents: bytes) -> np.ndarray:
     return _as_rgb8(np.asarray(pixels))
 
 
-_kernels = None  # the module malaria_cells.kernels, once imported and compiled by load_kernels
-_kernels_lock = threading.Lock()
-_kernels_loader: threading.Thread | None = None
-
-
-def load_kernels(wait: bool | float = True) -> bool:
-    """Switch decoding and 2x resizing to the compiled loops of :mod:`.kernels` (numba).
-
-    They give the same pixels in about half the time, but numba's import and first call
-    cost ~0.5 s of CPU, so only readers of many images (:data:`MANY_IMAGES`) and the
-    server call this; smaller jobs do not pay for it. The loops are loaded on a thread of
-    their own. ``wait``: True waits for them, False returns at once (reading goes on with
-    libpng and switches when they are ready), a number waits at most that many seconds.
-    Returns whether they are in use (False while loading, where numba cannot be imported,
-    e.g. it lags a new NumPy, or where the environment variable ``MALARIA_CELLS_NO_KERNELS``
-    is set to 1); nothing but the speed depends on it.
-    """
-    global _kernels_loader
-    with _kernels_lock:
-        if _kernels_loader is None and os.environ.get("MALARIA_CELLS_NO_KERNELS", "") in ("", "0"):
-            _kernels_loader = threading.Thread(target=_import_kernels, name="malaria-cells-kernels")
-            _kernels_loader.start()
-        loader = _kernels_loader
-    if wait is not False and loader is not None:
-        loader.join(None if wait is True else float(wait))
-    return _kernels is not None
-
-
-KERNELS_WAIT = 1.0
-"""Seconds a reader of many images waits for the compiled loops before it starts decoding.
-From numba's cache they load in ~0.4 s; decoding meanwhile with libpng gained nothing (the
-import holds the interpreter lock, so 2 threads decoded only ~400-900 cells while it took
-0.7-0.9 s instead of 0.4). The first run after installing compiles them (~7 s): then
-decoding starts with libpng after this wait and switches when they are ready."""
-
-
-def _import_kernels() -> None:
-    global _kernels
+def _import_kernels():
+    """The module :mod:`.kernels` (compiled PNG loops: same pixels, half the time), or None
+    where its C part was not built at install (no compiler) or the environment variable
+    ``MALARIA_CELLS_NO_KERNELS`` is 1: then libpng decodes everything; only speed differs."""
+    if os.environ.get("MALARIA_CELLS_NO_KERNELS", "") not in ("", "0"):
+        return None
     try:
-        with _scipy_blas_deferred():
-            from . import kernels
-
-            kernels.warm_up()
-    except Exception:  # noqa: BLE001 - ImportError, or numba refusing this NumPy or a cache folder
-        return
-    _kernels = kernels
+        from . import kernels
+    except ImportError:
+        return None
+    return kernels
 
 
-@contextlib.contextmanager
-def _scipy_blas_deferred():
-    """While numba loads, ``scipy.linalg.cython_blas`` is a stand-in that imports the real
-    module as soon as anything reads from it.
-
-    numba's first compilation imports that module only to learn that np.dot could use BLAS
-    (these loops never call it), and importing scipy.linalg costs ~0.3 s of CPU right when
-    the decoding waits for the loops (the whole ``predict`` of 15,914 cells: 3.6-3.9 against
-    4.0-5.4 s). Anything else that imports it meanwhile gets a module that behaves as the
-    real one, and the stand-in leaves ``sys.modules`` when numba is loaded.
-    """
-    import importlib.util
-
-    name = "scipy.linalg.cython_blas"
-    if name in sys.modules or importlib.util.find_spec("scipy") is None:
-        yield
-        return
-    stand_in = sys.modules[name] = _ImportedOnUse(name)
-    try:
-        yield
-    finally:
-        if sys.modules.get(name) is stand_in:
-            del sys.modules[name]
-
-
-class _ImportedOnUse(types.ModuleType):
-    """A module that imports the real one of its name when one of its attributes is read."""
-
-    def __getattr__(self, attribute):
-        import importlib
-
-        if sys.modules.get(self.__name__) is self:
-            del sys.modules[self.__name__]
-        return getattr(importlib.import_module(self.__name__), attribute)
+_kernels = _import_kernels()
 
 
 def _as_rgb8(pixels: np.ndarray) -> np.ndarray:
@@ -656,14 +585,6 @@ def _preprocess_all(items: Sequence, read, image_size: int) -> tuple[np.ndarray,
     return images[:count], failures
 
 
-MANY_IMAGES = 6_000
-"""From this many images on, the compiled loops of :func:`load_kernels` save more than they cost
-(~0.5 s of CPU to load numba, most of it holding the interpreter lock). ``predict`` on 2
-cores, whole command, libpng -> the loops (2 alternating runs each): 3,000 cells 1.18-1.31 ->
-1.43-1.48 s, 6,000 2.01-2.10 -> 1.99-2.27 s (even; less CPU with the loops), 10,000 3.42-3.54
--> 2.85-2.96 s."""
-
-
 def _workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
@@ -692,8 +613,6 @@ def preprocess_many(contents: Sequence[bytes], image_size: int) -> tuple[np.ndar
     reasons : list of str or None
         Why each input that did not decode was refused (None for the others).
     """
-    if len(contents) >= MANY_IMAGES:
-        load_kernels(wait=KERNELS_WAIT)
     decoded = np.ones(len(contents), bool)
     reasons: list = [None] * len(contents)
     size = max(1, -(-len(contents) // _workers()))
@@ -729,8 +648,6 @@ def iter_image_batches(paths: Sequence[str], image_size: int, batch_size: int = 
     """
     from collections import deque
 
-    if len(paths) >= MANY_IMAGES:
-        load_kernels(wait=KERNELS_WAIT)
     pool = _thread_pool()
     pending: deque = deque()
     tasks = iter(_chunks(list(paths), chunk))

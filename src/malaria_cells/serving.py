@@ -103,11 +103,10 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
         Maximum images and bytes per request, and pixels per image.
     """
     from . import __version__
-    from .data import load_kernels, preprocess_many
+    from .data import preprocess_many
     from .inference import label_for, load_model
 
     model = load_model(model)
-    load_kernels(wait=False)  # a server decodes many images over its life: the compiled decoder pays
     limits = limits or ServeLimits()
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     model_version = model.info.get("trained_at") or os.path.basename(model.path)
