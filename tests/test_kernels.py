@@ -14,6 +14,17 @@ from malaria_cells import data
 kernels = pytest.importorskip("malaria_cells.kernels", reason="the C extension malaria_cells._pngloops was not built")
 
 
+@pytest.fixture(autouse=True, params=["simd", "scalar"])
+def paeth_path(request):
+    """Each test runs with the SSE4.1 Paeth loop (where the CPU has it) and the plain one."""
+    from malaria_cells import _pngloops
+
+    before = _pngloops.simd()
+    _pngloops.simd(request.param == "simd")
+    yield
+    _pngloops.simd(before)
+
+
 def _chunk(kind: bytes, body: bytes, crc: int | None = None) -> bytes:
     crc = zlib.crc32(kind + body) if crc is None else crc
     return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
