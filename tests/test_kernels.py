@@ -74,12 +74,36 @@ def test_files_written_by_libpng_and_pillow_decode_the_same(tmp_path):
         np.testing.assert_array_equal(kernels.decode_png(png), pixels)
 
 
+def _split_image_data(png: bytes, parts: int) -> bytes:
+    """The same PNG with its image data in ``parts`` consecutive IDAT chunks."""
+    (length,) = struct.unpack(">I", png[33:37])
+    data = png[41 : 41 + length]
+    cuts = np.linspace(0, len(data), parts + 1).astype(int)
+    return png[:33] + b"".join(_chunk(b"IDAT", data[a:b]) for a, b in zip(cuts[:-1], cuts[1:])) + png[-12:]
+
+
+def test_image_data_in_several_chunks_decodes_the_same():
+    pixels = np.random.default_rng(12).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    png = _split_image_data(encode_png(pixels, [4] * 16), 3)
+    assert png.count(b"IDAT") == 3
+    np.testing.assert_array_equal(imagecodecs.png_decode(png), pixels)
+    np.testing.assert_array_equal(kernels.decode_png(png), pixels)
+    out = np.zeros((2, 16, 16, 3), np.uint8)
+    assert kernels.decode_cells([png, png], out) == [0, 0]
+    np.testing.assert_array_equal(out, [pixels, pixels])
+
+
 def test_text_and_colour_space_chunks_do_not_change_libpngs_pixels():
     pixels = np.random.default_rng(2).integers(0, 256, (9, 11, 3), dtype=np.uint8)
     extra = _chunk(b"gAMA", struct.pack(">I", 45455)) + _chunk(b"sRGB", b"\x00") + _chunk(b"tEXt", b"a\x00b")
     png = encode_png(pixels, [1] * 9, extra=extra)
     np.testing.assert_array_equal(imagecodecs.png_decode(png), pixels)  # what makes ignoring them right
     np.testing.assert_array_equal(kernels.decode_png(png), pixels)
+    out = np.zeros((1, 9, 11, 3), np.uint8)
+    assert kernels.decode_cells([png], out) == [-1]  # not square: not a cell this path takes
+    square = encode_png(pixels[:, :9], [1] * 9, extra=extra)
+    assert kernels.decode_cells([square], out := np.zeros((1, 9, 9, 3), np.uint8)) == [0]
+    np.testing.assert_array_equal(out[0], pixels[:, :9])
 
 
 def _with_filter_byte(value: int) -> bytes:
@@ -108,8 +132,10 @@ def test_anything_unusual_is_left_to_libpng(case):
         png = buffer.getvalue()
     elif case == "interlaced":
         png = encode_png(pixels, [2] * 6, interlace=1)
-    elif case == "bad crc":
-        png = png[:-20] + bytes([png[-20] ^ 1]) + png[-19:]
+    elif case == "bad crc":  # the image data's checksum itself: the data still inflates
+        png = png[:-16] + bytes([png[-16] ^ 1]) + png[-15:]
+        with pytest.raises(Exception):
+            imagecodecs.png_decode(png)  # libpng refuses it too
     elif case == "truncated":
         png = png[: len(png) // 2]
     elif case == "bad filter":
@@ -128,6 +154,9 @@ def test_anything_unusual_is_left_to_libpng(case):
     else:
         png = b"GIF89a" + png[6:]
     assert kernels.decode_png(png) is None
+    side = struct.unpack(">I", png[16:20])[0] if png.startswith(b"\x89PNG") else 6
+    for out_side in (side, side // 2):  # the whole-cell path, at the image's size and half of it
+        assert kernels.decode_cells([png], np.zeros((1, max(1, out_side), max(1, out_side), 3), np.uint8)) == [-1]
 
 
 @pytest.mark.parametrize("channels", [3, 4])
@@ -156,24 +185,53 @@ def test_decode_png_into_copies_a_png_of_its_size_and_refuses_other_sizes():
     assert not kernels.decode_png_into(_with_filter_byte(9)[:-12] + _chunk(b"IEND", b""), np.zeros((1, 1, 3), np.uint8))
 
 
-def test_reading_files_gives_the_same_cells_and_skips_with_the_kernels(tmp_path, monkeypatch):
+@pytest.mark.parametrize("path", ["whole cells in C", "decode_png_into"])
+def test_reading_files_gives_the_same_cells_and_skips_with_the_kernels(tmp_path, monkeypatch, path):
+    if path == "decode_png_into":
+        monkeypatch.setattr(kernels, "_libdeflate", False)  # as where libdeflate is not found
+        assert kernels.read_cells([], np.zeros((0, 8, 8, 3), np.uint8)) is None
     rng = np.random.default_rng(9)
     paths = []
-    for index, (side, channels) in enumerate([(16, 3), (8, 3), (16, 4), (13, 3), (8, 4), (32, 3)]):
+    for index, (side, channels) in enumerate([(16, 3), (8, 3), (16, 4), (13, 3), (8, 4), (32, 3), (16, 3)]):
         pixels = rng.integers(0, 256, (side, side, channels), dtype=np.uint8)
         paths.append(tmp_path / f"cell{index}.png")
         paths[-1].write_bytes(encode_png(pixels, rng.integers(0, 5, side)))
+    paths[-1].write_bytes(_split_image_data(paths[-1].read_bytes(), 4))
     (tmp_path / "broken.png").write_bytes(paths[0].read_bytes()[:70])
     (tmp_path / "cell.jpg").write_bytes(imagecodecs.jpeg8_encode(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)))
-    paths[3:3] = [tmp_path / "broken.png", tmp_path / "cell.jpg"]
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "folder.png").mkdir()
+    bad = [tmp_path / "broken.png", tmp_path / "empty.png", tmp_path / "missing.png", tmp_path / "folder.png"]
+    paths[3:3] = bad[:2] + [tmp_path / "cell.jpg"] + bad[2:]
     paths = [str(path) for path in paths]
     monkeypatch.setattr(data, "_kernels", None)
     expected = data._load_files(paths, 8)
     monkeypatch.setattr(data, "_kernels", kernels)
     kept, images, skipped = data._load_files(paths, 8)
-    assert kept == expected[0] and skipped == expected[2] and [p for p, _ in skipped] == paths[3:4]
+    assert kept == expected[0] and skipped == expected[2] and [p for p, _ in skipped] == [str(p) for p in bad]
+    assert [reason for _, reason in skipped] == ["corrupt or truncated PNG", "empty file", "No such file or directory",
+                                                 "Is a directory"]
     np.testing.assert_array_equal(images, expected[1])
-    assert images.shape == (len(paths) - 1, 8, 8, 3)
+    assert images.shape == (len(paths) - len(bad), 8, 8, 3)
+    if path == "whole cells in C":
+        out = np.zeros((len(paths), 8, 8, 3), np.uint8)
+        statuses = kernels.read_cells(paths, out)
+        assert [status == 0 for status in statuses] == [p.endswith(("cell0.png", "cell1.png", "cell2.png", "cell4.png",
+                                                                    "cell6.png")) for p in paths]
+        assert statuses[paths.index(str(bad[2]))] > 0 and statuses[paths.index(str(bad[3]))] > 0  # errno
+
+
+def test_images_in_memory_give_the_same_cells_with_the_kernels(monkeypatch):
+    rng = np.random.default_rng(11)
+    contents = [encode_png(rng.integers(0, 256, (side, side, channels), dtype=np.uint8), rng.integers(0, 5, side))
+                for side, channels in [(16, 3), (8, 4), (12, 3), (16, 4)]]
+    contents.insert(2, contents[0][:50])
+    monkeypatch.setattr(data, "_kernels", None)
+    expected = data.preprocess_many(contents, 8)
+    monkeypatch.setattr(data, "_kernels", kernels)
+    images, decoded, reasons = data.preprocess_many(contents, 8)
+    np.testing.assert_array_equal(images, expected[0])
+    assert list(decoded) == list(expected[1]) == [True, True, False, True, True] and reasons == expected[2]
 
 
 def test_decode_image_gives_the_same_pixels_and_errors_with_the_kernels(monkeypatch):

@@ -173,6 +173,39 @@ static void halve_rows(const uint8_t *upper, const uint8_t *lower, Py_ssize_t ch
     }
 }
 
+/* Undo the filters of `height` rows (1 filter byte + stride bytes each) into `target`;
+ * `zeros`: stride zero bytes, the row above the first. 0 on a bad filter byte. */
+static int unfilter_image(const uint8_t *source, Py_ssize_t height, Py_ssize_t stride, Py_ssize_t channels,
+                          uint8_t *target, const uint8_t *zeros)
+{
+    const uint8_t *previous = zeros;
+    for (Py_ssize_t y = 0; y < height; y++) {
+        const uint8_t *line = source + y * (stride + 1);
+        if (!unfilter_row(line[0], line + 1, previous, target + y * stride, channels, stride))
+            return 0;
+        previous = target + y * stride;
+    }
+    return 1;
+}
+
+/* unfilter_image two rows at a time, each pair halved into a row of (width / 2) RGB pixels
+ * of `target`; `rows`: 2 * stride bytes of scratch. height is even. */
+static int unfilter_image_halved(const uint8_t *source, Py_ssize_t height, Py_ssize_t stride, Py_ssize_t channels,
+                                 uint8_t *target, uint8_t *rows)
+{
+    Py_ssize_t width = stride / channels, out_stride = width / 2 * 3;
+    uint8_t *upper = rows, *lower = rows + stride;
+    memset(lower, 0, (size_t)stride);  /* the row above the first */
+    for (Py_ssize_t y = 0; y < height; y += 2) {
+        const uint8_t *first = source + y * (stride + 1), *second = first + stride + 1;
+        if (!unfilter_row(first[0], first + 1, lower, upper, channels, stride)
+            || !unfilter_row(second[0], second + 1, upper, lower, channels, stride))
+            return 0;
+        halve_rows(upper, lower, channels, width, target + y / 2 * out_stride);
+    }
+    return 1;
+}
+
 static int check_sizes(Py_ssize_t height, Py_ssize_t stride, Py_ssize_t channels, const Py_buffer *raw,
                        const Py_buffer *out, Py_ssize_t out_needed)
 {
@@ -204,14 +237,7 @@ static PyObject *unfilter(PyObject *module, PyObject *args)
         PyErr_NoMemory();
     if (zeros != NULL) {
         Py_BEGIN_ALLOW_THREADS
-        const uint8_t *source = raw.buf, *previous = zeros;
-        uint8_t *target = out.buf;
-        ok = 1;
-        for (Py_ssize_t y = 0; y < height && ok; y++) {
-            const uint8_t *line = source + y * (stride + 1);
-            ok = unfilter_row(line[0], line + 1, previous, target + y * stride, channels, stride);
-            previous = target + y * stride;
-        }
+        ok = unfilter_image(raw.buf, height, stride, channels, out.buf, zeros);
         Py_END_ALLOW_THREADS
         free(zeros);
     }
@@ -231,27 +257,18 @@ static PyObject *unfilter_halved(PyObject *module, PyObject *args)
     Py_ssize_t height, stride, channels;
     if (!PyArg_ParseTuple(args, "y*nnnw*", &raw, &height, &stride, &channels, &out))
         return NULL;
-    Py_ssize_t width = stride / (channels > 0 ? channels : 1), out_stride = width / 2 * 3;
+    Py_ssize_t out_stride = stride / (channels > 0 ? channels : 1) / 2 * 3;
     int ok = 0, valid = check_sizes(height, stride, channels, &raw, &out, height / 2 * out_stride);
     if (valid && height % 2) {
         PyErr_SetString(PyExc_ValueError, "height must be even");
         valid = 0;
     }
-    uint8_t *rows = valid ? calloc(2 * (size_t)stride, 1) : NULL;
+    uint8_t *rows = valid ? malloc(2 * (size_t)stride) : NULL;
     if (valid && rows == NULL)
         PyErr_NoMemory();
     if (rows != NULL) {
         Py_BEGIN_ALLOW_THREADS
-        const uint8_t *source = raw.buf;
-        uint8_t *upper = rows, *lower = rows + stride, *target = out.buf;  /* lower: zeros, the row above the first */
-        ok = 1;
-        for (Py_ssize_t y = 0; y < height && ok; y += 2) {
-            const uint8_t *first = source + y * (stride + 1), *second = first + stride + 1;
-            ok = unfilter_row(first[0], first + 1, lower, upper, channels, stride)
-                 && unfilter_row(second[0], second + 1, upper, lower, channels, stride);
-            if (ok)
-                halve_rows(upper, lower, channels, width, target + y / 2 * out_stride);
-        }
+        ok = unfilter_image_halved(raw.buf, height, stride, channels, out.buf, rows);
         Py_END_ALLOW_THREADS
         free(rows);
     }
@@ -317,11 +334,342 @@ static PyObject *simd(PyObject *module, PyObject *args)
     return PyBool_FromLong(use_sse41);
 }
 
+/* ---- Whole cells, bytes to batch row, without the GIL ------------------------------------
+ * kernels.py gives these libdeflate's functions (from the copy imagecodecs loads) and the
+ * names of the chunks to skip; then read_cells and decode_cells take a task's cells from
+ * files or bytes to their rows of the batch in one call: the same checks, inflating and
+ * unfiltering as kernels.decode_png_into, but no Python between the steps, so decoding
+ * threads do not queue for the GIL (two threads spent ~22 us of CPU more per cell than one). */
+
+typedef void *(*deflate_alloc_fn)(void);
+typedef void (*deflate_free_fn)(void *);
+typedef int (*zlib_decompress_fn)(void *, const void *, size_t, void *, size_t, size_t *);
+typedef uint32_t (*crc32_fn)(uint32_t, const void *, size_t);
+static deflate_alloc_fn deflate_alloc;
+static deflate_free_fn deflate_free;
+static zlib_decompress_fn zlib_decompress;
+static crc32_fn crc32_of;
+static char ignored_chunks[256];  /* 4-byte names, one after another */
+static size_t ignored_count;
+
+PyDoc_STRVAR(set_libdeflate_doc,
+"set_libdeflate(alloc_decompressor, free_decompressor, zlib_decompress, crc32, ignored_chunks)\n\n"
+"Addresses of libdeflate's functions (ctypes), and the chunk names (4 bytes each) that do\n"
+"not change the pixels. Until this is called, read_cells and decode_cells refuse.");
+
+static PyObject *set_libdeflate(PyObject *module, PyObject *args)
+{
+    unsigned long long alloc, release, decompress, crc;
+    Py_buffer names;
+    if (!PyArg_ParseTuple(args, "KKKKy*", &alloc, &release, &decompress, &crc, &names))
+        return NULL;
+    int valid = names.len % 4 == 0 && (size_t)names.len <= sizeof ignored_chunks && alloc && release && decompress
+                && crc;
+    if (valid) {
+        memcpy(ignored_chunks, names.buf, (size_t)names.len);
+        ignored_count = (size_t)names.len / 4;
+        deflate_alloc = (deflate_alloc_fn)(uintptr_t)alloc;
+        deflate_free = (deflate_free_fn)(uintptr_t)release;
+        zlib_decompress = (zlib_decompress_fn)(uintptr_t)decompress;
+        crc32_of = (crc32_fn)(uintptr_t)crc;
+    }
+    PyBuffer_Release(&names);
+    if (!valid) {
+        PyErr_SetString(PyExc_ValueError, "bad libdeflate addresses or chunk names");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+typedef struct {
+    void *decompressor;
+    uint8_t *raw, *scratch, *joined, *file;
+    size_t raw_size, scratch_size, joined_size, file_size;
+} buffers;
+
+static int reserve(uint8_t **buffer, size_t *size, size_t needed)
+{
+    if (*size >= needed)
+        return 1;
+    free(*buffer);
+    *buffer = malloc(needed);
+    *size = *buffer ? needed : 0;
+    return *buffer != NULL;
+}
+
+static void release_buffers(buffers *b)
+{
+    if (b->decompressor)
+        deflate_free(b->decompressor);
+    free(b->raw), free(b->scratch), free(b->joined), free(b->file);
+}
+
+static uint32_t big_endian(const uint8_t *p)
+{
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+static const uint8_t png_start[16] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n', 0, 0, 0, 13, 'I', 'H', 'D', 'R'};
+
+/* The channels (3 or 4) of an 8-bit RGB/RGBA, non-interlaced PNG of side x side or twice
+ * that, from its first 33 bytes; 0 for anything else. */
+static int cell_channels(const uint8_t *data, size_t size, Py_ssize_t side)
+{
+    if (size < 33 || memcmp(data, png_start, 16))
+        return 0;
+    uint32_t width = big_endian(data + 16), height = big_endian(data + 20);
+    int channels = data[25] == 2 ? 3 : data[25] == 6 ? 4 : 0;
+    if (data[24] != 8 || !channels || data[26] || data[27] || data[28] || width != height
+        || (width != (uint32_t)side && width != 2 * (uint32_t)side))
+        return 0;
+    return channels;
+}
+
+static int ignored_chunk(const uint8_t *kind)
+{
+    for (size_t i = 0; i < ignored_count; i++)
+        if (!memcmp(kind, ignored_chunks + 4 * i, 4))
+            return 1;
+    return 0;
+}
+
+/* One PNG (already passed by cell_channels) into its row `target` (side x side x 3). 1 when
+ * decoded; 0 for whatever kernels._inflate or the unfiltering would refuse. */
+static int decode_cell(const uint8_t *data, size_t size, Py_ssize_t side, int channels, uint8_t *target,
+                       buffers *b)
+{
+    Py_ssize_t width = big_endian(data + 16), stride = width * channels;
+    const uint8_t *image = NULL, *previous_kind = NULL;
+    size_t image_size = 0, position = 8;
+    for (;;) {
+        if (position + 12 > size)
+            return 0;  /* no IEND: truncated */
+        size_t length = big_endian(data + position), stop = position + 8 + length;
+        const uint8_t *kind = data + position + 4;
+        if (stop + 4 > size || crc32_of(0, kind, length + 4) != big_endian(data + stop))
+            return 0;
+        if (!memcmp(kind, "IDAT", 4)) {
+            if (image != NULL && memcmp(previous_kind, "IDAT", 4))
+                return 0;  /* image data split by another chunk */
+            if (image == NULL)
+                image = data + position + 8, image_size = length;
+            else {  /* joined into one stream: at most the file's size */
+                if (image != b->joined) {
+                    if (!reserve(&b->joined, &b->joined_size, size))
+                        return 0;
+                    memcpy(b->joined, image, image_size);
+                    image = b->joined;
+                }
+                memcpy(b->joined + image_size, data + position + 8, length);
+                image_size += length;
+            }
+        } else if (!memcmp(kind, "IEND", 4))
+            break;
+        else if ((memcmp(kind, "IHDR", 4) || position != 8) && !ignored_chunk(kind))
+            return 0;
+        previous_kind = kind;
+        position = stop + 4;
+    }
+    size_t expected = (size_t)width * (stride + 1), inflated = 0;
+    if (image == NULL || !reserve(&b->raw, &b->raw_size, expected))
+        return 0;
+    if (b->decompressor == NULL && (b->decompressor = deflate_alloc()) == NULL)
+        return 0;
+    if (zlib_decompress(b->decompressor, image, image_size, b->raw, expected, &inflated) != 0 || inflated != expected)
+        return 0;
+    if (width == 2 * side)
+        return reserve(&b->scratch, &b->scratch_size, 2 * (size_t)stride)
+               && unfilter_image_halved(b->raw, width, stride, channels, target, b->scratch);
+    /* the model's size: unfiltered where it goes, or beside it for RGBA, whose alpha is dropped */
+    size_t pixels_size = channels == 3 ? 0 : (size_t)width * stride;
+    if (!reserve(&b->scratch, &b->scratch_size, pixels_size + (size_t)stride))
+        return 0;
+    uint8_t *zeros = b->scratch + pixels_size, *pixels = channels == 3 ? target : b->scratch;
+    memset(zeros, 0, (size_t)stride);
+    if (!unfilter_image(b->raw, width, stride, channels, pixels, zeros))
+        return 0;
+    if (channels == 4)
+        for (Py_ssize_t i = 0; i < width * width; i++)
+            memcpy(target + 3 * i, pixels + 4 * i, 3);
+    return 1;
+}
+
+enum { DECODED = 0, ELSEWHERE = -1 };  /* else: an errno */
+
+#ifndef _WIN32
+#include <errno.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+static ssize_t read_fully(int fd, uint8_t *buffer, size_t size)
+{
+    size_t done = 0;
+    while (done < size) {
+        ssize_t got = read(fd, buffer + done, size - done);
+        if (got < 0 && errno == EINTR)
+            continue;
+        if (got <= 0)
+            return got < 0 ? -1 : (ssize_t)done;
+        done += (size_t)got;
+    }
+    return (ssize_t)done;
+}
+
+/* One file: DECODED, ELSEWHERE (not a cell this path takes: the caller reads and decodes it
+ * as any other image, and says what is wrong with it), or the errno of a failed read. */
+static int read_cell(const char *path, Py_ssize_t side, uint8_t *target, buffers *b)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return errno;
+    struct stat status;
+    int result = ELSEWHERE;
+    uint8_t extra;
+    if (fstat(fd, &status) != 0)
+        result = errno;
+    else if (S_ISDIR(status.st_mode))
+        result = EISDIR;
+    else if (S_ISREG(status.st_mode) && status.st_size >= 33 && status.st_size <= (1 << 26)
+             && reserve(&b->file, &b->file_size, (size_t)status.st_size)) {
+        size_t size = (size_t)status.st_size;
+        ssize_t got = read_fully(fd, b->file, 33);  /* the header first: other images are not read here */
+        int channels = got == 33 ? cell_channels(b->file, size, side) : 0;
+        if (got < 0)
+            result = errno;
+        else if (channels && (got = read_fully(fd, b->file + 33, size - 33)) == (ssize_t)(size - 33)
+                 && read_fully(fd, &extra, 1) == 0 && decode_cell(b->file, size, side, channels, target, b))
+            result = DECODED;
+    }
+    close(fd);
+    return result;
+}
+#endif
+
+static PyObject *cells_result(const int *results, Py_ssize_t count)
+{
+    PyObject *list = PyList_New(count);
+    for (Py_ssize_t i = 0; list != NULL && i < count; i++) {
+        PyObject *item = PyLong_FromLong(results[i]);
+        if (item == NULL) {
+            Py_CLEAR(list);
+            break;
+        }
+        PyList_SET_ITEM(list, i, item);
+    }
+    return list;
+}
+
+static int check_batch(const Py_buffer *out, Py_ssize_t count, Py_ssize_t side)
+{
+    if (zlib_decompress == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "set_libdeflate has not been called");
+        return 0;
+    }
+    if (side < 1 || out->len < count * side * side * 3) {
+        PyErr_SetString(PyExc_ValueError, "out is smaller than count x side x side x 3");
+        return 0;
+    }
+    return 1;
+}
+
+PyDoc_STRVAR(decode_cells_doc,
+"decode_cells(contents, side, out) -> list of int\n\n"
+"Decode each bytes-like of `contents` into its row of `out` (n, side, side, 3) uint8 where it\n"
+"is an 8-bit RGB/RGBA PNG of side or 2 x side pixels that decodes exactly (halved as it is\n"
+"decoded, as kernels.decode_png_into). Per item: 0 decoded, -1 left to the caller.");
+
+static PyObject *decode_cells(PyObject *module, PyObject *args)
+{
+    PyObject *items;
+    Py_ssize_t side;
+    Py_buffer out;
+    if (!PyArg_ParseTuple(args, "O!nw*", &PyList_Type, &items, &side, &out))
+        return NULL;
+    Py_ssize_t count = PyList_GET_SIZE(items), ready = 0;
+    Py_buffer *views = check_batch(&out, count, side) ? PyMem_Calloc((size_t)count + 1, sizeof(Py_buffer)) : NULL;
+    int *results = views ? PyMem_Calloc((size_t)count + 1, sizeof(int)) : NULL;
+    PyObject *list = NULL;
+    if (results != NULL) {
+        for (; ready < count; ready++)
+            if (PyObject_GetBuffer(PyList_GET_ITEM(items, ready), &views[ready], PyBUF_SIMPLE) < 0)
+                break;
+    }
+    if (results != NULL && ready == count) {
+        buffers b = {0};
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < count; i++) {
+            const uint8_t *data = views[i].buf;
+            size_t size = (size_t)views[i].len;
+            int channels = cell_channels(data, size, side);
+            results[i] = channels && decode_cell(data, size, side, channels, (uint8_t *)out.buf + i * side * side * 3, &b)
+                         ? DECODED : ELSEWHERE;
+        }
+        release_buffers(&b);
+        Py_END_ALLOW_THREADS
+        list = cells_result(results, count);
+    }
+    for (Py_ssize_t i = 0; i < ready; i++)
+        PyBuffer_Release(&views[i]);
+    if (views != NULL && results == NULL && !PyErr_Occurred())
+        PyErr_NoMemory();
+    PyMem_Free(views), PyMem_Free(results);
+    PyBuffer_Release(&out);
+    return list;
+}
+
+#ifndef _WIN32
+PyDoc_STRVAR(read_cells_doc,
+"read_cells(paths, side, out) -> list of int\n\n"
+"decode_cells for files: each is read (its header first) and decoded into its row of `out`.\n"
+"Per path: 0 decoded, -1 left to the caller (any other image, or anything unusual), or\n"
+"the errno of a failed open or read.");
+
+static PyObject *read_cells(PyObject *module, PyObject *args)
+{
+    PyObject *paths;
+    Py_ssize_t side;
+    Py_buffer out;
+    if (!PyArg_ParseTuple(args, "O!nw*", &PyList_Type, &paths, &side, &out))
+        return NULL;
+    Py_ssize_t count = PyList_GET_SIZE(paths), ready = 0;
+    PyObject **encoded = check_batch(&out, count, side) ? PyMem_Calloc((size_t)count + 1, sizeof(PyObject *)) : NULL;
+    int *results = encoded ? PyMem_Calloc((size_t)count + 1, sizeof(int)) : NULL;
+    PyObject *list = NULL;
+    if (results != NULL) {
+        for (; ready < count; ready++)
+            if (!PyUnicode_FSConverter(PyList_GET_ITEM(paths, ready), &encoded[ready]))
+                break;
+    }
+    if (results != NULL && ready == count) {
+        buffers b = {0};
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < count; i++)
+            results[i] = read_cell(PyBytes_AS_STRING(encoded[i]), side, (uint8_t *)out.buf + i * side * side * 3, &b);
+        release_buffers(&b);
+        Py_END_ALLOW_THREADS
+        list = cells_result(results, count);
+    }
+    for (Py_ssize_t i = 0; i < ready; i++)
+        Py_DECREF(encoded[i]);
+    if (encoded != NULL && results == NULL && !PyErr_Occurred())
+        PyErr_NoMemory();
+    PyMem_Free(encoded), PyMem_Free(results);
+    PyBuffer_Release(&out);
+    return list;
+}
+#endif
+
 static PyMethodDef methods[] = {
     {"simd", simd, METH_VARARGS, simd_doc},
     {"unfilter", unfilter, METH_VARARGS, unfilter_doc},
     {"unfilter_halved", unfilter_halved, METH_VARARGS, unfilter_halved_doc},
     {"halve", halve, METH_VARARGS, halve_doc},
+    {"set_libdeflate", set_libdeflate, METH_VARARGS, set_libdeflate_doc},
+    {"decode_cells", decode_cells, METH_VARARGS, decode_cells_doc},
+#ifndef _WIN32
+    {"read_cells", read_cells, METH_VARARGS, read_cells_doc},
+#endif
     {NULL, NULL, 0, NULL},
 };
 

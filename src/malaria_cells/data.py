@@ -546,7 +546,7 @@ def preprocess_image(contents: bytes, image_size: int) -> np.ndarray:
     UnreadableImage
         When the bytes are not a readable image, with the reason.
     """
-    images, failures = _preprocess_all([contents], bytes, image_size)
+    images, failures = _preprocess_all([contents], image_size, files=False)
     if failures:
         raise UnreadableImage(failures[0][1])
     return images[0]
@@ -563,26 +563,35 @@ def _read_file(path: str) -> bytes:
     return contents
 
 
-def _preprocess_all(items: Sequence, read, image_size: int) -> tuple[np.ndarray, list[tuple[int, str]]]:
-    """:func:`preprocess_image` of ``read(item)`` for each item: (the images, in order, of
-    those that decoded; [(position, reason)] of the others)."""
+def _preprocess_all(items: Sequence, image_size: int, *, files: bool) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    """:func:`preprocess_image` of each item (paths where ``files``, else encoded bytes):
+    (the images, in order, of those that decoded; [(position, reason)] of the others)."""
     images = np.empty((len(items), image_size, image_size, 3), np.uint8)
+    # The compiled path takes the common cells (PNGs of the model's size or twice it, such as
+    # the NIH cells) from file or bytes to their row of the batch in one call without the
+    # GIL, halving them as it decodes: the same pixels as below. It leaves the rest here.
+    done = None
+    if _kernels is not None:
+        done = (_kernels.read_cells if files else _kernels.decode_cells)(items, images)
     failures: list[tuple[int, str]] = []
     others: dict[int, np.ndarray] = {}  # row -> decoded image, resized together below
-    count = 0
     for position, item in enumerate(items):
+        status = -1 if done is None else done[position]
+        if status == 0:
+            continue
         try:
-            contents = read(item)
-            # The compiled decoder writes PNGs of the model's size or twice it (the NIH
-            # cells) straight into their row, halving them as it decodes: same pixels.
-            if _kernels is None or not _kernels.decode_png_into(contents, images[count]):
-                others[count] = decode_image(contents)
-            count += 1
+            if status > 0:
+                raise UnreadableImage(os.strerror(status))
+            contents = _read_file(item) if files else bytes(item)
+            if done is not None or _kernels is None or not _kernels.decode_png_into(contents, images[position]):
+                others[position] = decode_image(contents)
         except UnreadableImage as error:
             failures.append((position, str(error)))
     if others:
         images[list(others)] = resize_images(list(others.values()), image_size)
-    return images[:count], failures
+    if failures:
+        images = np.delete(images, [position for position, _ in failures], axis=0)
+    return images, failures
 
 
 def _workers() -> int:
@@ -619,7 +628,7 @@ def preprocess_many(contents: Sequence[bytes], image_size: int) -> tuple[np.ndar
     parts = _chunks(list(contents), size)
 
     def preprocess(part):
-        return _preprocess_all(part, bytes, image_size)
+        return _preprocess_all(part, image_size, files=False)
 
     # One image is decoded here: handing it to a thread would only add latency.
     results = list(_thread_pool().map(preprocess, parts) if len(parts) > 1 else map(preprocess, parts))
@@ -632,7 +641,7 @@ def preprocess_many(contents: Sequence[bytes], image_size: int) -> tuple[np.ndar
 
 
 def _load_files(paths: Sequence[str], image_size: int):
-    images, failures = _preprocess_all(paths, _read_file, image_size)
+    images, failures = _preprocess_all(paths, image_size, files=True)
     bad = {position for position, _ in failures}
     return ([p for i, p in enumerate(paths) if i not in bad], images,
             [(paths[position], reason) for position, reason in failures])

@@ -83,6 +83,80 @@ def decode_png_into(contents: bytes, out: np.ndarray) -> bool:
     return inflated is not None and _pngloops.unfilter_halved(inflated, height, width * channels, channels, out)
 
 
+def read_cells(paths: list[str], out: np.ndarray) -> list[int] | None:
+    """Read and decode files straight into ``out`` (n, s, s, 3) uint8, as
+    :func:`decode_png_into` does, all in C without the GIL (see :func:`_find_libdeflate`).
+
+    Returns, per path, 0 (decoded into its row), -1 (not done here: any other image, or
+    anything unusual; read and decode it otherwise, which also says what is wrong), or the
+    errno of a failed read; None where this path is not available (libdeflate not found,
+    Windows).
+    """
+    if not _libdeflate_ready() or not hasattr(_pngloops, "read_cells"):
+        return None
+    return _pngloops.read_cells(paths if isinstance(paths, list) else list(paths), out.shape[1], out)
+
+
+def decode_cells(contents: list[bytes], out: np.ndarray) -> list[int] | None:
+    """:func:`read_cells` for images held in memory: per item 0 (decoded) or -1 (not done here)."""
+    if not _libdeflate_ready():
+        return None
+    return _pngloops.decode_cells(contents if isinstance(contents, list) else list(contents), out.shape[1], out)
+
+
+_libdeflate = None  # the ctypes handle, kept so that the library stays loaded
+
+
+def _libdeflate_ready() -> bool:
+    global _libdeflate
+    if _libdeflate is None:
+        _libdeflate = _find_libdeflate() or False
+    return bool(_libdeflate)
+
+
+def _find_libdeflate():
+    """libdeflate as imagecodecs loaded it, handed to the C loops; None where it is not found.
+
+    imagecodecs inflates with libdeflate but offers no C interface, so ctypes opens the same
+    shared library (on Linux found in the process's memory map, elsewhere beside imagecodecs
+    or on the system) and the loops call it directly.
+    """
+    import ctypes
+    import glob
+    import os
+
+    from imagecodecs import _deflate  # loads the library
+
+    candidates = []
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            candidates += [line.split(None, 5)[-1].strip() for line in maps if "libdeflate" in line]
+    except OSError:
+        pass
+    package = os.path.dirname(_deflate.__file__)
+    for folder in (package, os.path.join(package, ".dylibs"), package + ".libs"):
+        candidates += sorted(glob.glob(os.path.join(folder, "*deflate*.*[sd][oyl]*")))
+    for candidate in [*dict.fromkeys(candidates), _system_libdeflate]:
+        path = candidate() if callable(candidate) else candidate
+        try:
+            library = ctypes.CDLL(path) if path else None
+            addresses = [ctypes.cast(getattr(library, name), ctypes.c_void_p).value for name in (
+                "libdeflate_alloc_decompressor", "libdeflate_free_decompressor", "libdeflate_zlib_decompress",
+                "libdeflate_crc32")] if library else None
+        except (OSError, AttributeError):  # not a library, or not libdeflate
+            continue
+        if addresses:
+            _pngloops.set_libdeflate(*addresses, b"".join(sorted(_IGNORED_CHUNKS)))
+            return library
+    return None
+
+
+def _system_libdeflate() -> str | None:
+    import ctypes.util  # imports subprocess: only when nothing else was found
+
+    return ctypes.util.find_library("deflate")
+
+
 def _header(contents: bytes) -> tuple[int, int, int] | None:
     """``(width, height, channels)`` of an image this module decodes, from its IHDR chunk."""
     if len(contents) < 33 or contents[:8] != _SIGNATURE or contents[8:16] != b"\x00\x00\x00\x0dIHDR":
