@@ -139,3 +139,18 @@ def test_the_program_entry_returns_mains_status_and_skips_the_exit_collection(mo
     finally:
         gc.unfreeze()
     assert "missing.png" in capsys.readouterr().err
+
+
+def test_progress_bar_only_on_a_terminal_for_long_jobs(monkeypatch):
+    from tqdm import tqdm
+
+    from malaria_cells import cli
+
+    assert isinstance(cli._progress_bar(10), cli._NoProgress)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    assert isinstance(cli._progress_bar(5000), cli._NoProgress)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert isinstance(cli._progress_bar(10), cli._NoProgress)
+    bar = cli._progress_bar(5000)
+    assert isinstance(bar, tqdm) and bar.total == 5000
+    bar.close()

@@ -6,3 +6,5 @@ COLORS = ("rgb", "gray")
 AUGMENTATIONS = ("none", "flips", "flips+color", "flips+stain", "flips+color+focus")
 SPLITS = ("patient", "random")
 SCHEDULES = ("cosine", "constant")
+PRESET_NAMES = ("tutorial",)
+"""Named recipes of ``training.PRESETS``."""
