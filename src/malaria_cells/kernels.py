@@ -2,23 +2,27 @@
 
 Cell crops are nearly always 8-bit RGB PNGs. libpng (through imagecodecs) takes about
 230 us for a 128 px NIH cell: 130 inflating with zlib, most of the rest undoing the
-per-row filters. :func:`decode_png` inflates with libdeflate (also through imagecodecs,
-about 50 us) and undoes the filters in a compiled loop, halving decoding, the largest
-cost of ``predict`` on a folder. :func:`decode_png_into` goes further for cells of the
-model's input size or twice it (the NIH cells, 128 -> 64 px): it writes them straight
-into their row of the batch, halving two rows at a time as they are decoded, so the
-full-size image is never written. :func:`halve` is the 2x2 block mean of ``data._halve``
-for images decoded otherwise.
+per-row filters. Here they are inflated with libdeflate (about 50 us) and unfiltered in
+loops written for PNG's Paeth filter (SSE4.1 where the CPU has it).
+
+- :func:`read_cells` and :func:`decode_cells` take a task's cells of the model's input size
+  or twice it (the NIH cells, 128 -> 64 px) from file or bytes to their rows of the batch in
+  one C call without the GIL, halving them two rows at a time as they are decoded: ~100 us
+  per NIH cell from file to network input. They call libdeflate directly, the copy that
+  imagecodecs ships (:func:`_find_libdeflate`).
+- :func:`decode_png` (any size) and :func:`decode_png_into` (the same cells, where
+  libdeflate's functions were not found) inflate through imagecodecs and unfilter in C.
+- :func:`halve` is the 2x2 block mean of ``data._halve`` for images decoded otherwise.
 
 All give the same pixels as the code they stand in for (tested; on all 15,914 NIH
 cells too), and they take only what they can decode exactly: anything else (other bit
 depths and colour types, interlacing, a bad checksum, an unexpected chunk, a stream that
-does not inflate to the image's size) returns None or False and goes to libpng, which
-decodes it or says what is wrong.
+does not inflate to the image's size) is refused and goes to libpng, which decodes it or
+says what is wrong.
 
 The loops are a C extension built when the package is installed; where it could not be
 built (no C compiler), importing this module fails and :mod:`.data` decodes with libpng:
-nothing changes but the speed. They load in well under a millisecond and release the GIL.
+nothing changes but the speed. They load in well under a millisecond.
 """
 
 from __future__ import annotations
