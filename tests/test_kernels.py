@@ -296,3 +296,14 @@ def test_the_loops_refuse_buffers_that_do_not_fit():
     with pytest.raises(ValueError, match="shape"):
         _pngloops.halve(np.zeros((1, 4, 4, 3), np.uint8), 1, 4, 4, 3, np.empty(11, np.uint8))
     assert _pngloops.unfilter(raw, 4, 12, 3, out := np.ones(48, np.uint8)) and not out.any()
+
+
+def test_info_says_which_png_decoder_is_in_use(monkeypatch):
+    assert data.png_decoder().startswith("the package's C loops")
+    assert ("SSE4.1" in data.png_decoder()) == kernels._pngloops.simd()
+    monkeypatch.setattr(kernels, "_libdeflate", False)
+    assert "inflating through imagecodecs" in data.png_decoder()
+    monkeypatch.setattr(data, "_kernels", None)
+    assert "install a C compiler" in data.png_decoder()
+    monkeypatch.setenv("MALARIA_CELLS_NO_KERNELS", "1")
+    assert "MALARIA_CELLS_NO_KERNELS" in data.png_decoder()

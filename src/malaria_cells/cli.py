@@ -404,6 +404,7 @@ def _calibration_images(folder, model, count: int = 400):
 
 
 def run_info(args) -> int:
+    from .data import png_decoder
     from .inference import DEFAULT_MODEL, DEFAULT_MODEL_ONNX, load_model
 
     model = load_model(args.model)
@@ -411,7 +412,7 @@ def run_info(args) -> int:
     summary = {"model": model.path, "runtime": model.runtime, "image_size": model.image_size,
                "threshold": model.threshold,
                "parameters": int(keras_model.count_params()) if keras_model is not None else None,
-               "file_bytes": os.path.getsize(model.path), "info": model.info}
+               "file_bytes": os.path.getsize(model.path), "png_decoder": png_decoder(), "info": model.info}
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
         return EXIT_OK
@@ -423,6 +424,7 @@ def run_info(args) -> int:
     print(f"threshold   {model.threshold:.4f}")
     parameters = f"{summary['parameters']:,}  " if keras_model is not None else ""
     print(f"size        {parameters}({summary['file_bytes'] / 1e6:.2f} MB on disk)")
+    print(f"png decoder {summary['png_decoder']}")
     for key, value in model.info.items():
         print(f"{key:<11} {json.dumps(value, default=str) if isinstance(value, (dict, list)) else value}")
     return EXIT_OK

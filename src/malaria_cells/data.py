@@ -425,6 +425,19 @@ def _import_kernels():
 _kernels = _import_kernels()
 
 
+def png_decoder() -> str:
+    """Which PNG decoder reading uses on this installation, in words (``malaria-cells info``)."""
+    if _kernels is None:
+        if os.environ.get("MALARIA_CELLS_NO_KERNELS", "") not in ("", "0"):
+            return "libpng (MALARIA_CELLS_NO_KERNELS is set)"
+        return ("libpng: the package's C loops were not built at install; install a C compiler (gcc or "
+                "clang) and reinstall malaria-cells to decode cells about 3x faster")
+    simd = " with SSE4.1" if _kernels._pngloops.simd() else ""
+    cells = ("whole cells in C, inflated by libdeflate" if _kernels._libdeflate_ready()
+             else "libdeflate's functions not found: inflating through imagecodecs")
+    return f"the package's C loops{simd}; {cells}"
+
+
 def _as_rgb8(pixels: np.ndarray) -> np.ndarray:
     if pixels.ndim == 4:  # frames or pages
         pixels = pixels[0]
