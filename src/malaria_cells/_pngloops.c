@@ -264,25 +264,38 @@ PyDoc_STRVAR(unfilter_doc,
 "Undo PNG's per-row filters of `raw` (height rows of 1 filter byte + stride bytes) into\n"
 "`out` (height * stride bytes, writable). False on a bad filter byte.");
 
-static PyObject *unfilter(PyObject *module, PyObject *args)
+/* unfilter and unfilter_halved: the same checks and buffers, then one of the two loops. */
+static PyObject *unfilter_call(PyObject *args, int halved)
 {
     Py_buffer raw, out;
     Py_ssize_t height, stride, channels;
     if (!PyArg_ParseTuple(args, "y*nnnw*", &raw, &height, &stride, &channels, &out))
         return NULL;
-    int ok = 0, valid = check_sizes(height, stride, channels, &raw, &out, height * stride);
-    uint8_t *zeros = valid ? calloc((size_t)stride, 1) : NULL;
-    if (valid && zeros == NULL)
+    Py_ssize_t out_stride = halved ? stride / (channels > 0 ? channels : 1) / 2 * 3 : stride;
+    int ok = 0, valid = check_sizes(height, stride, channels, &raw, &out, (halved ? height / 2 : height) * out_stride);
+    if (valid && halved && height % 2) {
+        PyErr_SetString(PyExc_ValueError, "height must be even");
+        valid = 0;
+    }
+    /* halved: two rows of scratch; else the zero row above the first */
+    uint8_t *scratch = valid ? calloc(halved ? 2 : 1, (size_t)stride) : NULL;
+    if (valid && scratch == NULL)
         PyErr_NoMemory();
-    if (zeros != NULL) {
+    if (scratch != NULL) {
         Py_BEGIN_ALLOW_THREADS
-        ok = unfilter_image(raw.buf, height, stride, channels, out.buf, zeros);
+        ok = halved ? unfilter_image_halved(raw.buf, height, stride, channels, out.buf, scratch)
+                    : unfilter_image(raw.buf, height, stride, channels, out.buf, scratch);
         Py_END_ALLOW_THREADS
-        free(zeros);
+        free(scratch);
     }
     PyBuffer_Release(&raw);
     PyBuffer_Release(&out);
-    return zeros == NULL ? NULL : PyBool_FromLong(ok);
+    return scratch == NULL ? NULL : PyBool_FromLong(ok);
+}
+
+static PyObject *unfilter(PyObject *module, PyObject *args)
+{
+    return unfilter_call(args, 0);
 }
 
 PyDoc_STRVAR(unfilter_halved_doc,
@@ -292,28 +305,7 @@ PyDoc_STRVAR(unfilter_halved_doc,
 
 static PyObject *unfilter_halved(PyObject *module, PyObject *args)
 {
-    Py_buffer raw, out;
-    Py_ssize_t height, stride, channels;
-    if (!PyArg_ParseTuple(args, "y*nnnw*", &raw, &height, &stride, &channels, &out))
-        return NULL;
-    Py_ssize_t out_stride = stride / (channels > 0 ? channels : 1) / 2 * 3;
-    int ok = 0, valid = check_sizes(height, stride, channels, &raw, &out, height / 2 * out_stride);
-    if (valid && height % 2) {
-        PyErr_SetString(PyExc_ValueError, "height must be even");
-        valid = 0;
-    }
-    uint8_t *rows = valid ? malloc(2 * (size_t)stride) : NULL;
-    if (valid && rows == NULL)
-        PyErr_NoMemory();
-    if (rows != NULL) {
-        Py_BEGIN_ALLOW_THREADS
-        ok = unfilter_image_halved(raw.buf, height, stride, channels, out.buf, rows);
-        Py_END_ALLOW_THREADS
-        free(rows);
-    }
-    PyBuffer_Release(&raw);
-    PyBuffer_Release(&out);
-    return rows == NULL ? NULL : PyBool_FromLong(ok);
+    return unfilter_call(args, 1);
 }
 
 PyDoc_STRVAR(halve_doc,
