@@ -296,6 +296,14 @@ def test_the_loops_refuse_buffers_that_do_not_fit():
     with pytest.raises(ValueError, match="shape"):
         _pngloops.halve(np.zeros((1, 4, 4, 3), np.uint8), 1, 4, 4, 3, np.empty(11, np.uint8))
     assert _pngloops.unfilter(raw, 4, 12, 3, out := np.ones(48, np.uint8)) and not out.any()
+    assert kernels._libdeflate_ready()
+    batch = np.zeros((2, 4, 4, 3), np.uint8)
+    with pytest.raises(TypeError):
+        _pngloops.decode_cells([b"", 7], 4, batch)  # not bytes-like
+    with pytest.raises(TypeError):
+        _pngloops.read_cells(["cell.png", 7], 4, batch)  # not a path
+    with pytest.raises(ValueError, match="smaller"):
+        _pngloops.decode_cells([b"", b"", b""], 4, batch)
 
 
 def test_info_says_which_png_decoder_is_in_use(monkeypatch):

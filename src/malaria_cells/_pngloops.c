@@ -604,6 +604,64 @@ static int check_batch(const Py_buffer *out, Py_ssize_t count, Py_ssize_t side)
     return 1;
 }
 
+/* One cell held in memory: DECODED or ELSEWHERE, as read_cell. */
+static int memory_cell(const uint8_t *data, size_t size, Py_ssize_t side, uint8_t *target, buffers *b)
+{
+    int channels = cell_channels(data, size, side);
+    return channels && decode_cell(data, size, side, channels, target, b) ? DECODED : ELSEWHERE;
+}
+
+/* decode_cells and read_cells: each item's bytes (the encoded image, or the file's path) are
+ * held as a buffer, then the cells are done without the GIL. */
+static PyObject *cells_call(PyObject *args, int from_files)
+{
+    PyObject *items;
+    Py_ssize_t side;
+    Py_buffer out;
+    if (!PyArg_ParseTuple(args, "O!nw*", &PyList_Type, &items, &side, &out))
+        return NULL;
+    Py_ssize_t count = PyList_GET_SIZE(items), ready = 0;
+    int valid = check_batch(&out, count, side);
+    Py_buffer *views = valid ? PyMem_Calloc((size_t)count + 1, sizeof(Py_buffer)) : NULL;
+    int *results = views ? PyMem_Calloc((size_t)count + 1, sizeof(int)) : NULL;
+    PyObject *list = NULL;
+    if (valid && results == NULL)
+        PyErr_NoMemory();
+    for (; results != NULL && ready < count; ready++) {
+        PyObject *source = PyList_GET_ITEM(items, ready);
+        if (!from_files)
+            Py_INCREF(source);
+        else if (!PyUnicode_FSConverter(source, &source))  /* a new bytes object */
+            break;
+        int held = PyObject_GetBuffer(source, &views[ready], PyBUF_SIMPLE);  /* the view keeps source alive */
+        Py_DECREF(source);
+        if (held < 0)
+            break;
+    }
+    if (results != NULL && ready == count) {
+        buffers b = {0};
+        Py_BEGIN_ALLOW_THREADS
+        for (Py_ssize_t i = 0; i < count; i++) {
+            uint8_t *target = (uint8_t *)out.buf + i * side * side * 3;
+#ifndef _WIN32
+            if (from_files) {  /* a path: bytes with a terminating NUL, none inside (FSConverter) */
+                results[i] = read_cell(views[i].buf, side, target, &b);
+                continue;
+            }
+#endif
+            results[i] = memory_cell(views[i].buf, (size_t)views[i].len, side, target, &b);
+        }
+        release_buffers(&b);
+        Py_END_ALLOW_THREADS
+        list = cells_result(results, count);
+    }
+    for (Py_ssize_t i = 0; i < ready; i++)
+        PyBuffer_Release(&views[i]);
+    PyMem_Free(views), PyMem_Free(results);
+    PyBuffer_Release(&out);
+    return list;
+}
+
 PyDoc_STRVAR(decode_cells_doc,
 "decode_cells(contents, side, out) -> list of int\n\n"
 "Decode each bytes-like of `contents` into its row of `out` (n, side, side, 3) uint8 where it\n"
@@ -612,82 +670,19 @@ PyDoc_STRVAR(decode_cells_doc,
 
 static PyObject *decode_cells(PyObject *module, PyObject *args)
 {
-    PyObject *items;
-    Py_ssize_t side;
-    Py_buffer out;
-    if (!PyArg_ParseTuple(args, "O!nw*", &PyList_Type, &items, &side, &out))
-        return NULL;
-    Py_ssize_t count = PyList_GET_SIZE(items), ready = 0;
-    Py_buffer *views = check_batch(&out, count, side) ? PyMem_Calloc((size_t)count + 1, sizeof(Py_buffer)) : NULL;
-    int *results = views ? PyMem_Calloc((size_t)count + 1, sizeof(int)) : NULL;
-    PyObject *list = NULL;
-    if (results != NULL) {
-        for (; ready < count; ready++)
-            if (PyObject_GetBuffer(PyList_GET_ITEM(items, ready), &views[ready], PyBUF_SIMPLE) < 0)
-                break;
-    }
-    if (results != NULL && ready == count) {
-        buffers b = {0};
-        Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t i = 0; i < count; i++) {
-            const uint8_t *data = views[i].buf;
-            size_t size = (size_t)views[i].len;
-            int channels = cell_channels(data, size, side);
-            results[i] = channels && decode_cell(data, size, side, channels, (uint8_t *)out.buf + i * side * side * 3, &b)
-                         ? DECODED : ELSEWHERE;
-        }
-        release_buffers(&b);
-        Py_END_ALLOW_THREADS
-        list = cells_result(results, count);
-    }
-    for (Py_ssize_t i = 0; i < ready; i++)
-        PyBuffer_Release(&views[i]);
-    if (views != NULL && results == NULL && !PyErr_Occurred())
-        PyErr_NoMemory();
-    PyMem_Free(views), PyMem_Free(results);
-    PyBuffer_Release(&out);
-    return list;
+    return cells_call(args, 0);
 }
 
 #ifndef _WIN32
 PyDoc_STRVAR(read_cells_doc,
 "read_cells(paths, side, out) -> list of int\n\n"
-"decode_cells for files: each is read (its header first) and decoded into its row of `out`.\n"
-"Per path: 0 decoded, -1 left to the caller (any other image, or anything unusual), or\n"
-"the errno of a failed open or read.");
+"decode_cells for files: each is read (a large one header first) and decoded into its row of\n"
+"`out`. Per path: 0 decoded, -1 left to the caller (any other image, or anything unusual),\n"
+"or the errno of a failed open or read.");
 
 static PyObject *read_cells(PyObject *module, PyObject *args)
 {
-    PyObject *paths;
-    Py_ssize_t side;
-    Py_buffer out;
-    if (!PyArg_ParseTuple(args, "O!nw*", &PyList_Type, &paths, &side, &out))
-        return NULL;
-    Py_ssize_t count = PyList_GET_SIZE(paths), ready = 0;
-    PyObject **encoded = check_batch(&out, count, side) ? PyMem_Calloc((size_t)count + 1, sizeof(PyObject *)) : NULL;
-    int *results = encoded ? PyMem_Calloc((size_t)count + 1, sizeof(int)) : NULL;
-    PyObject *list = NULL;
-    if (results != NULL) {
-        for (; ready < count; ready++)
-            if (!PyUnicode_FSConverter(PyList_GET_ITEM(paths, ready), &encoded[ready]))
-                break;
-    }
-    if (results != NULL && ready == count) {
-        buffers b = {0};
-        Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t i = 0; i < count; i++)
-            results[i] = read_cell(PyBytes_AS_STRING(encoded[i]), side, (uint8_t *)out.buf + i * side * side * 3, &b);
-        release_buffers(&b);
-        Py_END_ALLOW_THREADS
-        list = cells_result(results, count);
-    }
-    for (Py_ssize_t i = 0; i < ready; i++)
-        Py_DECREF(encoded[i]);
-    if (encoded != NULL && results == NULL && !PyErr_Occurred())
-        PyErr_NoMemory();
-    PyMem_Free(encoded), PyMem_Free(results);
-    PyBuffer_Release(&out);
-    return list;
+    return cells_call(args, 1);
 }
 #endif
 

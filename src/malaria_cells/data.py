@@ -399,7 +399,7 @@ def decode_image(contents: bytes) -> np.ndarray:
     width, height = _dimensions(contents, codec)
     if width * height > MAX_IMAGE_PIXELS:
         raise UnreadableImage(f"image too large ({width}x{height} pixels; decompression bomb?)")
-    # The compiled PNG path takes the common PNGs: same pixels, half the time.
+    # 8-bit RGB/RGBA PNGs: inflated by imagecodecs (libdeflate), unfiltered by the C loops; the rest by libpng.
     pixels = _kernels.decode_png(contents) if codec == "png" and _kernels is not None else None
     if pixels is None:
         try:
@@ -409,11 +409,16 @@ def decode_image(contents: bytes) -> np.ndarray:
     return _as_rgb8(np.asarray(pixels))
 
 
+def _kernels_switched_off() -> bool:
+    return os.environ.get("MALARIA_CELLS_NO_KERNELS", "") not in ("", "0")
+
+
 def _import_kernels():
-    """The module :mod:`.kernels` (compiled PNG loops: same pixels, half the time), or None
-    where its C part was not built at install (no compiler) or the environment variable
-    ``MALARIA_CELLS_NO_KERNELS`` is 1: then libpng decodes everything; only speed differs."""
-    if os.environ.get("MALARIA_CELLS_NO_KERNELS", "") not in ("", "0"):
+    """The module :mod:`.kernels` (compiled PNG loops: the same pixels in about a third of
+    libpng's time), or None where its C part was not built at install (no compiler) or the
+    environment variable ``MALARIA_CELLS_NO_KERNELS`` is 1: then libpng decodes everything;
+    only speed differs."""
+    if _kernels_switched_off():
         return None
     try:
         from . import kernels
@@ -428,7 +433,7 @@ _kernels = _import_kernels()
 def png_decoder() -> str:
     """Which PNG decoder reading uses on this installation, in words (``malaria-cells info``)."""
     if _kernels is None:
-        if os.environ.get("MALARIA_CELLS_NO_KERNELS", "") not in ("", "0"):
+        if _kernels_switched_off():
             return "libpng (MALARIA_CELLS_NO_KERNELS is set)"
         return ("libpng: the package's C loops were not built at install; install a C compiler (gcc or "
                 "clang) and reinstall malaria-cells to decode cells about 3x faster")
