@@ -48,7 +48,7 @@ def patient_cells(run: str, part: str, model=None):
     import numpy as np
 
     from malaria_cells import list_cell_images, load_model
-    from malaria_cells.data import read_images
+    from malaria_cells.pipeline import read_images
 
     config = json.loads((Path(run) / "config.json").read_text())
     model = load_model(run if model is None else model)

@@ -30,7 +30,8 @@ def main() -> None:
 
     from malaria_cells import load_model
     from malaria_cells.inference import default_model_path
-    from malaria_cells.data import list_cell_images, read_images
+    from malaria_cells.datasets import list_cell_images
+    from malaria_cells.pipeline import read_images
     from malaria_cells.export import export_model
 
     reference = load_model(args.model or default_model_path(fast_start=False))  # the .keras file
@@ -48,9 +49,9 @@ def main() -> None:
             path = export_model(reference, folder / f"model-{quantize}.{fmt}", format=fmt, quantize=quantize,
                                 calibration_images=calibration)
             model, size = load_model(path), path.stat().st_size
-        model.predict_proba(images[:256])
+        model.probability(images[:256])
         started = time.perf_counter()
-        scores = model.predict_proba(images, batch_size=256)
+        scores = model.probability(images, batch_size=256)
         rate = len(images) / (time.perf_counter() - started)
         called = scores >= model.threshold
         keras_labels = called if keras_labels is None else keras_labels

@@ -22,14 +22,14 @@ def main() -> None:
     args = parser.parse_args()
 
     from malaria_cells import load_model
-    from malaria_cells.data import preprocess_many
+    from malaria_cells.pipeline import preprocess_many
 
     model = load_model(args.model)
     paths = sorted(glob.glob(os.path.join(args.data, "*", "*.png")))[: args.repeats]
 
     def once(path):
         images, _, _ = preprocess_many([Path(path).read_bytes()], model.image_size)
-        return model.predict_proba(images)
+        return model.probability(images)
 
     for path in paths[:20]:
         once(path)

@@ -32,7 +32,8 @@ def tutorial_loop(root: str, size: int):
 
 
 def our_pipeline(root: str, size: int):
-    from malaria_cells.data import list_cell_images, read_images
+    from malaria_cells.datasets import list_cell_images
+    from malaria_cells.pipeline import read_images
 
     files = list_cell_images(root)
     images, readable, _ = read_images(files.paths, size)

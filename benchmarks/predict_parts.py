@@ -3,9 +3,7 @@
     python benchmarks/predict_parts.py [--model PATH] [--data ../shared/data/cell_images]
 
 Runs every PNG of ``--data`` through ``iter_image_batches`` (read, decode, resize; no network),
-with libpng and numpy, then again with the compiled loops of ``malaria_cells.kernels`` (what
-every reader uses where they were built), then the model alone over batches of 256
-preprocessed cells. Each uses all the cores on its own; ``predict`` has to share them, so it cannot pass 1 / (1 / pipeline + 1 / network).
+then the model alone over batches of 256 preprocessed cells. Each uses all the cores on its own; ``predict`` has to share them, so it cannot pass 1 / (1 / pipeline + 1 / network).
 CPU time per cell is printed too: on a shared virtual machine it varies less than wall time.
 """
 
@@ -27,8 +25,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from malaria_cells import load_model
-    from malaria_cells import data
-    from malaria_cells.data import iter_image_batches
+    from malaria_cells.pipeline import iter_image_batches
 
     model = load_model(args.model)
     paths = sorted(glob.glob(os.path.join(args.data, "*", "*.png")))
@@ -40,21 +37,14 @@ def main() -> None:
         return count, count / (time.perf_counter() - started), (cpu_seconds() - cpu) / count
 
     print(f"{len(paths)} PNGs, {os.cpu_count()} CPUs, model {model.path} ({model.runtime})")
-    kernels, data._kernels = data._kernels, None
     count, pipeline, pipeline_cpu = time_pipeline()
-    data._kernels = kernels
-    print(f"read-decode-resize pipeline alone (libpng, numpy): {pipeline:.0f} cells/s, "
-          f"{1e6 * pipeline_cpu:.0f} us of CPU per cell")
-    if kernels is not None:
-        count, pipeline, pipeline_cpu = time_pipeline()
-        print(f"the same with the compiled loops (malaria_cells.kernels): {pipeline:.0f} cells/s, "
-              f"{1e6 * pipeline_cpu:.0f} us of CPU per cell")
+    print(f"read-decode-resize pipeline alone: {pipeline:.0f} cells/s, {1e6 * pipeline_cpu:.0f} us of CPU per cell")
 
     cells = np.random.default_rng(0).integers(0, 256, (256, model.image_size, model.image_size, 3), dtype=np.uint8)
-    model.predict_proba(cells)
+    model.probability(cells)
     started, cpu = time.perf_counter(), cpu_seconds()
     for _ in range(args.batches):
-        model.predict_proba(cells)
+        model.probability(cells)
     network = args.batches * len(cells) / (time.perf_counter() - started)
     network_cpu = (cpu_seconds() - cpu) / (args.batches * len(cells))
 

@@ -45,7 +45,7 @@ def main() -> None:
             scores = {}
             for part in ("val", "test"):
                 _, images, labels, _ = patient_cells(run, part, model)
-                scores[part] = labels, model.predict_proba(images), int8.predict_proba(images)
+                scores[part] = labels, model.probability(images), int8.probability(images)
         rule = config["config"]
         val_labels, _, val_int8 = scores["val"]
         int8_threshold = choose_threshold(val_labels, val_int8, rule["target_sensitivity"],

@@ -42,7 +42,7 @@ def main() -> None:
     totals = {rule: [] for rule in rules}
     for run in args.runs:
         model, images, labels, groups = validation_cells(run)
-        scores = model.predict_proba(images)
+        scores = model.probability(images)
         patients = np.unique(groups)
         results = {rule: [] for rule in rules}
         for _ in range(args.repeats):

@@ -34,7 +34,7 @@ def main() -> None:
     for run in args.runs:
         model, images, labels, _ = validation_cells(run)
         for tta in (False, True):
-            scores = model.predict_proba(images, tta=tta)
+            scores = model.probability(images, tta=tta)
             fpr, tpr, _ = roc_curve(labels, scores)
             # the best sensitivity whose false-positive rate stays within 1 - specificity
             sensitivity = [tpr[fpr <= 1 - s].max() for s in SPECIFICITIES]

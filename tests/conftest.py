@@ -74,3 +74,14 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data/cell_images is not available")
     return SHARED_DATA.resolve()
+
+
+def encode(image, fmt: str, **options) -> bytes:
+    """A PIL image (or an RGB array) encoded in memory as ``fmt`` (PNG, JPEG, ...)."""
+    import io
+
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()

@@ -5,8 +5,10 @@ import pytest
 
 from malaria_cells import MalariaCellsError, evaluate, load_model, predict
 from malaria_cells.cli import main
-from malaria_cells.data import list_cell_images, read_images
-from malaria_cells.export import check_parity, export_model, sidecar_path
+from malaria_cells.datasets import list_cell_images
+from malaria_cells.pipeline import read_images
+from malaria_cells.export import check_parity, export_model
+from malaria_cells.runtimes import sidecar_path
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +36,7 @@ def test_exports_carry_threshold_and_size_and_predict_alike(trained_run, tmp_pat
     assert metadata["threshold"] == pytest.approx(reference.threshold)
     exported = load_model(out)
     assert exported.image_size == 32 and exported.threshold == pytest.approx(reference.threshold)
-    difference = np.abs(exported.predict_proba(probe) - reference.predict_proba(probe))
+    difference = np.abs(exported.probability(probe) - reference.probability(probe))
     assert np.mean(difference) < tolerance
     if fmt == "onnx":  # the metadata is embedded too: the file alone is enough
         sidecar_path(out).unlink()
@@ -47,7 +49,7 @@ def test_saved_model_export(trained_run, tmp_path, probe):
     out = export_model(trained_run["model_path"], tmp_path / "sm", format="saved_model")
     served = tf.saved_model.load(str(out))
     scores = served.serve(tf.constant(probe, tf.float32)).numpy().ravel()
-    assert np.allclose(scores, load_model(trained_run["model_path"]).predict_proba(probe), atol=1e-5)
+    assert np.allclose(scores, load_model(trained_run["model_path"]).probability(probe), atol=1e-5)
     assert json.loads(sidecar_path(out).read_text())["image_size"] == 32
 
 
@@ -77,7 +79,7 @@ def test_int8_tflite_keeps_the_sigmoid_in_float(trained_run, tmp_path, calibrati
     # A quantized sigmoid can only output multiples of 1/256: too coarse near a low threshold.
     out = export_model(trained_run["model_path"], tmp_path / "m.tflite", quantize="int8",
                        calibration_images=calibration)
-    scores = load_model(out).predict_proba(probe).astype(np.float64)
+    scores = load_model(out).probability(probe).astype(np.float64)
     off_grid = np.abs(scores * 256 - np.round(scores * 256)) > 1e-3
     assert off_grid.mean() > 0.5
 
@@ -111,7 +113,7 @@ def test_train_and_retune_leave_an_onnx_copy_that_labels_alike(trained_run, tmp_
     copy = load_model(trained_run["onnx_path"])
     original = load_model(trained_run["model_path"])
     assert copy.runtime.startswith("onnxruntime") and copy.threshold == original.threshold
-    assert np.array_equal(copy.predict_proba(probe) >= copy.threshold, original.predict_proba(probe) >= original.threshold)
+    assert np.array_equal(copy.probability(probe) >= copy.threshold, original.probability(probe) >= original.threshold)
     run = tmp_path / "run"
     shutil.copytree(trained_run["run_dir"], run)
     result = retune(run, target_sensitivity=1.0, min_specificity=0.0)
@@ -123,20 +125,21 @@ def test_an_onnx_copy_that_disagrees_or_cannot_be_made_is_not_left(trained_run, 
     import shutil
     import sys
 
-    from malaria_cells.export import OnnxClassifier, write_onnx_copy
+    from malaria_cells.export import write_onnx_copy
+    from malaria_cells.runtimes import OnnxClassifier
 
     pytest.importorskip("tf2onnx")
     run = tmp_path / "run"
     shutil.copytree(trained_run["run_dir"], run)
     assert (run / "model.onnx").is_file()
-    keras_labels = load_model(run / "model.keras").predict_proba(probe) >= trained_run["threshold"]
+    keras_labels = load_model(run / "model.keras").probability(probe) >= trained_run["threshold"]
     flipped = (~keras_labels).astype(np.float32)  # every label the other way
-    monkeypatch.setattr(OnnxClassifier, "predict_proba", lambda self, images, **kw: flipped)
+    monkeypatch.setattr(OnnxClassifier, "probability", lambda self, images, **kw: flipped)
     assert write_onnx_copy(run / "model.keras", probe) is None
     assert not (run / "model.onnx").exists() and not (run / "model.onnx.json").exists()
     monkeypatch.undo()
     assert write_onnx_copy(run / "model.keras", probe, scores=flipped) is None  # given scores are what it checks
-    keras_scores = load_model(run / "model.keras").predict_proba(probe)
+    keras_scores = load_model(run / "model.keras").probability(probe)
     assert write_onnx_copy(run / "model.keras", probe, scores=keras_scores) == run / "model.onnx"
     assert write_onnx_copy(run / "model.keras", probe) == run / "model.onnx"
     monkeypatch.setitem(sys.modules, "tf2onnx", None)  # not installed: the stale copy goes too

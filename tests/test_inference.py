@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from malaria_cells import MalariaCellsError, iter_predictions, load_model, predict
-from malaria_cells.data import preprocess_image
+from malaria_cells.images import preprocess
 
 from conftest import make_cell
 
@@ -50,8 +50,8 @@ def test_api_scores_arrays_like_files(trained_run, tmp_path):
     model = load_model(trained_run["model_path"])
     cell = make_cell(True, np.random.default_rng(3), 50)
     Image.fromarray(cell).save(tmp_path / "x.png")
-    image = preprocess_image((tmp_path / "x.png").read_bytes(), model.image_size)
-    assert model.predict_proba(image)[0] == pytest.approx(predict(tmp_path / "x.png", model)[0].probability, abs=1e-6)
+    image = preprocess((tmp_path / "x.png").read_bytes(), model.image_size)
+    assert model.probability(image)[0] == pytest.approx(predict(tmp_path / "x.png", model)[0].probability, abs=1e-6)
 
 
 def test_load_model_errors_are_one_line(tmp_path):
@@ -70,18 +70,18 @@ def test_tta_is_invariant_to_rotating_and_mirroring_the_cell(trained_run):
     model = load_model(trained_run["model_path"])
     image = make_cell(True, np.random.default_rng(5), model.image_size).astype(np.float32)
     variants = np.stack([image, np.rot90(image), np.fliplr(image), np.rot90(image, 3)])
-    with_tta = model.predict_proba(variants, tta=True)
+    with_tta = model.probability(variants, tta=True)
     assert np.allclose(with_tta, with_tta[0], atol=1e-5)
     views = np.stack([np.rot90(image, k) for k in range(4)] + [np.fliplr(np.rot90(image, k)) for k in range(4)])
-    assert with_tta[0] == pytest.approx(model.predict_proba(views).mean(), abs=1e-5)
+    assert with_tta[0] == pytest.approx(model.probability(views).mean(), abs=1e-5)
 
 
 def test_scores_are_the_networks_for_uint8_and_float_cells(trained_run):
     model = load_model(trained_run["model_path"])  # its network runs with batch norms fused
     cells = np.stack([make_cell(i % 2 == 0, np.random.default_rng(i), model.image_size) for i in range(6)])
     expected = model.keras_model.predict(cells.astype(np.float32), verbose=0).ravel()
-    assert np.allclose(model.predict_proba(cells), expected, atol=1e-5)
-    assert np.allclose(model.predict_proba(cells.astype(np.float64)), expected, atol=1e-5)
+    assert np.allclose(model.probability(cells), expected, atol=1e-5)
+    assert np.allclose(model.probability(cells.astype(np.float64)), expected, atol=1e-5)
 
 
 def test_models_scored_ahead_on_threads_keep_file_order_and_skips(trained_run, tmp_path):
@@ -102,3 +102,15 @@ def test_models_scored_ahead_on_threads_keep_file_order_and_skips(trained_run, t
                                                                          if p.name != "05b.png")
     np.testing.assert_allclose([r.probability for r in ahead], [r.probability for r in in_turn], atol=1e-5)
     assert ahead_skipped == skipped == [(str(tmp_path / "05b.png"), "corrupt PNG (no image header)")]
+
+
+def test_predict_proba_has_scikit_learns_shape_and_class_order(trained_run):
+    model = load_model(trained_run["model_path"])
+    cells = np.random.default_rng(0).integers(0, 256, (5, model.image_size, model.image_size, 3), dtype=np.uint8)
+    proba = model.predict_proba(cells)
+    assert proba.shape == (5, 2) and list(model.classes_) == ["Uninfected", "Parasitized"]
+    assert np.allclose(proba.sum(axis=1), 1.0)
+    assert np.allclose(proba[:, 1], model.probability(cells))
+    assert model.predict(cells).tolist() == (proba[:, 1] >= model.threshold).astype(int).tolist()
+    with pytest.raises(MalariaCellsError, match="shape"):
+        model.predict_proba(cells[:, :10])

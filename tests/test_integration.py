@@ -11,7 +11,7 @@ from malaria_cells.cli import main
 @pytest.fixture(scope="module")
 def real_sample(shared_data, tmp_path_factory):
     """About 3,200 real cells of 60 patients, linked (not copied) into a dataset folder."""
-    from malaria_cells.data import list_cell_images
+    from malaria_cells.datasets import list_cell_images
 
     files = list_cell_images(shared_data)
     patients = sorted(set(files.groups))[:60]

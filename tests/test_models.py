@@ -32,7 +32,7 @@ def test_threshold_and_metadata_survive_save_and_load(tmp_path):
     assert loaded.info == {"recipe": {"epochs": 3}}
     assert loaded.image_size == 32
     images = np.random.default_rng(0).integers(0, 255, (4, 32, 32, 3))
-    assert np.allclose(loaded.predict_proba(images), model.predict(images.astype("float32"), verbose=0).ravel(), atol=1e-5)
+    assert np.allclose(loaded.probability(images), model.predict(images.astype("float32"), verbose=0).ravel(), atol=1e-5)
 
 
 def test_cellnet_slim_is_the_same_network_narrower():
@@ -133,7 +133,7 @@ def test_stain_normalizations_two_forms_give_the_same_numbers(channels, tmp_path
     np.testing.assert_allclose(by_planes, by_matrices, rtol=1e-6, atol=1e-6)
 
     if channels == 3:  # and TFLite exports are traced in the matrix form (no strided slices)
-        from malaria_cells.inference import KerasClassifier
+        from malaria_cells.runtimes import KerasClassifier
 
         interpreter = pytest.importorskip("ai_edge_litert.interpreter")
         model = build_model("cellnet-slim", image_size=16, stain_normalization=True)

@@ -11,8 +11,8 @@ from PIL import Image
 
 from malaria_cells import load_model, predict
 from malaria_cells.cli import main
-from malaria_cells import inference
-from malaria_cells.inference import DEFAULT_MODEL, DEFAULT_MODEL_ONNX, default_model_path
+from malaria_cells import runtimes
+from malaria_cells.runtimes import DEFAULT_MODEL, DEFAULT_MODEL_ONNX, default_model_path
 
 from conftest import make_cell
 
@@ -45,7 +45,7 @@ def test_the_onnx_copy_runs_by_default_and_scores_as_the_keras_original():
     assert fast.threshold == original.threshold and fast.info == original.info
     rng = np.random.default_rng(0)
     cells = np.stack([make_cell(i % 2 == 0, rng, fast.image_size) for i in range(32)])
-    assert np.allclose(fast.predict_proba(cells), original.predict_proba(cells), atol=1e-5)
+    assert np.allclose(fast.probability(cells), original.probability(cells), atol=1e-5)
 
 
 def test_a_stale_onnx_copy_is_not_used(tmp_path, monkeypatch):
@@ -53,8 +53,8 @@ def test_a_stale_onnx_copy_is_not_used(tmp_path, monkeypatch):
     for path in (DEFAULT_MODEL, DEFAULT_MODEL.with_suffix(".json")):
         shutil.copy(path, tmp_path / path.name)
     keras_copy, onnx_copy = tmp_path / DEFAULT_MODEL.name, tmp_path / DEFAULT_MODEL_ONNX.name
-    monkeypatch.setattr(inference, "DEFAULT_MODEL", keras_copy)
-    monkeypatch.setattr(inference, "DEFAULT_MODEL_ONNX", onnx_copy)
+    monkeypatch.setattr(runtimes, "DEFAULT_MODEL", keras_copy)
+    monkeypatch.setattr(runtimes, "DEFAULT_MODEL_ONNX", onnx_copy)
     assert default_model_path() == keras_copy  # no copy at all
     metadata = json.loads(keras_copy.with_suffix(".json").read_text())
     onnx_copy.write_bytes(b"onnx")

@@ -56,7 +56,7 @@ def test_preset_then_flags():
     assert make_config().ema and not config.ema
     with pytest.raises(MalariaCellsError, match="unknown preset"):
         make_config("nonsense")
-    from malaria_cells.choices import PRESET_NAMES
+    from malaria_cells.config import PRESET_NAMES
     from malaria_cells.training import PRESETS
 
     assert sorted(PRESET_NAMES) == sorted(PRESETS)  # the CLI offers exactly the recipes there are

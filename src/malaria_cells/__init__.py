@@ -14,24 +14,28 @@ __version__ = "0.1.0"
 
 from typing import TYPE_CHECKING
 
-# The API is imported on first use (PEP 562): a command or a server loads only the modules
-# it needs (importing all of them took ~30 ms more at each start of `malaria-cells`).
+# The API is imported on first use (PEP 562): a command or a server loads only the modules it needs.
 _EXPORTS = {
-    "CLASS_NAMES": "data", "list_cell_images": "data", "patient_id": "data", "preprocess_image": "data",
-    "split_dataset": "data", "download": "download", "MalariaCellsError": "errors",
-    "compute_metrics": "evaluation", "evaluate": "evaluation", "CellClassifier": "inference",
-    "Prediction": "inference", "iter_predictions": "inference", "load_model": "inference",
+    "CLASS_NAMES": "config", "list_cell_images": "datasets", "patient_id": "datasets",
+    "preprocess": "images", "decode": "images", "resize": "images", "UnreadableImage": "images",
+    "split_dataset": "splits", "download": "download", "MalariaCellsError": "errors",
+    "compute_metrics": "evaluation", "evaluate": "evaluation", "CellClassifier": "runtimes",
+    "load_model": "runtimes", "Prediction": "inference", "iter_predictions": "inference",
     "predict": "inference", "PRESETS": "training", "TrainConfig": "training", "make_config": "training",
     "retune": "training", "train": "training",
 }
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from .data import CLASS_NAMES, list_cell_images, patient_id, preprocess_image, split_dataset
+    from .config import CLASS_NAMES
+    from .datasets import list_cell_images, patient_id
     from .download import download
     from .errors import MalariaCellsError
     from .evaluation import compute_metrics, evaluate
-    from .inference import CellClassifier, Prediction, iter_predictions, load_model, predict
+    from .images import UnreadableImage, decode, preprocess, resize
+    from .inference import Prediction, iter_predictions, predict
+    from .runtimes import CellClassifier, load_model
+    from .splits import split_dataset
     from .training import PRESETS, TrainConfig, make_config, retune, train
 
 

@@ -6,6 +6,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -62,7 +63,7 @@ def add_scoring_options(parser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .choices import AUGMENTATIONS, COLORS, MODEL_NAMES, PRESET_NAMES, SCHEDULES, SPLITS
+    from .config import AUGMENTATIONS, COLORS, EXPORT_FORMATS, MODEL_NAMES, PRESET_NAMES, QUANTIZATIONS, SCHEDULES, SPLITS
 
     parser = argparse.ArgumentParser(
         prog="malaria-cells",
@@ -183,8 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
                      ".onnx files. --check DIR compares the export with the Keras model on labelled\n"
                      "images (same label on >= 99.5%, accuracy within 0.3 points, or exit status 1).")
     export.add_argument("--model", metavar="PATH", help=".keras model or run folder (default: the shipped model)")
-    export.add_argument("--format", required=True, choices=("tflite", "onnx", "saved_model"))
-    export.add_argument("--quantize", choices=("none", "float16", "int8"), default="none",
+    export.add_argument("--format", required=True, choices=EXPORT_FORMATS)
+    export.add_argument("--quantize", choices=QUANTIZATIONS, default="none",
                         help="none (default), float16 (tflite) or int8 (calibrated on --calibration images)")
     export.add_argument("--out", required=True, metavar="FILE", help="file to write (a folder for saved_model)")
     export.add_argument("--calibration", metavar="DIR",
@@ -294,9 +295,10 @@ class _ResultWriter:
 
 
 def run_predict(args) -> int:
-    from .data import list_image_files
+    from .datasets import list_image_files
     from .files import atomic_path
-    from .inference import check_threshold, load_model, predict_files
+    from .inference import predict_files
+    from .runtimes import check_threshold, load_model
 
     model = load_model(args.model)
     if check_threshold(args.threshold) is not None:
@@ -362,9 +364,9 @@ def run_serve(args) -> int:
 
 def run_export(args) -> int:
     from .export import check_parity, export_model
-    from .inference import default_model_path, load_model
+    from .runtimes import default_model_path, load_model
 
-    from .data import find_dataset_root
+    from .datasets import find_dataset_root
 
     if os.path.exists(args.out) and not args.overwrite:
         raise MalariaCellsError(f"{args.out}: already exists; choose another --out or pass --overwrite")
@@ -390,7 +392,8 @@ def run_export(args) -> int:
 def _calibration_images(folder, model, count: int = 400):
     import numpy as np
 
-    from .data import list_image_files, read_images
+    from .datasets import list_image_files
+    from .pipeline import read_images
 
     folder = folder or model.info.get("data", {}).get("root")
     if not folder or not os.path.isdir(folder):
@@ -404,15 +407,14 @@ def _calibration_images(folder, model, count: int = 400):
 
 
 def run_info(args) -> int:
-    from .data import png_decoder
-    from .inference import DEFAULT_MODEL, DEFAULT_MODEL_ONNX, load_model
+    from .runtimes import DEFAULT_MODEL, DEFAULT_MODEL_ONNX, load_model
 
     model = load_model(args.model)
     keras_model = model.keras_model
     summary = {"model": model.path, "runtime": model.runtime, "image_size": model.image_size,
                "threshold": model.threshold,
                "parameters": int(keras_model.count_params()) if keras_model is not None else None,
-               "file_bytes": os.path.getsize(model.path), "png_decoder": png_decoder(), "info": model.info}
+               "file_bytes": os.path.getsize(model.path), "info": model.info}
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
         return EXIT_OK
@@ -424,7 +426,6 @@ def run_info(args) -> int:
     print(f"threshold   {model.threshold:.4f}")
     parameters = f"{summary['parameters']:,}  " if keras_model is not None else ""
     print(f"size        {parameters}({summary['file_bytes'] / 1e6:.2f} MB on disk)")
-    print(f"png decoder {summary['png_decoder']}")
     for key, value in model.info.items():
         print(f"{key:<11} {json.dumps(value, default=str) if isinstance(value, (dict, list)) else value}")
     return EXIT_OK
@@ -436,38 +437,59 @@ def _needs_tensorflow(args: argparse.Namespace) -> bool:
     if args.command == "download":
         return False
     if args.command in ("predict", "evaluate", "serve", "info"):
-        from .inference import default_model_path
+        from .runtimes import default_model_path
 
         model = args.model or default_model_path()
         return Path(model).suffix.lower() not in (".tflite", ".onnx")
     return True
 
 
+_TENSORFLOW_START_UP = re.compile(
+    r"absl::InitializeLog|oneDNN custom operations|cuda drivers|cudart_stub|cuInit|cpu_feature_guard"
+    r"|rebuild TensorFlow with the appropriate compiler flags|This TensorFlow binary is optimized")
+"""Lines TensorFlow's C++ core prints at import whatever TF_CPP_MIN_LOG_LEVEL says."""
+
+
 def _quiet_tensorflow() -> None:
-    """Import TensorFlow without its start-up log lines (which no setting silences)."""
+    """Import TensorFlow without its start-up log lines, passing on anything else it prints.
+
+    Its C++ core writes straight to file descriptor 2, so that descriptor is captured for
+    the import; lines other than the known start-up ones (and everything, when the import
+    fails) are written back to stderr.
+    """
+    import tempfile
+
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
     sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
+    failed = True
+    with tempfile.TemporaryFile() as captured:
+        saved = os.dup(2)
+        try:
+            os.dup2(captured.fileno(), 2)
             import tensorflow  # noqa: F401
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+
+            failed = False
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            lines = captured.read().decode(errors="replace").splitlines()
+            kept = [line for line in lines if failed or not _TENSORFLOW_START_UP.search(line)]
+            if kept:
+                print("\n".join(kept), file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``malaria-cells`` command; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if _needs_tensorflow(args):
-        _quiet_tensorflow()
     handler = {"train": run_train, "evaluate": run_evaluate, "predict": run_predict,
                "download": run_download, "info": run_info, "serve": run_serve,
                "export": run_export, "retune": run_retune}[args.command]
     try:
+        if _needs_tensorflow(args):
+            _quiet_tensorflow()
         return handler(args)
     except MalariaCellsError as error:
         print(f"malaria-cells {args.command}: error: {error}", file=sys.stderr)
@@ -487,9 +509,9 @@ def main(argv: list[str] | None = None) -> int:
 def run() -> int:
     """The ``malaria-cells`` program: :func:`main`, then an exit without the final garbage collection.
 
-    At exit the interpreter collects every object left, and onnxruntime's are many: ~0.01-0.03 s
-    of a 0.23 s ``predict`` of a few cells (~0.17 s when numba was loaded too). Frozen objects
-    are skipped; the process ends right after, so nothing is kept that would have been freed.
+    At exit the interpreter collects every object left, and onnxruntime's are many; frozen
+    objects are skipped, and the process ends right after, so nothing is kept that would have
+    been freed.
     """
     import gc
 

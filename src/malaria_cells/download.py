@@ -162,7 +162,7 @@ def download(dest: str | os.PathLike | None = None, *, url: str = NIH_URL,
     """
     import urllib.parse
 
-    from .data import find_dataset_root
+    from .datasets import find_dataset_root
 
     dest = Path(dest).expanduser() if dest is not None else cache_dir()
     dest.mkdir(parents=True, exist_ok=True)

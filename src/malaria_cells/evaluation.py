@@ -7,7 +7,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .data import CLASS_NAMES, list_cell_images, patient_id, warn_skipped
+from .config import CLASS_NAMES
+from .datasets import list_cell_images, patient_id, warn_skipped
 from .errors import MalariaCellsError
 
 RATES = ("accuracy", "sensitivity", "specificity", "precision")
@@ -287,7 +288,7 @@ def evaluate(
     dict
         See :func:`compute_metrics`; also ``model`` and ``data``.
     """
-    from .inference import check_threshold, load_model
+    from .runtimes import check_threshold, load_model
 
     model = load_model(model)
     threshold = model.threshold if check_threshold(threshold) is None else threshold

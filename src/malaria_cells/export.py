@@ -20,20 +20,13 @@ import numpy as np
 
 from .errors import MalariaCellsError
 from .files import atomic_path, write_json
-from .inference import CellClassifier, default_model_path, load_model
+from .config import CLASS_NAMES, EXPORT_FORMATS, QUANTIZATIONS, check_choice
+from .runtimes import METADATA_KEY, CellClassifier, default_model_path, load_model, sidecar_path
 
-FORMATS = ("tflite", "onnx", "saved_model")
-QUANTIZATIONS = ("none", "float16", "int8")
 INT8_FLOAT_OPS = ("ADD", "BATCH_MATMUL", "CAST", "CONCATENATION", "DIV", "EXPAND_DIMS", "FULLY_CONNECTED",
                   "GREATER", "HARD_SWISH", "LOGISTIC", "MAXIMUM", "MEAN", "MINIMUM", "MUL", "REDUCE_MAX",
                   "RESHAPE", "SUB", "SUM")
 """TFLite operators that ``--quantize int8`` leaves in float: all but convolutions and pooling."""
-METADATA_KEY = "malaria_cells"
-
-
-def sidecar_path(path: str | os.PathLike) -> Path:
-    path = Path(path)
-    return path / "malaria_cells.json" if path.is_dir() else path.with_name(path.name + ".json")
 
 
 def export_model(model, out: str | os.PathLike, *, format: str = "tflite", quantize: str = "none",
@@ -59,10 +52,8 @@ def export_model(model, out: str | os.PathLike, *, format: str = "tflite", quant
     Path
         The written file or folder; its metadata is in :func:`sidecar_path`.
     """
-    if format not in FORMATS:
-        raise MalariaCellsError(f"unknown format {format!r}: choose from {', '.join(FORMATS)}")
-    if quantize not in QUANTIZATIONS:
-        raise MalariaCellsError(f"unknown quantization {quantize!r}: choose from {', '.join(QUANTIZATIONS)}")
+    check_choice(format, EXPORT_FORMATS, "format")
+    check_choice(quantize, QUANTIZATIONS, "quantization")
     if quantize != "none" and format == "saved_model":
         raise MalariaCellsError("saved_model exports are not quantized: use --format tflite or onnx")
     if quantize == "float16" and format == "onnx":
@@ -76,7 +67,7 @@ def export_model(model, out: str | os.PathLike, *, format: str = "tflite", quant
     metadata = {"format": format, "quantize": quantize, "image_size": model.image_size,
                 "threshold": model.threshold, "input": "RGB pixels 0-255, float32, shape (n, S, S, 3)",
                 "output": "probability of Parasitized, shape (n, 1)",
-                "class_names": ["Uninfected", "Parasitized"],
+                "class_names": list(CLASS_NAMES),
                 "source": Path(model.path).name,  # not the whole path: exports travel to other machines
                 "info": model.info}
     # Keras prints a listing of every variable of the SavedModel the converters start from.
@@ -190,93 +181,6 @@ def _onnx_int8(proto, calibration_images):
         return onnx.load(target)
 
 
-# --------------------------------------------------------------------------- loading
-
-
-def _read_metadata(path: Path) -> dict:
-    sidecar = sidecar_path(path)
-    if sidecar.is_file():
-        return json.loads(sidecar.read_text())
-    return {}
-
-
-class LiteRTClassifier(CellClassifier):
-    """A ``.tflite`` model run with LiteRT (or TensorFlow's own interpreter)."""
-
-    def __init__(self, path: Path):
-        try:
-            from ai_edge_litert.interpreter import Interpreter
-
-            runtime = "LiteRT"
-        except ImportError:
-            import tensorflow as tf
-
-            Interpreter, runtime = tf.lite.Interpreter, f"TensorFlow {tf.__version__} (TFLite interpreter)"
-        try:
-            self._interpreter = Interpreter(model_path=str(path), num_threads=os.cpu_count())
-        except Exception as error:  # noqa: BLE001 - any failure means an unusable file
-            raise MalariaCellsError(f"{path}: cannot load TFLite model ({str(error).splitlines()[0][:200]})") from error
-        self._input = self._interpreter.get_input_details()[0]
-        self._output = self._interpreter.get_output_details()[0]
-        metadata = _read_metadata(path)
-        super().__init__(path, self._input["shape"][1], metadata.get("threshold", 0.5), metadata.get("info"))
-        self.runtime = runtime
-        self._lock = threading.Lock()
-        self._batch = None
-
-    def _score(self, images):
-        with self._lock:
-            if self._batch != len(images):
-                self._interpreter.resize_tensor_input(self._input["index"], images.shape)
-                self._interpreter.allocate_tensors()
-                self._batch = len(images)
-            self._interpreter.set_tensor(self._input["index"], images)
-            self._interpreter.invoke()
-            return self._interpreter.get_tensor(self._output["index"]).copy()
-
-
-class OnnxClassifier(CellClassifier):
-    """An ``.onnx`` model run with onnxruntime."""
-
-    _parallel_batches = True
-
-    def __init__(self, path: Path):
-        try:
-            import onnxruntime
-        except ImportError:
-            raise MalariaCellsError("ONNX models need onnxruntime: pip install onnxruntime") from None
-        options = onnxruntime.SessionOptions()
-        # One thread per run: in predict's pipeline, where decoding keeps the other cores
-        # busy, more threads only waited (3,300 against 2,900 cells/s on 2 cores); many
-        # images at once run batches side by side instead (_parallel_batches).
-        options.intra_op_num_threads = 1
-        try:
-            self._session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as error:  # noqa: BLE001
-            raise MalariaCellsError(f"{path}: cannot load ONNX model ({str(error).splitlines()[0][:200]})") from error
-        embedded = self._session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
-        metadata = _read_metadata(path) or (json.loads(embedded) if embedded else {})
-        self._input_name = self._session.get_inputs()[0].name
-        size = self._session.get_inputs()[0].shape[1]
-        super().__init__(path, metadata.get("image_size", size), metadata.get("threshold", 0.5), metadata.get("info"))
-        self.runtime = f"onnxruntime {onnxruntime.__version__}"
-
-    def _score(self, images):
-        # Runs of 64 cells: their activations stay in the CPU caches, 15% less time per cell
-        # than runs of 256 on the shipped model (164-175 against 198-202 us).
-        return np.concatenate([self._session.run(None, {self._input_name: images[start:start + _ONNX_RUN]})[0]
-                               for start in range(0, len(images), _ONNX_RUN)])
-
-
-_ONNX_RUN = 64
-
-
-def load_exported_model(path: str | os.PathLike) -> CellClassifier:
-    """Load a ``.tflite`` or ``.onnx`` export (with its side-car metadata when present)."""
-    path = Path(path)
-    return LiteRTClassifier(path) if path.suffix == ".tflite" else OnnxClassifier(path)
-
-
 def write_onnx_copy(model, images: np.ndarray, scores: np.ndarray | None = None) -> Path | None:
     """Export a run's ``model.keras`` to ``model.onnx`` beside it, kept only if it labels
     ``images`` (preprocessed cells, e.g. the run's validation cells) exactly as the Keras
@@ -298,8 +202,8 @@ def write_onnx_copy(model, images: np.ndarray, scores: np.ndarray | None = None)
     try:
         export_model(model, out, format="onnx")
         copy = load_model(out)
-        reference = model.predict_proba(images) if scores is None else np.asarray(scores).reshape(-1)
-        same = np.array_equal(reference >= model.threshold, copy.predict_proba(images) >= copy.threshold)
+        reference = model.probability(images) if scores is None else np.asarray(scores).reshape(-1)
+        same = np.array_equal(reference >= model.threshold, copy.probability(images) >= copy.threshold)
     except Exception as error:  # noqa: BLE001 - an optional extra: training must not fail on it
         same = False
         warnings.warn(f"{out}: no ONNX copy written ({str(error).splitlines()[0][:200] if str(error) else type(error).__name__})")
@@ -316,14 +220,15 @@ def check_parity(reference, exported, data, batch_size: int = 256) -> dict:
     Returns agreement (share of cells given the same label), both accuracies and
     their difference in points.
     """
-    from .data import list_cell_images, read_images
+    from .datasets import list_cell_images
+    from .pipeline import read_images
 
     reference, exported = load_model(reference), load_model(exported)
     files = list_cell_images(data)
     images, readable, _ = read_images(files.paths, reference.image_size)
     labels = files.labels[readable]
-    ours = reference.predict_proba(images, batch_size=batch_size)
-    theirs = exported.predict_proba(images, batch_size=batch_size)
+    ours = reference.probability(images, batch_size=batch_size)
+    theirs = exported.probability(images, batch_size=batch_size)
     ours_label, theirs_label = ours >= reference.threshold, theirs >= exported.threshold
     accuracy = (ours_label == labels).mean(), (theirs_label == labels).mean()
     return {"n": int(len(labels)), "agreement": float((ours_label == theirs_label).mean()),

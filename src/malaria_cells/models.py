@@ -14,7 +14,7 @@ from typing import Callable
 import keras
 from keras import layers
 
-from .choices import COLORS, MODEL_NAMES
+from .config import COLORS, MODEL_NAMES, check_choice, check_image_size
 from .errors import MalariaCellsError
 
 
@@ -249,13 +249,10 @@ def build_model(
         Input: float RGB pixels 0-255 of shape (image_size, image_size, 3).
         Output: probability of Parasitized, shape (1,).
     """
-    if color not in COLORS:
-        raise MalariaCellsError(f"unknown colour {color!r}: use 'rgb' or 'gray'")
-    if not 16 <= image_size <= 1024:
-        raise MalariaCellsError(f"image size must be 16 to 1024 pixels, got {image_size}")
+    check_choice(color, COLORS, "colour")
+    check_image_size(image_size)
+    check_choice(name, MODEL_NAMES, "model")
     applications = _applications()
-    if name not in BODIES and name not in applications:
-        raise MalariaCellsError(f"unknown model {name!r}: choose from {', '.join(MODEL_NAMES)}")
     if weights not in (None, "none") and name not in applications:
         raise MalariaCellsError(f"--weights applies to Keras Applications models only, not {name!r}")
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import CLASS_NAMES
+from .config import CLASS_NAMES
 from .files import atomic_path
 
 

@@ -16,7 +16,7 @@ from importlib import resources
 from fastapi import Depends, FastAPI, File, HTTPException, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from .data import MAX_IMAGE_PIXELS
+from .config import CLASS_NAMES, MAX_IMAGE_PIXELS
 from .errors import MalariaCellsError
 
 API_KEY_ENV = "MALARIA_CELLS_API_KEY"
@@ -76,12 +76,12 @@ class RequestSizeLimit:
 
 def check_upload(contents: bytes, max_pixels: int) -> None:
     """Refuse empty, non-image and oversized uploads from their header, before decoding."""
-    from .data import NOT_AN_IMAGE, UnreadableImage, image_dimensions
+    from .images import NOT_AN_IMAGE, UnreadableImage, dimensions
 
     if not contents:
         raise UploadError(422, "empty file")
     try:
-        width, height = image_dimensions(contents)
+        width, height = dimensions(contents)
     except UnreadableImage as error:
         status = 415 if str(error) == NOT_AN_IMAGE else 413 if "too large" in str(error) else 422
         raise UploadError(status, str(error)) from None
@@ -103,8 +103,9 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
         Maximum images and bytes per request, and pixels per image.
     """
     from . import __version__
-    from .data import preprocess_many
-    from .inference import label_for, load_model
+    from .pipeline import preprocess_many
+    from .inference import label_for
+    from .runtimes import load_model
 
     model = load_model(model)
     limits = limits or ServeLimits()
@@ -129,7 +130,7 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
     @app.get("/v1/model", dependencies=[Depends(require_key)], summary="The model in use")
     def model_info():
         return {"path": model.path, "version": model_version, "image_size": model.image_size,
-                "threshold": model.threshold, "class_names": ["Uninfected", "Parasitized"],
+                "threshold": model.threshold, "class_names": list(CLASS_NAMES),
                 "limits": limits.__dict__, "info": model.info}
 
     @app.post("/v1/predict", dependencies=[Depends(require_key)], summary="Label uploaded cell images")
@@ -152,11 +153,11 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
             if not ok:
                 entry.update(status=422, error=reason)
         scored = [e for e, ok in zip(accepted, decoded) if ok]
-        probabilities = model.predict_proba(images) if len(images) else []
+        probabilities = model.probability(images) if len(images) else []
         for entry, probability in zip(scored, probabilities):
             entry.update(status=200, probability=round(float(probability), 6),
                          label=label_for(probability, model.threshold))
-        n_parasitized = sum(1 for e in scored if e["label"] == "Parasitized")
+        n_parasitized = sum(1 for e in scored if e["label"] == CLASS_NAMES[1])
         body = {"model_version": model_version, "threshold": model.threshold, "results": results,
                 "summary": {"n": len(scored), "n_parasitized": n_parasitized, "n_rejected": len(results) - len(scored),
                             "percent_parasitized": round(100 * n_parasitized / len(scored), 2) if scored else None}}
@@ -191,7 +192,7 @@ def serve(model=None, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
         print(message, file=sys.stderr, flush=True)
         uvicorn.run(app, host=host, port=port, log_level="warning")
         return
-    from .inference import load_model
+    from .runtimes import load_model
 
     # Loaded here only to fail once, with one line, on a bad model; the workers build their own
     # app from this description (uvicorn needs an import string), this process only supervises.

@@ -11,8 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .choices import AUGMENTATIONS, COLORS, MODEL_NAMES, SCHEDULES, SPLITS
-from .data import CLASS_NAMES, list_cell_images, read_images, split_dataset, warn_skipped
+from .config import AUGMENTATIONS, COLORS, MODEL_NAMES, SCHEDULES, SPLITS, check_choice, check_image_size
+from .config import CLASS_NAMES
+from .datasets import list_cell_images, warn_skipped
+from .pipeline import read_images
+from .splits import check_folds, split_dataset
 from .errors import MalariaCellsError
 from .files import write_json
 
@@ -101,24 +104,22 @@ class TrainConfig:
     preset: str | None = None
 
     def validate(self) -> "TrainConfig":
+        check_choice(self.model, MODEL_NAMES, "model")
+        check_image_size(self.image_size)
+        check_choice(self.color, COLORS, "colour")
+        check_choice(self.split, SPLITS, "split")
+        check_choice(self.schedule, SCHEDULES, "schedule")
+        check_choice(self.augment, AUGMENTATIONS, "augmentation")
+        check_folds(self.folds, self.fold)
         checks = [
-            (self.model in MODEL_NAMES, f"unknown model {self.model!r}: choose from {', '.join(MODEL_NAMES)}"),
             (self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch size must be at least 1, got {self.batch_size}"),
-            (16 <= self.image_size <= 1024, f"image size must be 16 to 1024, got {self.image_size}"),
-            (self.color in COLORS, f"unknown colour {self.color!r}: use rgb or gray"),
-            (self.split in SPLITS, f"unknown split {self.split!r}: use patient or random"),
             (0 < self.val_fraction < 1, f"val fraction must be in (0, 1), got {self.val_fraction}"),
             (0 <= self.test_fraction < 1, f"test fraction must be in [0, 1), got {self.test_fraction}"),
-            (self.folds or not self.fold, f"--fold {self.fold} needs --folds K (the number of folds)"),
-            (self.folds == 0 or (self.folds >= 2 and 0 <= self.fold < self.folds),
-             f"--fold must be 0 to {self.folds - 1} with --folds 2 or more, got fold {self.fold} of {self.folds}"),
             (self.learning_rate > 0, f"learning rate must be positive, got {self.learning_rate}"),
-            (self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}: use cosine or constant"),
             (0 <= self.weight_decay < 1, f"weight decay must be in [0, 1), got {self.weight_decay}"),
             (0 <= self.label_smoothing < 0.5, f"label smoothing must be in [0, 0.5), got {self.label_smoothing}"),
             (0 <= self.mixup <= 10, f"mixup alpha must be in [0, 10], got {self.mixup}"),
-            (self.augment in AUGMENTATIONS, f"unknown augmentation {self.augment!r}: use {', '.join(AUGMENTATIONS)}"),
             (self.target_sensitivity is None or 0 < self.target_sensitivity <= 1,
              f"target sensitivity must be in (0, 1], got {self.target_sensitivity}"),
             (0 <= self.min_specificity < 1, f"min specificity must be in [0, 1), got {self.min_specificity}"),
@@ -260,7 +261,7 @@ def _best_checkpoint(path: Path):
     """A callback that saves the model whenever val_loss improves, atomically."""
     import keras
 
-    from .inference import save_keras_model
+    from .runtimes import save_keras_model
 
     class BestCheckpoint(keras.callbacks.Callback):
         def __init__(self):
@@ -360,7 +361,7 @@ def train(
     import tensorflow as tf
 
     from .export import write_onnx_copy
-    from .inference import KerasClassifier
+    from .runtimes import KerasClassifier
     from .models import build_model, model_info_layer
     from .plots import plot_history
 
@@ -412,7 +413,7 @@ def train(
         raise MalariaCellsError("training stopped before the first epoch ended; nothing was saved")
 
     best = KerasClassifier(keras.saving.load_model(model_path, compile=False), model_path)
-    val_prob = best.predict_proba(images[split.val])
+    val_prob = best.probability(images[split.val])
     val_true = files.labels[split.val]
     threshold, threshold_choice, val_metrics = _operating_point(config, val_true, val_prob)
 
@@ -432,7 +433,7 @@ def train(
     onnx_path = write_onnx_copy(best, images[split.val], val_prob)
 
     eval_part = split.test if len(split.test) else split.val
-    eval_prob = val_prob if eval_part is split.val else best.predict_proba(images[eval_part])
+    eval_prob = val_prob if eval_part is split.val else best.probability(images[eval_part])
     metrics = _score_run(run_dir, files.labels[eval_part], eval_prob, [files.groups[i] for i in eval_part],
                          threshold, "test" if len(split.test) else "validation")
     plot_history(history.history, run_dir / "training_curves.png")
@@ -513,7 +514,7 @@ def retune(
     import json
 
     from .export import write_onnx_copy
-    from .inference import KerasClassifier, load_model
+    from .runtimes import KerasClassifier, load_model
     from .models import model_info_layer
 
     run_dir = Path(run).expanduser()
@@ -536,7 +537,7 @@ def retune(
     for part in ("val", "test"):
         index = np.flatnonzero(np.isin(groups, patients[part]))
         cells[part], readable, _ = read_images([files.paths[i] for i in index], model.image_size)
-        parts[part] = (files.labels[index][readable], model.predict_proba(cells[part]), list(groups[index][readable]))
+        parts[part] = (files.labels[index][readable], model.probability(cells[part]), list(groups[index][readable]))
     if len(parts["val"][0]) == 0:
         raise MalariaCellsError(f"{files.root}: none of the run's validation patients' images are here (use --data)")
 

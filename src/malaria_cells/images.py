@@ -1,0 +1,259 @@
+"""Decoding and resizing images: the one image path of the package.
+
+Training, evaluation, prediction, serving, export and field screening all read pixels
+through :func:`decode` and scale them with :func:`resize`, so they can never drift apart.
+Colour conversion and scaling to 0-1 are layers inside every model, so a model file alone
+predicts correctly anywhere: inputs are RGB pixels 0-255.
+
+One decoder per format, told from the bytes (never the file name):
+
+- PNG: libpng, through imagecodecs (it checks every chunk's CRC and the stream's length;
+  APNG gives its default image, the first frame).
+- JPEG, BMP, GIF, TIFF, WebP: Pillow, which checks each header against the file and raises
+  on lies; only the first frame or page of a multi-frame file is decoded.
+
+Every image's size is read from its header and refused above ``max_pixels`` before any
+pixel is decoded.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import warnings
+from functools import lru_cache
+
+import numpy as np
+
+from .config import MAX_IMAGE_PIXELS
+from .errors import MalariaCellsError
+
+__all__ = ["UnreadableImage", "NOT_AN_IMAGE", "image_format", "dimensions", "decode", "read_file", "resize",
+           "preprocess", "exif_orientation"]
+
+NOT_AN_IMAGE = "not an image (PNG, JPEG, BMP, GIF, WebP or TIFF expected)"
+_FORMATS = {"png": "PNG", "jpeg": "JPEG", "gif": "GIF", "bmp": "BMP", "webp": "WebP", "tiff": "TIFF"}
+
+
+class UnreadableImage(MalariaCellsError, ValueError):
+    """Bytes that are not an image this package can read; the message says why."""
+
+
+def image_format(contents: bytes) -> str:
+    """The format of encoded image bytes (``"png"``, ``"jpeg"``, ...), from their first bytes."""
+    head = bytes(contents[:12])
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    if head.startswith(b"BM"):
+        return "bmp"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "tiff"
+    raise UnreadableImage(NOT_AN_IMAGE)
+
+
+def dimensions(contents: bytes) -> tuple[int, int]:
+    """``(width, height)`` from the header alone, to refuse decompression bombs before decoding.
+
+    Raises
+    ------
+    UnreadableImage
+        Not an image, or a header that cannot be read.
+    """
+    kind = image_format(contents)
+    if kind == "png":
+        return _png_dimensions(contents)
+    with _opened(contents, kind) as image:
+        return image.size
+
+
+def _png_dimensions(contents: bytes) -> tuple[int, int]:
+    if len(contents) < 24 or contents[12:16] != b"IHDR":  # the header chunk always comes first
+        raise UnreadableImage("corrupt PNG (no image header)")
+    width, height = struct.unpack(">II", contents[16:24])
+    if width == 0 or height == 0:
+        raise UnreadableImage(f"corrupt PNG (header says {width}x{height} pixels)")
+    return width, height
+
+
+class _opened:
+    """Pillow's lazy open of ``contents`` (reads the header only), with its failures as UnreadableImage."""
+
+    def __init__(self, contents: bytes, kind: str):
+        from PIL import Image
+
+        self._kind = _FORMATS[kind]
+        try:
+            with warnings.catch_warnings():
+                # Our own limit applies (callers compare the size with max_pixels); Pillow's
+                # warnings about damaged metadata would only repeat what a refusal says.
+                warnings.simplefilter("ignore")
+                self.image = Image.open(io.BytesIO(contents))
+                self.image.size  # noqa: B018 - the header is parsed by open
+        except Image.DecompressionBombError:
+            raise UnreadableImage("image too large (decompression bomb?)") from None
+        except Exception:  # noqa: BLE001 - Pillow fails on bad headers in many ways
+            raise UnreadableImage(f"corrupt {self._kind} (unreadable header)") from None
+
+    def __enter__(self):
+        return self.image
+
+    def __exit__(self, *exc):
+        self.image.close()
+
+
+def _check_size(width: int, height: int, max_pixels: int) -> None:
+    if width <= 0 or height <= 0:
+        raise UnreadableImage(f"corrupt image (header says {width}x{height} pixels)")
+    if width * height > max_pixels:
+        raise UnreadableImage(f"image too large ({width}x{height} pixels, limit {max_pixels:,}; "
+                              "decompression bomb?)")
+
+
+def decode(contents: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS, reduce: int = 1) -> np.ndarray:
+    """Decode encoded image bytes to uint8 RGB ``(height, width, 3)`` in the stored pixel grid.
+
+    Any bit depth and colour mode (gray, palette, RGBA, 16-bit) becomes 8-bit RGB; alpha is
+    dropped; a multi-frame or multi-page file gives its first frame. EXIF orientation is not
+    applied (see :func:`exif_orientation`). The decoders release the GIL, so threads decode
+    in parallel.
+
+    Parameters
+    ----------
+    contents : bytes
+        The encoded file.
+    max_pixels : int
+        Images whose header declares more pixels are refused before decoding.
+    reduce : int
+        Decode at 1/``reduce`` of each side (rounded up). JPEGs are scaled inside the
+        decoder (DCT scaling, several times faster than decoding at full size); other formats
+        are decoded, then shrunk by :func:`resize`.
+
+    Raises
+    ------
+    UnreadableImage
+        Not an image, corrupt, truncated, or larger than ``max_pixels``.
+    """
+    kind = image_format(contents)
+    if kind == "png":
+        import imagecodecs
+
+        width, height = _png_dimensions(contents)
+        _check_size(width, height, max_pixels)
+        try:
+            pixels = imagecodecs.png_decode(contents)
+        except Exception:  # noqa: BLE001 - imagecodecs raises its own error types
+            raise UnreadableImage("corrupt or truncated PNG") from None
+        pixels = _as_rgb8(np.asarray(pixels))
+        if pixels.shape[:2] != (height, width):
+            raise UnreadableImage("corrupt PNG (pixels do not match the header)")
+    else:
+        pixels, (width, height) = _decode_with_pillow(contents, kind, max_pixels, reduce)
+    if reduce > 1:
+        target = (-(-width // reduce), -(-height // reduce))
+        if pixels.shape[1::-1] != target:
+            pixels = resize(pixels, target)
+    return pixels
+
+
+def _decode_with_pillow(contents: bytes, kind: str, max_pixels: int, reduce: int):
+    with warnings.catch_warnings(), _opened(contents, kind) as image:
+        warnings.simplefilter("ignore")  # damaged metadata: a refusal, if any, says enough
+        size = image.size
+        _check_size(*size, max_pixels)
+        try:
+            if kind == "jpeg" and reduce > 1:
+                image.draft("RGB", (-(-image.size[0] // reduce), -(-image.size[1] // reduce)))
+            image.seek(0)  # the first frame or page only
+            image.load()
+            if image.mode not in ("RGB", "L"):
+                image = image.convert("RGBA" if "A" in image.getbands() or image.mode == "P" else "RGB")
+            pixels = np.asarray(image)
+        except UnreadableImage:
+            raise
+        except Exception:  # noqa: BLE001 - Pillow fails on corrupt data in many ways
+            raise UnreadableImage(f"corrupt or truncated {_FORMATS[kind]}") from None
+    return _as_rgb8(pixels), size
+
+
+def _as_rgb8(pixels: np.ndarray) -> np.ndarray:
+    if pixels.ndim == 4:  # frames or pages
+        pixels = pixels[0]
+    if pixels.ndim == 2:
+        pixels = pixels[..., None]
+    if pixels.ndim != 3 or pixels.size == 0 or pixels.shape[2] > 4:
+        raise UnreadableImage(f"unsupported image layout {pixels.shape}")
+    if pixels.dtype == np.uint16:
+        pixels = (pixels >> 8).astype(np.uint8)
+    elif pixels.dtype == bool:
+        pixels = pixels.astype(np.uint8) * 255
+    elif pixels.dtype != np.uint8:
+        raise UnreadableImage(f"unsupported pixel type {pixels.dtype}")
+    if pixels.shape[2] < 3:
+        pixels = np.repeat(pixels[..., :1], 3, axis=2)
+    return np.ascontiguousarray(pixels[..., :3])
+
+
+def exif_orientation(contents: bytes) -> int:
+    """The EXIF orientation tag of a JPEG or TIFF (1 = as stored; 6 and 8 = turned a quarter)."""
+    try:
+        kind = image_format(contents)
+        if kind not in ("jpeg", "tiff", "webp"):
+            return 1
+        with _opened(contents, kind) as image:
+            return int(image.getexif().get(0x0112, 1)) or 1
+    except (UnreadableImage, ValueError, TypeError):
+        return 1
+
+
+def read_file(path: str | os.PathLike) -> bytes:
+    """The bytes of an image file, or UnreadableImage with the operating system's reason."""
+    try:
+        with open(path, "rb", buffering=0) as handle:  # unbuffered: one read straight into the result
+            contents = handle.read()
+    except OSError as error:
+        raise UnreadableImage(error.strerror or "cannot be read") from None
+    if not contents:
+        raise UnreadableImage("empty file")
+    return contents
+
+
+@lru_cache(maxsize=1)
+def _cv2():
+    import cv2
+
+    # Callers already run one image per thread on every core; OpenCV's own threads on top
+    # of that only add hand-over time for images this small.
+    cv2.setNumThreads(1)
+    return cv2
+
+
+def resize(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Resize a uint8 RGB image to ``size`` x ``size`` (or ``(width, height)``).
+
+    OpenCV's area interpolation: each output pixel is the mean of the input pixels it covers
+    (an exact 2x2 block mean at half size), so shrinking never aliases fine detail such as a
+    ring stage; enlarging is bilinear.
+    """
+    width, height = (size, size) if np.isscalar(size) else size
+    cv2 = _cv2()
+    if image.shape[:2] == (height, width):
+        return np.ascontiguousarray(image)
+    return cv2.resize(np.ascontiguousarray(image), (int(width), int(height)), interpolation=cv2.INTER_AREA)
+
+
+def preprocess(contents: bytes, image_size: int, *, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Encoded image bytes -> the model input: uint8 RGB ``(image_size, image_size, 3)``.
+
+    Raises
+    ------
+    UnreadableImage
+        When the bytes are not a readable image, with the reason.
+    """
+    return resize(decode(contents, max_pixels=max_pixels), image_size)

@@ -1,0 +1,119 @@
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from malaria_cells import MalariaCellsError
+from malaria_cells.images import preprocess
+
+from conftest import encode, make_cell
+
+
+@pytest.mark.parametrize("mode, fmt", [
+    ("RGB", "PNG"), ("RGB", "JPEG"), ("RGB", "BMP"), ("RGB", "TIFF"), ("RGBA", "PNG"),
+    ("L", "PNG"), ("P", "PNG"), ("I;16", "PNG"), ("L", "TIFF"), ("RGB", "GIF"),
+])
+def test_every_format_and_mode_decodes_to_rgb_of_the_asked_size(mode, fmt):
+    rgb = Image.fromarray(make_cell(True, np.random.default_rng(0), 57))
+    if mode == "I;16":
+        image = Image.fromarray((np.asarray(rgb.convert("L"), np.uint16) * 257))
+    else:
+        image = rgb.convert(mode)
+    out = preprocess(encode(image, fmt), 32)
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+    reference = np.asarray(rgb.convert("L").resize((32, 32)), float)
+    assert np.corrcoef(out.mean(axis=2).ravel(), reference.ravel())[0, 1] > 0.9
+
+
+def test_sixteen_bit_keeps_its_brightness():
+    image = Image.fromarray(np.full((20, 20), 40000, np.uint16))
+    out = preprocess(encode(image, "PNG"), 8)
+    assert abs(int(out[0, 0, 0]) - round(40000 / 257)) <= 1
+
+
+def test_truncated_png_and_decompression_bomb_are_refused_before_harm():
+    import struct
+    import zlib
+
+    from malaria_cells.images import UnreadableImage
+
+    whole = encode(Image.fromarray(make_cell(True, np.random.default_rng(0), 40)), "PNG")
+    with pytest.raises(UnreadableImage, match="corrupt or truncated PNG"):
+        preprocess(whole[: len(whole) // 2], 16)
+    header = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
+    bomb = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + header + struct.pack(">I", zlib.crc32(b"IHDR" + header))
+    with pytest.raises(UnreadableImage, match="too large"):
+        preprocess(bomb, 16)
+
+
+def test_half_size_resize_is_the_exact_2x2_block_mean():
+    from malaria_cells.images import resize
+
+    image = np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    means = image.reshape(64, 2, 64, 2, 3).astype(float).mean(axis=(1, 3))
+    assert np.abs(resize(image, 64).astype(float) - means).max() <= 0.5
+    assert resize(image, (40, 20)).shape == (20, 40, 3)
+    assert np.array_equal(resize(image, 128), image)
+
+
+def _bmp_header(width: int, height: int, bits: int = 24) -> bytes:
+    import struct
+
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, bits, 0, 0, 2835, 2835, 0, 0)
+    return b"BM" + struct.pack("<IHHI", 14 + len(info) + 64, 0, 0, 14 + len(info)) + info + bytes(64)
+
+
+@pytest.mark.parametrize("width, height", [(6000, -6000), (6000, 6000), (1, -2**31), (2**31 - 1, 1), (0, 5), (-4, 4)])
+def test_a_bmp_whose_header_lies_is_refused_not_crashed_on(width, height):
+    from malaria_cells.images import UnreadableImage, decode
+
+    with pytest.raises(UnreadableImage):
+        decode(_bmp_header(width, height))
+
+
+def test_multi_frame_files_decode_their_first_frame_only():
+    from malaria_cells.images import decode
+
+    frames = [Image.fromarray(np.full((40, 30, 3), value, np.uint8)) for value in (10, 200, 90)]
+    for fmt, options in (("GIF", {}), ("TIFF", {}), ("WEBP", {"lossless": True}), ("PNG", {})):
+        buffer = io.BytesIO()
+        frames[0].save(buffer, fmt, save_all=True, append_images=frames[1:], **options)
+        pixels = decode(buffer.getvalue())
+        assert pixels.shape == (40, 30, 3), fmt
+        assert abs(int(pixels.mean()) - 10) <= 2, fmt
+
+
+def test_images_over_the_pixel_limit_are_refused_from_the_header_for_every_format():
+    from malaria_cells.images import UnreadableImage, decode, dimensions
+
+    image = Image.fromarray(np.zeros((300, 400, 3), np.uint8))
+    for fmt in ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP"):
+        contents = encode(image, fmt)
+        assert dimensions(contents) == (400, 300), fmt
+        with pytest.raises(UnreadableImage, match="too large"):
+            decode(contents, max_pixels=100_000)
+        assert decode(contents, max_pixels=120_000).shape == (300, 400, 3)
+
+
+def test_reduce_decodes_at_a_fraction_of_each_side():
+    from malaria_cells.images import decode
+
+    pixels = np.random.default_rng(0).integers(0, 256, (301, 402, 3), dtype=np.uint8)
+    for fmt in ("JPEG", "PNG", "TIFF"):
+        assert decode(encode(pixels, fmt), reduce=2).shape == (151, 201, 3), fmt
+        assert decode(encode(pixels, fmt), reduce=4).shape == (76, 101, 3), fmt
+
+
+def test_exif_orientation_is_read_but_pixels_stay_in_the_stored_grid():
+    from malaria_cells.images import decode, exif_orientation
+
+    image = Image.fromarray(np.zeros((20, 50, 3), np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    tagged = encode(image, "JPEG", exif=exif.tobytes())
+    assert exif_orientation(tagged) == 8
+    assert decode(tagged).shape == (20, 50, 3)
+    assert exif_orientation(encode(image, "JPEG")) == 1
+    assert exif_orientation(encode(image, "PNG")) == 1
