@@ -70,7 +70,7 @@ def main() -> None:
                         "shuffles patients into the folds")
     parser.add_argument("--folds", type=int, default=0,
                         help="K-fold patient cross-validation: every patient is tested exactly once")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent))
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "seed0"))
     parser.add_argument("--work", default=None,
                         help="folder for run folders (default: a temporary one); finished runs found "
                         "there are reused, so an interrupted benchmark can be resumed")

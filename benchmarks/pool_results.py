@@ -1,6 +1,6 @@
 """Pool several ``compare.py`` runs (patient shuffles) into one table: mean ± std over all their fold runs.
 
-    python benchmarks/pool_results.py benchmarks/results.json benchmarks/seed1/results.json ...
+    python benchmarks/pool_results.py benchmarks/seed0/results.json benchmarks/seed1/results.json ...
 
 Each ``results.json`` is written by ``compare.py`` beside its RESULTS.md. Prints a Markdown
 table of every metric over all fold runs together, and which of issue 4's floors the

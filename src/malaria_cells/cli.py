@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", metavar="RUN_DIR", required=True, help="run folder to create (must be new or empty)")
     train.add_argument("--preset", choices=PRESET_NAMES, help="start from a named recipe; flags override it. "
                        "'tutorial' = 70x70 gray, 3 conv blocks, 3 epochs, random split")
-    train.add_argument("--model", choices=MODEL_NAMES, help="architecture (default: cellnet-slim; cellnet-lite is about 1.4x faster on AVX-512 CPUs and a little less accurate; cellnet is wider and about 1.5x slower)")
+    train.add_argument("--model", choices=MODEL_NAMES, help="architecture (default: cellnet-slim; cellnet-lite is faster on AVX-512 CPUs and a little less accurate; cellnet is wider and slower)")
     train.add_argument("--weights", metavar="imagenet|none|PATH",
                        help="starting weights for Keras Applications models (default: none)")
     train.add_argument("--epochs", type=_positive_int, help="passes over the training cells (default: 60)")
@@ -338,7 +338,7 @@ class _NoProgress:
 
 def _progress_bar(total: int):
     """tqdm's bar where someone watches a long job (a terminal, 2,000 cells or more); elsewhere
-    nothing, and tqdm is not even imported (~17 ms of every short or scripted run)."""
+    nothing, and tqdm is not even imported, which shortens every short or scripted run."""
     if total < 2000 or not sys.stderr.isatty():
         return _NoProgress()
     from tqdm import tqdm

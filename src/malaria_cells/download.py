@@ -31,7 +31,7 @@ def cache_dir() -> Path:
 def fetch(url: str, target: Path, *, expected_size: int | None = None, verbose: int = 1,
           chunk_size: int = 1 << 20, timeout: float = 60) -> Path:
     """Download ``url`` to ``target``, resuming from ``target.part`` when present."""
-    import urllib.error  # here, not at the top: urllib.request adds ~40 ms to every command's start
+    import urllib.error  # here, not at the top: urllib.request slows every command's start
     import urllib.request
 
     partial = target.with_name(target.name + ".part")

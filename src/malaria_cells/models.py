@@ -56,8 +56,7 @@ class StainNormalization(layers.Layer):
         ops = keras.ops
         height, width, channels = inputs.shape[1:]
         # Every step is a contiguous elementwise op, and the final transpose cancels the one the
-        # ONNX export puts before the first convolution (onnxruntime: the layer ~38 -> ~24 us per
-        # cell; predict 8.5 -> 7.3-8.5 s of CPU for 15,914 cells).
+        # ONNX export puts before the first convolution.
         pixels = ops.reshape(inputs, (-1, height * width, channels))
         planes = [pixels[..., k] for k in range(channels)]
         brightest = planes[0]
@@ -76,7 +75,7 @@ class StainNormalization(layers.Layer):
         cell = ops.cast(ops.max(pixels, axis=-1) > self.floor, inputs.dtype)
         area = ops.maximum(ops.sum(cell, axis=-1), 1.0)
         # One matrix product sums each channel over the cell, and the scaling is a product with
-        # a diagonal matrix (exact zeros elsewhere): a broadcast multiply took 40% of the layer.
+        # a diagonal matrix (exact zeros elsewhere), cheaper than a broadcast multiply.
         totals = ops.squeeze(ops.matmul(ops.expand_dims(cell, 1), pixels), 1)
         scale = 0.5 / ops.maximum(totals / ops.expand_dims(area, -1), 1.0)
         diagonal = ops.eye(channels, dtype=inputs.dtype) * ops.expand_dims(scale, 1)
@@ -199,11 +198,10 @@ def cellnet_slim_body(x):
 
 
 def cellnet_lite_body(x):
-    """``cellnet-slim`` with 16 channels in its first stage (16/16/48/96): 1.5x its speed.
+    """``cellnet-slim`` with 16 channels in its first stage (16/16/48/96), for speed.
 
     CPUs with AVX-512 compute convolutions on blocks of 16 channels (onnxruntime's NCHWc
-    kernels), so slim's 24-channel stage runs as 32 channels: its two convolutions took 76
-    of the network's ~160 us per cell, against 27 at 16 channels.
+    kernels), so slim's 24-channel stage runs as 32 channels.
     """
     return cellnet_body(x, widths=(16, 16, 48, 96))
 

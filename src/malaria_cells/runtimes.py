@@ -46,10 +46,8 @@ def default_model_path(*, fast_start: bool = True) -> Path:
     ----------
     fast_start : bool
         Run the shipped model from its ONNX copy when it matches the ``.keras`` file (same
-        training run and threshold) and onnxruntime is installed: onnxruntime starts in
-        about 0.2 s where TensorFlow takes 4 s (most of the time of a ``predict`` on a few
-        cells), takes a quarter of the memory, and on 2 cores scored a folder and served
-        requests at least as fast. Commands that need the Keras model (``export``) pass False.
+        training run and threshold) and onnxruntime is installed: onnxruntime starts in a
+        fraction of the time TensorFlow takes to import and needs less memory. Commands that need the Keras model (``export``) pass False.
     """
     if os.environ.get(MODEL_ENV):
         return Path(os.environ[MODEL_ENV])
@@ -339,9 +337,8 @@ class OnnxClassifier(CellClassifier):
         except ImportError:
             raise MalariaCellsError("ONNX models need onnxruntime: pip install onnxruntime") from None
         options = onnxruntime.SessionOptions()
-        # One thread per run: in predict's pipeline, where decoding keeps the other cores
-        # busy, more threads only waited (3,300 against 2,900 cells/s on 2 cores); many
-        # images at once run batches side by side instead (_parallel_batches).
+        # One thread per run: in predict's pipeline decoding keeps the other cores busy, and
+        # more threads only wait; many images at once run batches side by side instead.
         options.intra_op_num_threads = 1
         try:
             self._session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -355,8 +352,7 @@ class OnnxClassifier(CellClassifier):
         self.runtime = f"onnxruntime {onnxruntime.__version__}"
 
     def _score(self, images):
-        # Runs of 64 cells: their activations stay in the CPU caches, 15% less time per cell
-        # than runs of 256 on the shipped model (164-175 against 198-202 us).
+        # Runs of 64 cells: their activations stay in the CPU caches.
         return np.concatenate([self._session.run(None, {self._input_name: images[start:start + _ONNX_RUN]})[0]
                                for start in range(0, len(images), _ONNX_RUN)])
 
