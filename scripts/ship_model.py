@@ -22,7 +22,7 @@ from pathlib import Path
 
 from malaria_cells.export import check_parity, export_model, sidecar_path
 from malaria_cells.files import atomic_path, write_json
-from malaria_cells.inference import DEFAULT_MODEL, DEFAULT_MODEL_ONNX, load_model
+from malaria_cells.runtimes import DEFAULT_MODEL, DEFAULT_MODEL_ONNX, load_model
 
 
 def main(run_dir: str) -> None:

@@ -22,6 +22,7 @@ examples:
   malaria-cells train --preset tutorial --split patient --out runs/tutorial
   malaria-cells evaluate --model runs/first/model.keras --data other_patients/
   malaria-cells predict cell.png slides/ --format csv --output results.csv
+  malaria-cells screen patient1/ patient2/ --out report/  # whole smear photographs
   malaria-cells info
 
 Exit status: 0 success; 1 some input files could not be read (predict, listed on
@@ -154,6 +155,31 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--output", metavar="FILE", help="write results to FILE instead of stdout")
     predict.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
     add_scoring_options(predict)
+
+    screen = command("screen", "screen smear photographs: count cells, parasitemia, a call",
+                     "Finds every red cell of each field photograph, classifies it, and reports\n"
+                     "parasitemia (infected / counted cells) with a 95% interval and, per sample, a\n"
+                     "call: positive, negative or review. A folder is one sample (a slide or a\n"
+                     "patient) and its images are its fields; files given directly form one more.\n"
+                     "Coordinates are pixels of the images as stored (EXIF orientation not applied).\n\n"
+                     "examples:\n"
+                     "  malaria-cells screen src/malaria_cells/examples/fields\n"
+                     "  malaria-cells screen patient1/ patient2/ --out report/\n"
+                     "  malaria-cells screen slide/ --format json --output screen.json\n"
+                     "  malaria-cells screen fields/ --truth annotations.json")
+    screen.add_argument("paths", nargs="+", metavar="PATH", help="field images or folders (one sample each)")
+    add_model_option(screen)
+    screen.add_argument("--out", metavar="DIR",
+                        help="also write overlays, cells.csv, report.json and a printable report.html here")
+    screen.add_argument("--format", choices=("table", "json", "csv"), default="table",
+                        help="table (default), json (one object) or csv (one row per cell)")
+    screen.add_argument("--output", metavar="FILE", help="write the results to FILE instead of stdout")
+    screen.add_argument("--overwrite", action="store_true", help="replace FILE, or write into a non-empty DIR")
+    screen.add_argument("--truth", metavar="PATH", nargs="?", const=True,
+                        help="score against ground truth: NIH point files beside the images (no value), "
+                        "or an annotations JSON file or folder")
+    screen.add_argument("--threshold", type=_fraction,
+                        help="counting threshold (default: the one the model carries for fields)")
 
     download = command("download", "fetch the public NIH cell images",
                        "Download (resumable), verify (size, zip CRCs, optional SHA-256) and safely\n"
@@ -336,14 +362,53 @@ class _NoProgress:
         pass
 
 
-def _progress_bar(total: int):
-    """tqdm's bar where someone watches a long job (a terminal, 2,000 cells or more); elsewhere
-    nothing, and tqdm is not even imported, which shortens every short or scripted run."""
-    if total < 2000 or not sys.stderr.isatty():
+def _progress_bar(total: int, *, unit: str = "cell", minimum: int = 2000):
+    """tqdm's bar where someone watches a long job (a terminal, ``minimum`` items or more);
+    elsewhere nothing, and tqdm is not even imported, which shortens every short or scripted run."""
+    if total < minimum or not sys.stderr.isatty():
         return _NoProgress()
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="cell", file=sys.stderr, mininterval=0.5)
+    return tqdm(total=total, unit=unit, file=sys.stderr, mininterval=0.5)
+
+
+def run_screen(args) -> int:
+    from .files import atomic_path
+    from .reports import ReportWriter, dumps, format_table, write_cells_csv
+    from .runtimes import load_model
+    from .screening import group_samples, screen
+
+    model = load_model(args.model)
+    if args.output and os.path.exists(args.output) and not args.overwrite:
+        raise MalariaCellsError(f"{args.output}: already exists; choose another --output or pass --overwrite")
+    report = ReportWriter(args.out, overwrite=args.overwrite) if args.out else None
+    bar = _progress_bar(sum(len(files) for _, files in group_samples(args.paths)[0]), unit="field", minimum=2)
+    result = screen(args.paths, model, threshold=args.threshold, truth=args.truth, progress=bar.update,
+                    on_field=report.add if report else None)
+    bar.close()
+    if report is not None:
+        page = report.finish(result)
+
+    def emit(stream):
+        if args.format == "json":
+            stream.write(dumps(result) + "\n")
+        elif args.format == "csv":
+            write_cells_csv(result, stream)
+        else:
+            stream.write(format_table(result))
+
+    if args.output:
+        with atomic_path(args.output) as temporary, open(temporary, "w", encoding="utf-8", newline="") as stream:
+            emit(stream)
+    else:
+        emit(sys.stdout)
+    for path, reason in result.skipped:
+        print(f"skipped: {path}: {reason}", file=sys.stderr)
+    if report is not None:
+        print(f"report: {page}", file=sys.stderr)
+    if not result.fields:
+        raise MalariaCellsError("no field could be screened" + (" (see the skipped files above)" if result.skipped else ""))
+    return EXIT_SKIPPED if result.skipped else EXIT_OK
 
 
 def run_download(args) -> int:
@@ -436,7 +501,7 @@ def _needs_tensorflow(args: argparse.Namespace) -> bool:
     models, which then start in a fraction of a second instead of seconds."""
     if args.command == "download":
         return False
-    if args.command in ("predict", "evaluate", "serve", "info"):
+    if args.command in ("predict", "evaluate", "serve", "info", "screen"):
         from .runtimes import default_model_path
 
         model = args.model or default_model_path()
@@ -484,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``malaria-cells`` command; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    handler = {"train": run_train, "evaluate": run_evaluate, "predict": run_predict,
+    handler = {"train": run_train, "evaluate": run_evaluate, "predict": run_predict, "screen": run_screen,
                "download": run_download, "info": run_info, "serve": run_serve,
                "export": run_export, "retune": run_retune}[args.command]
     try:

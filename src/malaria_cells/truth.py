@@ -24,7 +24,7 @@ import numpy as np
 
 from .errors import MalariaCellsError
 
-__all__ = ["TruthCell", "read_truth", "load_truth_index", "match_cells", "STAGES"]
+__all__ = ["TruthCell", "read_truth", "load_truth_index", "match_cells", "score_field", "pool_scores", "STAGES"]
 
 STAGES = ("ring", "trophozoite", "schizont", "gametocyte")
 """Parasite stages of IML annotations: each marks an infected red cell."""
@@ -136,3 +136,87 @@ def match_cells(found: np.ndarray, true: np.ndarray, max_distance: float) -> lis
             used_true.add(j)
             pairs.append((i, j))
     return pairs
+
+
+def _is_cut(cell: TruthCell, width: int, height: int, margin: float = 3.0) -> bool:
+    """Whether an annotated box reaches the image edge (such cells are not counted)."""
+    if cell.width is None:
+        return False
+    half = cell.width / 2
+    return (cell.x - half < margin or cell.y - half < margin
+            or cell.x + half > width - margin or cell.y + half > height - margin)
+
+
+def score_field(result, truth: list[TruthCell]) -> dict:
+    """Detection and classification figures of one screened field against its ground truth.
+
+    Annotated red cells cut by the image edge, ``difficult`` cells and white cells are left
+    out (the screen does not count cut cells either). Returns counts (``tp``, ``fp``, ``fn``,
+    true and found parasitized) and the figures they give.
+    """
+    counted = [c for c in truth if c.label in ("Uninfected", "Parasitized")
+               and not _is_cut(c, result.width, result.height)]
+    found = np.array([[c.x, c.y] for c in result.cells]).reshape(-1, 2)
+    true = np.array([[c.x, c.y] for c in counted]).reshape(-1, 2)
+    pairs = match_cells(found, true, result.cell_diameter / 2)
+    scores = {"tp": len(pairs), "fp": len(result.cells) - len(pairs), "fn": len(counted) - len(pairs),
+              "n_true": len(counted), "n_true_parasitized": sum(c.label == "Parasitized" for c in counted),
+              "n_found": len(result.cells), "n_found_parasitized": result.n_parasitized,
+              "matched_parasitized": 0, "matched_parasitized_called": 0,
+              "matched_uninfected": 0, "matched_uninfected_called": 0, "stages": {}}
+    for i, j in pairs:
+        called = result.cells[i].label == "Parasitized"
+        if counted[j].label == "Parasitized":
+            scores["matched_parasitized"] += 1
+            scores["matched_parasitized_called"] += called
+        else:
+            scores["matched_uninfected"] += 1
+            scores["matched_uninfected_called"] += called
+    matched_true = {j: i for i, j in pairs}
+    for j, cell in enumerate(counted):
+        if cell.stage:
+            stage = scores["stages"].setdefault(cell.stage, {"n": 0, "detected": 0, "called": 0})
+            stage["n"] += 1
+            if j in matched_true:
+                stage["detected"] += 1
+                stage["called"] += result.cells[matched_true[j]].label == "Parasitized"
+    return _figures(scores)
+
+
+def _figures(scores: dict) -> dict:
+    def ratio(a, b):
+        return a / b if b else None
+
+    tp, fp, fn = scores["tp"], scores["fp"], scores["fn"]
+    precision, recall = ratio(tp, tp + fp), ratio(tp, tp + fn)
+    true_parasitemia = ratio(scores["n_true_parasitized"], scores["n_true"])
+    found_parasitemia = ratio(scores["n_found_parasitized"], scores["n_found"])
+    scores.update(
+        precision=precision, recall=recall,
+        f1=ratio(2 * precision * recall, precision + recall) if precision and recall else 0.0,
+        count_error=scores["n_found"] - scores["n_true"],
+        sensitivity=ratio(scores["matched_parasitized_called"], scores["matched_parasitized"]),
+        false_positive_rate=ratio(scores["matched_uninfected_called"], scores["matched_uninfected"]),
+        true_parasitemia=true_parasitemia,
+        parasitemia_error=(found_parasitemia - true_parasitemia
+                           if found_parasitemia is not None and true_parasitemia is not None else None))
+    return scores
+
+
+def pool_scores(fields: list[dict]) -> dict:
+    """Field scores of a sample added up, with the figures recomputed (and the mean absolute
+    per-field parasitemia error)."""
+    keys = ("tp", "fp", "fn", "n_true", "n_true_parasitized", "n_found", "n_found_parasitized",
+            "matched_parasitized", "matched_parasitized_called", "matched_uninfected", "matched_uninfected_called")
+    pooled = {key: sum(f[key] for f in fields) for key in keys}
+    pooled["stages"] = {}
+    for item in fields:
+        for stage, counts in item["stages"].items():
+            total = pooled["stages"].setdefault(stage, {"n": 0, "detected": 0, "called": 0})
+            for key in total:
+                total[key] += counts[key]
+    pooled = _figures(pooled)
+    errors = [abs(f["parasitemia_error"]) for f in fields if f["parasitemia_error"] is not None]
+    pooled["field_parasitemia_mae"] = float(np.mean(errors)) if errors else None
+    pooled["fields"] = len(fields)
+    return pooled

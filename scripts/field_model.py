@@ -1,0 +1,224 @@
+"""Fine-tune the cell model on field crops and choose its counting operating point.
+
+    python scripts/field_model.py crops --work W     # cut and label every shared field's cells once
+    python scripts/field_model.py cv --work W        # 5-fold cross-validation over IML blocks (the report)
+    python scripts/field_model.py final --work W     # the model to ship: W/field-model.keras
+
+Crops are cut by the same detector and crop function as ``malaria-cells screen`` and labelled by
+matching them to the ground truth (cells that match no annotation are left out of training).
+The IML fields are split into 5 blocks of consecutive file names (neighbouring numbers are the
+same slide); NIH cell crops whose label the published re-annotation disputes are left out of
+the mix, which keeps the model's NIH performance. The NIH field photographs (one healthy
+patient) are never trained on: they only check false alarms.
+
+For each fold ``k``: train on three blocks, choose the counting threshold on block ``k + 1``
+(the highest threshold keeping validation sensitivity >= ``--target``), and report block ``k``,
+which chose nothing. ``final`` trains on blocks 0-3 and chooses on block 4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+BLOCKS = 5
+
+
+def build_crops(work: Path) -> None:
+    from malaria_cells.images import read_file
+    from malaria_cells.runtimes import load_model
+    from malaria_cells.screening import screen_image
+    from malaria_cells.truth import _is_cut, match_cells, read_truth
+
+    model = load_model()
+    fields = sorted((SHARED / "fields" / "iml").glob("*.JPG")) + sorted((SHARED / "fields" / "nih").glob("*/*.jpg"))
+    crops, labels, stages, field_index, records = [], [], [], [], []
+    for number, path in enumerate(fields):
+        result, field_crops, _ = screen_image(read_file(path), model, path=str(path), keep_crops=True)
+        truth = [c for c in read_truth(path) if c.label in ("Uninfected", "Parasitized")
+                 and not _is_cut(c, result.width, result.height)]
+        found = np.array([[c.x, c.y] for c in result.cells]).reshape(-1, 2)
+        true = np.array([[c.x, c.y] for c in truth]).reshape(-1, 2)
+        label, stage = np.full(len(found), -1), [""] * len(found)
+        for i, j in match_cells(found, true, result.cell_diameter / 2):
+            label[i] = int(truth[j].label == "Parasitized")
+            stage[i] = truth[j].stage or ""
+        crops.append(field_crops)
+        labels.append(label)
+        stages += stage
+        field_index.append(np.full(len(found), number))
+        records.append({"name": path.name, "kind": "nih" if "nih" in str(path) else "iml", "n_true": len(truth),
+                        "n_true_parasitized": sum(c.label == "Parasitized" for c in truth),
+                        "stages_true": [c.stage for c in truth if c.stage]})
+        print(f"{path.name}: {len(found)} cells", flush=True)
+    np.savez_compressed(work / "field_crops.npz", crops=np.concatenate(crops), labels=np.concatenate(labels),
+                        stages=np.array(stages), field=np.concatenate(field_index))
+    (work / "fields.json").write_text(json.dumps(records, indent=1))
+
+
+def load_crops(work: Path):
+    data = np.load(work / "field_crops.npz")
+    records = json.loads((work / "fields.json").read_text())
+    iml = [i for i, r in enumerate(records) if r["kind"] == "iml"]
+    block_of = {field: b for b, part in enumerate(np.array_split(np.array(iml), BLOCKS)) for field in part}
+    return data, records, block_of
+
+
+def nih_cells(seed: int, count: int):
+    """A class-balanced sample of the NIH crops whose label the re-annotation does not dispute."""
+    from malaria_cells.datasets import list_cell_images
+    from malaria_cells.pipeline import read_images
+
+    disputed = set()
+    for name in ("disputed_parasitized.txt", "disputed_uninfected.txt"):
+        disputed |= set((SHARED / "relabels" / name).read_text().split())
+    files = list_cell_images(SHARED / "cell_images")
+    keep = np.array([Path(p).name not in disputed for p in files.paths])
+    rng = np.random.default_rng(seed)
+    chosen = []
+    for label in (0, 1):
+        pool = np.flatnonzero(keep & (files.labels == label))
+        chosen += list(rng.choice(pool, count // 2, replace=False))
+    chosen = np.sort(chosen)
+    images, readable, _ = read_images([files.paths[i] for i in chosen], 64)
+    return images, files.labels[chosen][readable]
+
+
+def finetune(train_x, train_y, *, epochs: int, seed: int, learning_rate: float):
+    import keras
+
+    from malaria_cells.runtimes import DEFAULT_MODEL, KerasClassifier, load_model
+    from malaria_cells.training import training_dataset
+
+    keras.utils.set_random_seed(seed)
+    model = load_model(DEFAULT_MODEL).keras_model
+    steps = int(np.ceil(len(train_y) / 64)) * epochs
+    schedule = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=steps)
+    model.compile(optimizer=keras.optimizers.Adam(schedule),
+                  loss=keras.losses.BinaryCrossentropy(label_smoothing=0.05))
+    data = training_dataset(train_x, train_y, batch_size=64, augment="flips+color", seed=seed)
+    model.fit(data, epochs=epochs, verbose=0)
+    return KerasClassifier(model)
+
+
+def training_set(data, block_of, blocks, nih, oversample: int):
+    in_blocks = np.array([block_of.get(f, -1) in blocks for f in data["field"]])
+    labelled = in_blocks & (data["labels"] >= 0)
+    x, y = data["crops"][labelled], data["labels"][labelled]
+    infected = np.flatnonzero(y == 1)
+    x = np.concatenate([x, np.repeat(x[infected], oversample - 1, axis=0), nih[0]])
+    y = np.concatenate([y, np.ones(len(infected) * (oversample - 1), int), nih[1]])
+    return x, y
+
+
+def choose_threshold(probability, labels, target: float) -> float:
+    """The highest threshold at which at least ``target`` of the infected cells are called."""
+    infected = np.sort(probability[labels == 1])[::-1]
+    if len(infected) == 0:
+        return 0.5
+    needed = int(np.ceil(target * len(infected)))
+    return float(infected[needed - 1])
+
+
+def field_report(data, records, fields, probability, threshold) -> dict:
+    """Cell and field figures at ``threshold`` over the given fields (from cached crops)."""
+    mask = np.isin(data["field"], fields)
+    labels, stages, called = data["labels"][mask], data["stages"][mask], probability[mask] >= threshold
+    field_of = data["field"][mask]
+    errors, per_field = [], []
+    for f in fields:
+        here = field_of == f
+        found = called[here].sum() / max(1, here.sum())
+        truth = records[f]["n_true_parasitized"] / max(1, records[f]["n_true"])
+        errors.append(abs(found - truth))
+        per_field.append((records[f]["name"], int(here.sum()), int(called[here].sum()), round(100 * found, 2),
+                          round(100 * truth, 2)))
+    stage_report = {}
+    for stage in ("ring", "trophozoite", "schizont", "gametocyte"):
+        true_total = sum(records[f]["stages_true"].count(stage) for f in fields)
+        found = int((called & (stages == stage)).sum())
+        stage_report[stage] = {"annotated": true_total, "detected": int((stages == stage).sum()), "called": found}
+    infected, healthy = labels == 1, labels == 0
+    return {"fields": len(fields), "cells": int(mask.sum()), "threshold": threshold,
+            "sensitivity": float(called[infected].mean()) if infected.any() else None,
+            "infected_matched": int(infected.sum()),
+            "false_positive_rate": float(called[healthy].mean()) if healthy.any() else None,
+            "parasitemia_mae_points": 100 * float(np.mean(errors)),
+            "found_of_annotated_infected": (int((called & infected).sum()),
+                                            sum(records[f]["n_true_parasitized"] for f in fields)),
+            "stages": stage_report, "per_field": per_field}
+
+
+def run_fold(data, records, block_of, train_blocks, val_block, nih, args):
+    from malaria_cells.runtimes import load_model
+
+    x, y = training_set(data, block_of, train_blocks, nih, args.oversample)
+    model = finetune(x, y, epochs=args.epochs, seed=args.seed, learning_rate=args.learning_rate)
+    probability = model.probability(data["crops"], batch_size=512)
+    val_fields = [f for f, b in block_of.items() if b == val_block]
+    val_mask = np.isin(data["field"], val_fields) & (data["labels"] >= 0)
+    threshold = choose_threshold(probability[val_mask], data["labels"][val_mask], args.target)
+    validation = field_report(data, records, val_fields, probability, threshold)
+    shipped = load_model().probability(data["crops"], batch_size=512)
+    return model, probability, shipped, threshold, validation
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("step", choices=("crops", "cv", "final"))
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--learning-rate", type=float, default=3e-4)
+    parser.add_argument("--oversample", type=int, default=10)
+    parser.add_argument("--nih-cells", type=int, default=6000)
+    parser.add_argument("--target", type=float, default=0.9, help="validation sensitivity the threshold keeps")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--folds", type=int, nargs="*", default=list(range(BLOCKS)))
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    if args.step == "crops":
+        return build_crops(args.work)
+    data, records, block_of = load_crops(args.work)
+    nih_fields = [i for i, r in enumerate(records) if r["kind"] == "nih"]
+    nih = nih_cells(args.seed, args.nih_cells)
+    if args.step == "cv":
+        reports = []
+        for k in args.folds:
+            val_block = (k + 1) % BLOCKS
+            train_blocks = [b for b in range(BLOCKS) if b not in (k, val_block)]
+            _, probability, shipped, threshold, validation = run_fold(data, records, block_of, train_blocks,
+                                                                      val_block, nih, args)
+            test_fields = [f for f, b in block_of.items() if b == k]
+            report = {"fold": k, "validation": validation, "test": field_report(data, records, test_fields, probability, threshold),
+                      "nih_healthy": field_report(data, records, nih_fields, probability, threshold),
+                      "shipped_at_its_threshold": field_report(data, records, test_fields, shipped, 0.12107840925455093)}
+            reports.append(report)
+            print(json.dumps({k2: (v if k2 != "test" else {a: b for a, b in v.items() if a != "per_field"})
+                              for k2, v in report.items() if k2 != "validation"}, default=str), flush=True)
+            (args.work / "cv.json").write_text(json.dumps(reports, indent=1, default=str))
+        return
+    model, probability, _, threshold, validation = run_fold(data, records, block_of, [0, 1, 2, 3], 4, nih, args)
+    from malaria_cells.models import model_info_layer
+
+    info = dict(model.info)
+    info["field"] = {"threshold": threshold, "sensitivity": validation["sensitivity"],
+                     "specificity": 1 - validation["false_positive_rate"], "chosen_on": "IML fields, block 4 of 5",
+                     "validation": {k: v for k, v in validation.items() if k != "per_field"},
+                     "nih_healthy": {k: v for k, v in field_report(data, records, nih_fields, probability, threshold).items()
+                                     if k != "per_field"},
+                     "recipe": {k: v for k, v in vars(args).items() if k not in ("work", "step", "folds")}}
+    model_info_layer(model.keras_model).info = model.info = info
+    model.save(args.work / "field-model.keras")
+    print(json.dumps(info["field"], indent=1, default=str))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

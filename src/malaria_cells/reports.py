@@ -1,0 +1,197 @@
+"""Rendering a screen: a text table, cell CSV, overlays and a printable HTML report."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .files import atomic_path, write_json, write_text
+from .screening import FieldResult, SampleResult, ScreenResult
+
+__all__ = ["format_table", "write_cells_csv", "ReportWriter", "OVERLAY_SIDE", "GALLERY_SIZE"]
+
+OVERLAY_SIDE = 1600
+"""Longer side of the overlay images: enough to see each cell, light enough to print."""
+GALLERY_SIZE = 24
+"""Highest-scoring cells shown as crops in the report, for a microscopist to confirm."""
+
+
+def _percent(value, digits: int = 2) -> str:
+    return "-" if value is None else f"{100 * value:.{digits}f}%"
+
+
+def _interval(ci) -> str:
+    return "-" if not ci else f"[{100 * ci[0]:.2f}, {100 * ci[1]:.2f}]"
+
+
+def format_table(result: ScreenResult) -> str:
+    """Per field and per sample: counts, parasitemia with its interval, quality; the calls."""
+    lines = [f"{'cells':>6} {'parasitized':>11} {'parasitemia':>11} {'95% CI %':>15}  {'quality':<8} field"]
+    for item in result.fields:
+        quality = "ok" if item.quality.get("ok") else "low"
+        lines.append(f"{item.n_cells:>6} {item.n_parasitized:>11} {_percent(item.parasitemia):>11} "
+                     f"{_interval(item.parasitemia_ci):>15}  {quality:<8} {item.path}")
+        if item.truth:
+            t = item.truth
+            lines.append(f"{'':>6} truth: {t['n_true']} cells, {_percent(t['true_parasitemia'])} parasitized; "
+                         f"detection F1 {t['f1']:.3f} (precision {t['precision'] or 0:.3f}, recall {t['recall'] or 0:.3f})")
+    lines.append("")
+    samples = result.samples if len(result.samples) > 1 else [result.summary]
+    lines.append(f"{'sample':<20} {'fields':>6} {'cells':>7} {'parasitized':>11} {'parasitemia':>11} "
+                 f"{'95% CI %':>15} {'corrected':>10}  call")
+    for sample in samples + ([result.summary] if len(result.samples) > 1 else []):
+        corrected = _percent(sample.corrected["parasitemia"]) if sample.corrected else "-"
+        lines.append(f"{sample.name[:20]:<20} {sample.fields:>6} {sample.n_cells:>7} {sample.n_parasitized:>11} "
+                     f"{_percent(sample.parasitemia):>11} {_interval(sample.parasitemia_ci):>15} {corrected:>10}  "
+                     f"{sample.call.upper()}")
+        for reason in sample.reasons:
+            lines.append(f"{'':<20} {reason}")
+    return "\n".join(lines) + "\n"
+
+
+def write_cells_csv(result: ScreenResult, stream) -> None:
+    """One row per counted cell: field, centre, box, probability, label."""
+    writer = csv.writer(stream, lineterminator="\n")
+    writer.writerow(["field", "frame", "x", "y", "x0", "y0", "x1", "y1", "probability", "label"])
+    for item in result.fields:
+        for cell in item.cells:
+            writer.writerow([item.path, item.frame, cell.x, cell.y, *cell.bbox, f"{cell.probability:.6f}", cell.label])
+
+
+def _encode(image: np.ndarray, fmt: str = ".jpg") -> bytes:
+    import cv2
+
+    options = [cv2.IMWRITE_JPEG_QUALITY, 85] if fmt == ".jpg" else []
+    ok, buffer = cv2.imencode(fmt, np.ascontiguousarray(image[..., ::-1]), options)
+    return buffer.tobytes()
+
+
+def draw_overlay(image: np.ndarray, item: FieldResult) -> np.ndarray:
+    """The field with every counted cell outlined (Parasitized in red with its probability) and
+    excluded objects marked; returned at most :data:`OVERLAY_SIDE` pixels on its longer side."""
+    import cv2
+
+    from .images import resize
+
+    scale = min(1.0, OVERLAY_SIDE / max(image.shape[:2]))
+    canvas = resize(image, (round(image.shape[1] * scale), round(image.shape[0] * scale))).copy()
+    factor = canvas.shape[1] / item.width
+    thickness = max(1, round(canvas.shape[1] / 800))
+    for obj in item.excluded:
+        x, y = round(obj["x"] * factor), round(obj["y"] * factor)
+        cv2.drawMarker(canvas, (x, y), (90, 90, 90), cv2.MARKER_TILTED_CROSS, max(6, round(8 * thickness)), thickness)
+    for cell in item.cells:
+        x0, y0, x1, y1 = (round(v * factor) for v in cell.bbox)
+        centre, axes = ((x0 + x1) // 2, (y0 + y1) // 2), (max(1, (x1 - x0) // 2), max(1, (y1 - y0) // 2))
+        infected = cell.label == "Parasitized"
+        cv2.ellipse(canvas, centre, axes, 0, 0, 360, (230, 0, 0) if infected else (0, 170, 60),
+                    2 * thickness if infected else thickness)
+        if infected:
+            cv2.putText(canvas, f"{cell.probability:.2f}", (x0, max(10, y0 - 3)), cv2.FONT_HERSHEY_SIMPLEX,
+                        0.4 * thickness, (230, 0, 0), thickness, cv2.LINE_AA)
+    return canvas
+
+
+class ReportWriter:
+    """Writes a screen's report folder as fields arrive: ``overlays/``, then ``cells.csv``,
+    ``report.json`` and ``report.html`` once all are done. Every file is written atomically."""
+
+    def __init__(self, out: str | os.PathLike, *, overwrite: bool = False):
+        from .errors import MalariaCellsError
+
+        self.out = Path(out)
+        if self.out.exists() and (not self.out.is_dir() or (any(self.out.iterdir()) and not overwrite)):
+            raise MalariaCellsError(f"{self.out}: already exists and is not empty; choose another --out "
+                                    "or pass --overwrite")
+        (self.out / "overlays").mkdir(parents=True, exist_ok=True)
+        self.overlays: dict[str, str] = {}
+        self.gallery: list[tuple[float, str, bytes]] = []
+
+    def add(self, item: FieldResult, crops: np.ndarray, image: np.ndarray) -> None:
+        name = f"{len(self.overlays):03d}-{Path(item.path).stem}.jpg"
+        with atomic_path(self.out / "overlays" / name) as temporary:
+            temporary.write_bytes(_encode(draw_overlay(image, item)))
+        self.overlays[item.path] = f"overlays/{name}"
+        for cell, crop in zip(item.cells, crops):
+            if len(self.gallery) < GALLERY_SIZE or cell.probability > self.gallery[-1][0]:
+                self.gallery.append((cell.probability, f"{Path(item.path).name} ({cell.x:.0f}, {cell.y:.0f})",
+                                     _encode(crop, ".png")))
+                self.gallery.sort(key=lambda entry: -entry[0])
+                del self.gallery[GALLERY_SIZE:]
+
+    def finish(self, result: ScreenResult) -> Path:
+        data = result.to_dict()
+        for entry in data["fields"]:
+            entry["overlay"] = self.overlays.get(entry["path"])
+        write_json(self.out / "report.json", data)
+        buffer = io.StringIO()
+        write_cells_csv(result, buffer)
+        write_text(self.out / "cells.csv", buffer.getvalue())
+        write_text(self.out / "report.html", self._html(result))
+        return self.out / "report.html"
+
+    def _html(self, result: ScreenResult) -> str:
+        summary = result.summary
+        colour = {"positive": "#b00020", "negative": "#1b7f3b", "review": "#a15c00"}[summary.call]
+        samples = result.samples if len(result.samples) > 1 else [summary]
+        rows = "".join(self._sample_row(s) for s in samples)
+        fields = "".join(
+            f"<tr><td>{html.escape(Path(f.path).name)}</td><td>{f.n_cells}</td><td>{f.n_parasitized}</td>"
+            f"<td>{_percent(f.parasitemia)}</td><td>{_interval(f.parasitemia_ci)}</td>"
+            f"<td>{'ok' if f.quality.get('ok') else html.escape('; '.join(f.quality.get('reasons', [])))}</td></tr>"
+            for f in result.fields)
+        overlays = "".join(
+            f"<figure><img src=\"{html.escape(self.overlays[f.path])}\" alt=\"overlay\"><figcaption>"
+            f"{html.escape(Path(f.path).name)}: {f.n_parasitized} of {f.n_cells} cells</figcaption></figure>"
+            for f in result.fields if f.path in self.overlays)
+        gallery = "".join(
+            f"<figure class=\"cell\"><img src=\"data:image/png;base64,{base64.b64encode(png).decode()}\" "
+            f"alt=\"cell\"><figcaption>{probability:.3f}<br>{html.escape(where)}</figcaption></figure>"
+            for probability, where, png in self.gallery)
+        corrected = (f" (corrected for the classifier: {_percent(summary.corrected['parasitemia'])}, 95% CI "
+                     f"{_interval(summary.corrected['parasitemia_ci'])}%)") if summary.corrected else ""
+        return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>malaria-cells screen: {html.escape(summary.name)}</title>
+<style>
+body {{ font: 14px/1.4 system-ui, sans-serif; margin: 2em; color: #222; }}
+.call {{ font-size: 2em; font-weight: bold; color: {colour}; }}
+table {{ border-collapse: collapse; margin: 1em 0; }} td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: right; }}
+td:first-child, th:first-child {{ text-align: left; }}
+figure {{ display: inline-block; margin: 4px; vertical-align: top; }} figure img {{ max-width: 100%; }}
+.overlays figure {{ width: 48%; }} .cell img {{ width: 96px; height: 96px; image-rendering: pixelated; }}
+.cell figcaption {{ font-size: 11px; text-align: center; width: 96px; overflow-wrap: anywhere; }}
+@media print {{ .overlays figure {{ width: 100%; page-break-inside: avoid; }} }}
+</style></head><body>
+<h1>Thin-smear screen: {html.escape(summary.name)}</h1>
+<p class="call">{summary.call.upper()}</p>
+<p>{html.escape('; '.join(summary.reasons))}</p>
+<p>Parasitemia {_percent(summary.parasitemia)} ({summary.n_parasitized} of {summary.n_cells} red cells), 95% CI
+{_interval(summary.parasitemia_ci)}%{corrected}. Coordinates are pixels of the images as stored (EXIF orientation not applied).</p>
+<table><tr><th>sample</th><th>fields</th><th>cells</th><th>parasitized</th><th>parasitemia</th><th>95% CI %</th><th>call</th></tr>{rows}</table>
+<h2>Fields</h2>
+<table><tr><th>field</th><th>cells</th><th>parasitized</th><th>parasitemia</th><th>95% CI %</th><th>quality</th></tr>{fields}</table>
+<h2>Highest-scoring cells</h2><div>{gallery}</div>
+<h2>Overlays</h2><p>Counted cells outlined in green; cells called Parasitized in red with their probability; excluded objects (cut by the edge, platelets, white cells) crossed in grey.</p>
+<div class="overlays">{overlays}</div>
+<p><small>malaria-cells, model {html.escape(os.path.basename(result.model['path']))}, counting threshold
+{result.model['counting_threshold']:.4f}. A screening aid: a microscopist confirms every call.</small></p>
+</body></html>
+"""
+
+    @staticmethod
+    def _sample_row(sample: SampleResult) -> str:
+        return (f"<tr><td>{html.escape(sample.name)}</td><td>{sample.fields}</td><td>{sample.n_cells}</td>"
+                f"<td>{sample.n_parasitized}</td><td>{_percent(sample.parasitemia)}</td>"
+                f"<td>{_interval(sample.parasitemia_ci)}</td><td>{sample.call}</td></tr>")
+
+
+def dumps(result: ScreenResult) -> str:
+    """The one JSON object ``screen --format json`` prints."""
+    return json.dumps(result.to_dict(), default=float)
