@@ -72,8 +72,9 @@ def load_crops(work: Path):
     return data, records, block_of
 
 
-def nih_cells(seed: int, count: int):
-    """A class-balanced sample of the NIH crops whose label the re-annotation does not dispute."""
+def nih_cells(seed: int, count: int, parasitized_share: float):
+    """A sample of the NIH crops whose label the re-annotation does not dispute, ``parasitized_share``
+    of them Parasitized."""
     from malaria_cells.datasets import list_cell_images
     from malaria_cells.pipeline import read_images
 
@@ -84,9 +85,9 @@ def nih_cells(seed: int, count: int):
     keep = np.array([Path(p).name not in disputed for p in files.paths])
     rng = np.random.default_rng(seed)
     chosen = []
-    for label in (0, 1):
+    for label, share in ((0, 1 - parasitized_share), (1, parasitized_share)):
         pool = np.flatnonzero(keep & (files.labels == label))
-        chosen += list(rng.choice(pool, count // 2, replace=False))
+        chosen += list(rng.choice(pool, int(count * share), replace=False))
     chosen = np.sort(chosen)
     images, readable, _ = read_images([files.paths[i] for i in chosen], 64)
     return images, files.labels[chosen][readable]
@@ -110,9 +111,11 @@ def finetune(train_x, train_y, *, epochs: int, seed: int, learning_rate: float):
 
 
 def training_set(data, block_of, blocks, nih, oversample: int):
+    """Crops of the given blocks' fields. Detections that match no annotation are mostly
+    fragments of split clumps and unannotated uninfected cells (every infected cell carries
+    its stage): they train as Uninfected, which is what the model must say of them in use."""
     in_blocks = np.array([block_of.get(f, -1) in blocks for f in data["field"]])
-    labelled = in_blocks & (data["labels"] >= 0)
-    x, y = data["crops"][labelled], data["labels"][labelled]
+    x, y = data["crops"][in_blocks], np.maximum(data["labels"][in_blocks], 0)
     infected = np.flatnonzero(y == 1)
     x = np.concatenate([x, np.repeat(x[infected], oversample - 1, axis=0), nih[0]])
     y = np.concatenate([y, np.ones(len(infected) * (oversample - 1), int), nih[1]])
@@ -175,10 +178,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("step", choices=("crops", "cv", "final"))
     parser.add_argument("--work", type=Path, required=True)
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=3e-4)
     parser.add_argument("--oversample", type=int, default=10)
     parser.add_argument("--nih-cells", type=int, default=6000)
+    parser.add_argument("--nih-parasitized", type=float, default=0.25, help="share of Parasitized NIH crops in the mix")
     parser.add_argument("--target", type=float, default=0.9, help="validation sensitivity the threshold keeps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--folds", type=int, nargs="*", default=list(range(BLOCKS)))
@@ -188,7 +192,7 @@ def main() -> None:
         return build_crops(args.work)
     data, records, block_of = load_crops(args.work)
     nih_fields = [i for i, r in enumerate(records) if r["kind"] == "nih"]
-    nih = nih_cells(args.seed, args.nih_cells)
+    nih = nih_cells(args.seed, args.nih_cells, args.nih_parasitized)
     if args.step == "cv":
         reports = []
         for k in args.folds:

@@ -188,6 +188,7 @@ def detect_cells(image: np.ndarray) -> FieldDetection:
     distance = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 5)
     radius = _radius(distance, mask) or DETECTION_CELL_DIAMETER / 2
     labels = _split(distance, mask, radius)
+    labels = _split_clumps(labels, distance, radius)
     objects = _sort_objects(labels, density, fov, radius, scale, (width, height))
     quality = _quality(work, fov, mask, objects)
     return FieldDetection(objects, 2 * radius * scale, labels, scale, quality)
@@ -200,7 +201,9 @@ def _cell_diameter(image: np.ndarray) -> float:
     fov = _field_of_view(image)
     density = _density(image, 40.0, fov)
     mask, threshold = _foreground(density, fov)
-    mask = _fill_pale_centres(mask, density, threshold, None)
+    # Hollow-looking cells make the first estimate low, so the holes it allows are generous.
+    first = _radius(cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 5), mask)
+    mask = _fill_pale_centres(mask, density, threshold, np.pi * (1.5 * first) ** 2)
     distance = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 5)
     return 2 * _radius(distance, mask)
 
@@ -208,8 +211,9 @@ def _cell_diameter(image: np.ndarray) -> float:
 def _fill_pale_centres(mask, density, threshold, cell_area):
     """Fill the holes that are the pale centres of cells, not the plasma enclosed by a clump.
 
-    A pale centre is still stained a little (density above half the threshold), or small
-    against a cell; plasma between touching cells is as clear as the background.
+    A pale centre is smaller than half a cell and still stained a little (density above half
+    the threshold), or tiny; plasma enclosed by a ring of touching cells is larger, or as clear
+    as the background.
     """
     from scipy import ndimage
 
@@ -218,9 +222,9 @@ def _fill_pale_centres(mask, density, threshold, cell_area):
     if count == 0:
         return mask
     index = np.arange(1, count + 1)
-    stained = ndimage.mean(density, labels, index) > 0.5 * threshold
-    if cell_area:
-        stained |= ndimage.sum(holes, labels, index) < 0.1 * cell_area
+    area = ndimage.sum(holes, labels, index)
+    stained = (ndimage.mean(density, labels, index) > 0.5 * threshold) & (area < 0.5 * cell_area)
+    stained |= area < 0.1 * cell_area
     keep = np.zeros(count + 1, bool)
     keep[1:] = stained
     return mask | keep[labels]
@@ -243,6 +247,48 @@ def _split(distance: np.ndarray, mask: np.ndarray, radius: float) -> np.ndarray:
         extra, count = ndimage.label(unlabelled)
         labels[unlabelled] = extra[unlabelled] + labels.max()
     return labels.astype(np.int32)
+
+
+def _split_clumps(labels: np.ndarray, distance: np.ndarray, radius: float) -> np.ndarray:
+    """Split regions of several overlapping cells that the distance transform left whole.
+
+    Overlapping cells form one convex blob with a single distance peak. Such a region, far
+    larger than a cell and far from a disc (an enlarged infected cell is one round cell and
+    stays whole), is divided into as many compact parts as the cells its area holds (k-means
+    on its pixel positions), each a cell's share.
+    """
+    import cv2
+    from scipy import ndimage
+
+    cell_area = np.pi * radius**2
+    areas = np.bincount(labels.ravel())
+    areas[0] = 0
+    big = np.flatnonzero(areas > 1.7 * cell_area)
+    if len(big) == 0:
+        return labels
+    labels = labels.copy()
+    next_label = int(labels.max()) + 1
+    slices = ndimage.find_objects(labels)
+    peaks = ndimage.maximum(distance, labels, big)
+    criteria = (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_MAX_ITER, 20, 0.5)
+    cv2.setRNGSeed(0)
+    for label, peak in zip(big, peaks):
+        if areas[label] < 1.4 * np.pi * peak**2:  # about a disc: one cell, however large
+            continue
+        window = slices[label - 1]
+        region = labels[window] == label
+        ys, xs = np.nonzero(region)
+        parts = int(round(areas[label] / cell_area))
+        if parts < 2:
+            continue
+        points = np.column_stack([xs, ys]).astype(np.float32)
+        _, assigned, _ = cv2.kmeans(points, parts, None, criteria, 3, cv2.KMEANS_PP_CENTERS)
+        assigned = assigned.ravel()
+        new = np.where(assigned == 0, label, next_label + assigned - 1)
+        patch = labels[window]
+        patch[ys, xs] = new
+        next_label += parts - 1
+    return labels
 
 
 def _sort_objects(labels, density, fov, radius, scale, size) -> list[FieldObject]:
