@@ -201,11 +201,17 @@ def main() -> None:
             _, probability, shipped, threshold, validation = run_fold(data, records, block_of, train_blocks,
                                                                       val_block, nih, args)
             test_fields = [f for f, b in block_of.items() if b == k]
-            report = {"fold": k, "validation": validation, "test": field_report(data, records, test_fields, probability, threshold),
+            sweep = {f"{t:.2f}": {"test": {key: field_report(data, records, test_fields, probability, t)[key]
+                                           for key in ("sensitivity", "false_positive_rate", "parasitemia_mae_points")},
+                                  "nih_fpr": field_report(data, records, nih_fields, probability, t)["false_positive_rate"]}
+                     for t in (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97)}
+            report = {"fold": k, "validation": validation, "sweep": sweep,
+                      "test": field_report(data, records, test_fields, probability, threshold),
                       "nih_healthy": field_report(data, records, nih_fields, probability, threshold),
                       "shipped_at_its_threshold": field_report(data, records, test_fields, shipped, 0.12107840925455093)}
             reports.append(report)
-            print(json.dumps({k2: (v if k2 != "test" else {a: b for a, b in v.items() if a != "per_field"})
+            print(json.dumps({k2: (v if k2 not in ("test", "nih_healthy", "shipped_at_its_threshold")
+                                   else {a: b for a, b in v.items() if a != "per_field"})
                               for k2, v in report.items() if k2 != "validation"}, default=str), flush=True)
             (args.work / "cv.json").write_text(json.dumps(reports, indent=1, default=str))
         return

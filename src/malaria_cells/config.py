@@ -32,6 +32,11 @@ bombs: a cell crop is ~0.02 MP and a 16 MP phone photograph of a field fits with
 Only the first frame of a multi-frame file is ever decoded, so this bounds every image."""
 
 
+MAX_PIXELS_IN_FLIGHT = 2 * MAX_IMAGE_PIXELS
+"""Decoded pixels the whole process holds at once (about 240 MB as RGB): decoding waits for
+room, so memory stays bounded however many images or requests arrive together."""
+
+
 def check_image_size(size: int) -> int:
     """Validate a model input side (the one rule for training and model building)."""
     from .errors import MalariaCellsError

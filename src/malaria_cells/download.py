@@ -6,6 +6,7 @@ import hashlib
 import os
 import shutil
 import zipfile
+import zlib
 from pathlib import Path
 
 from .errors import MalariaCellsError
@@ -19,8 +20,11 @@ pass ``expected_size`` / ``sha256``) to pin a known copy."""
 
 MAX_MEMBERS = 200_000
 MAX_TOTAL_BYTES = 8 * 2**30
-MAX_RATIO = 200
-"""Zip-bomb limits: members, total uncompressed size, and compression ratio per member."""
+MAX_RATIO = 100
+"""Zip-bomb limits, checked from the archive's directory before any data is read: members,
+total declared size, and compression ratio (of each member over 64 KiB, and of the whole);
+the declared sizes are then enforced while extracting."""
+_RATIO_MIN_BYTES = 64 * 2**10
 
 
 def cache_dir() -> Path:
@@ -87,7 +91,7 @@ def _announced_size(response, offset: int) -> int | None:
 
 
 def verify_archive(path: Path, *, expected_size: int | None = None, sha256: str | None = None) -> None:
-    """Check the size, the SHA-256 (when given) and every member's CRC."""
+    """Check the size and the SHA-256 (when given); each member's CRC is checked as it is extracted."""
     size = path.stat().st_size
     if expected_size and size != expected_size:
         raise MalariaCellsError(f"{path}: {size} bytes, expected {expected_size}; delete it and download again")
@@ -98,47 +102,108 @@ def verify_archive(path: Path, *, expected_size: int | None = None, sha256: str 
                 digest.update(block)
         if digest.hexdigest() != sha256.lower():
             raise MalariaCellsError(f"{path}: SHA-256 mismatch; delete it and download again")
+
+
+def _declared_members(path: Path) -> int:
+    """The member count the archive's end record declares, read without parsing its directory."""
+    with open(path, "rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        size = handle.tell()
+        handle.seek(max(0, size - (65536 + 22)))
+        tail = handle.read()
+        end = tail.rfind(b"PK\x05\x06")
+        if end < 0 or len(tail) < end + 22:
+            raise MalariaCellsError(f"{path}: not a valid zip archive (no end record); delete it and download again")
+        members = int.from_bytes(tail[end + 10:end + 12], "little")
+        locator = tail.rfind(b"PK\x06\x07", 0, end)
+        if members == 0xFFFF and locator >= 0:  # ZIP64: the count is in the ZIP64 end record
+            handle.seek(int.from_bytes(tail[locator + 8:locator + 16], "little"))
+            record = handle.read(56)
+            if record[:4] == b"PK\x06\x06":
+                members = int.from_bytes(record[32:40], "little")
+    return members
+
+
+def check_archive(path: Path, dest: Path) -> list:
+    """Refuse a zip that is too big, a bomb, or unsafe, from its directory alone.
+
+    Returns the members (``zipfile.ZipInfo``) to extract.
+    """
+    declared = _declared_members(path)
+    if declared > MAX_MEMBERS:
+        raise MalariaCellsError(f"{path}: {declared} members, more than the {MAX_MEMBERS} allowed; refusing")
     try:
         with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
+            members = archive.infolist()
     except zipfile.BadZipFile as error:
-        raise MalariaCellsError(f"{path}: not a valid zip archive ({error}); delete it and download again") from error
-    if bad is not None:
-        raise MalariaCellsError(f"{path}: member {bad} fails its CRC check; delete it and download again")
+        raise MalariaCellsError(f"{path}: not a valid zip archive ({error}); delete it and download again") from None
+    if len(members) > MAX_MEMBERS:
+        raise MalariaCellsError(f"{path}: {len(members)} members, more than the {MAX_MEMBERS} allowed; refusing")
+    total = compressed = 0
+    for member in members:
+        target = (dest / member.filename).resolve()
+        if member.filename.startswith(("/", "\\")) or not target.is_relative_to(dest):
+            raise MalariaCellsError(f"{path}: member {member.filename!r} would escape {dest}; refusing")
+        if (member.external_attr >> 16) & 0o170000 == 0o120000:
+            raise MalariaCellsError(f"{path}: member {member.filename!r} is a symbolic link; refusing")
+        if member.file_size > _RATIO_MIN_BYTES and member.file_size > MAX_RATIO * max(1, member.compress_size):
+            raise MalariaCellsError(f"{path}: member {member.filename!r} looks like a zip bomb "
+                                    f"(compressed {member.file_size // max(1, member.compress_size)}:1); refusing")
+        total += member.file_size
+        compressed += member.compress_size
+    if total > MAX_TOTAL_BYTES:
+        raise MalariaCellsError(f"{path}: would unpack to {total} bytes, over the {MAX_TOTAL_BYTES} limit; refusing")
+    if total > _RATIO_MIN_BYTES and total > MAX_RATIO * max(1, compressed):
+        raise MalariaCellsError(f"{path}: looks like a zip bomb (compressed {total // max(1, compressed)}:1 "
+                                "in all); refusing")
+    return members
 
 
-def safe_extract(path: Path, dest: Path) -> None:
-    """Extract a zip into ``dest``, refusing path escapes, links and zip bombs.
+def safe_extract(path: Path, dest: Path) -> list[Path]:
+    """Extract a zip into ``dest`` without ever replacing or deleting anything already there.
 
-    Extraction goes to a temporary folder beside ``dest`` that is renamed into place
-    member by member, so an interrupted extraction never leaves a half-written dataset.
+    The archive is checked from its directory first (:func:`check_archive`). Members are
+    extracted into a new temporary folder inside ``dest``, each within its declared size and
+    CRC; then its top-level entries are moved into ``dest``. If one of them exists already,
+    nothing is moved and the error names it. On any refusal or failure the temporary folder
+    is removed and ``dest`` is as it was.
+
+    Returns the top-level paths it created.
     """
+    import tempfile
+
     dest = Path(dest).resolve()
-    with zipfile.ZipFile(path) as archive:
-        members = archive.infolist()
-        if len(members) > MAX_MEMBERS:
-            raise MalariaCellsError(f"{path}: {len(members)} members, more than the {MAX_MEMBERS} allowed")
-        total = 0
-        for member in members:
-            target = (dest / member.filename).resolve()
-            if member.filename.startswith(("/", "\\")) or not target.is_relative_to(dest):
-                raise MalariaCellsError(f"{path}: member {member.filename!r} would escape {dest}; refusing")
-            if (member.external_attr >> 16) & 0o170000 == 0o120000:
-                raise MalariaCellsError(f"{path}: member {member.filename!r} is a symbolic link; refusing")
-            total += member.file_size
-            if member.compress_size and member.file_size / member.compress_size > MAX_RATIO and member.file_size > 2**20:
-                raise MalariaCellsError(f"{path}: member {member.filename!r} looks like a zip bomb; refusing")
-        if total > MAX_TOTAL_BYTES:
-            raise MalariaCellsError(f"{path}: would unpack to {total} bytes, over the {MAX_TOTAL_BYTES} limit; refusing")
-        staging = dest.with_name(f".{dest.name}.extracting")
-        shutil.rmtree(staging, ignore_errors=True)
-        archive.extractall(staging)
+    members = check_archive(path, dest)
     dest.mkdir(parents=True, exist_ok=True)
-    for item in staging.iterdir():
-        if (dest / item.name).exists():
-            shutil.rmtree(dest / item.name) if (dest / item.name).is_dir() else (dest / item.name).unlink()
-        os.replace(item, dest / item.name)
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=".malaria-cells-extract-", dir=dest))
+    try:
+        with zipfile.ZipFile(path) as archive:
+            written = 0
+            for member in members:
+                target = staging / member.filename
+                if member.is_dir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with archive.open(member) as source, open(target, "xb") as out:
+                    while block := source.read(1 << 20):
+                        written += len(block)
+                        if written > MAX_TOTAL_BYTES:
+                            raise MalariaCellsError(f"{path}: unpacks to more than {MAX_TOTAL_BYTES} bytes; refusing")
+                        out.write(block)
+        created = sorted(staging.iterdir())
+        for item in created:
+            if os.path.lexists(dest / item.name):
+                raise MalariaCellsError(
+                    f"{dest / item.name}: already exists and the archive holds one too; nothing was changed. "
+                    f"Move it away, or choose another --dest")
+        for item in created:
+            os.replace(item, dest / item.name)
+        return [dest / item.name for item in created]
+    except (zipfile.BadZipFile, zlib.error, EOFError) as error:
+        raise MalariaCellsError(f"{path}: damaged archive ({error}); delete it and download again") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def download(dest: str | os.PathLike | None = None, *, url: str = NIH_URL,
@@ -170,5 +235,10 @@ def download(dest: str | os.PathLike | None = None, *, url: str = NIH_URL,
     if not archive.exists():
         fetch(url, archive, expected_size=expected_size, verbose=verbose)
     verify_archive(archive, expected_size=expected_size, sha256=sha256)
+    if (dest / "cell_images").is_dir():
+        try:  # already extracted by an earlier run: nothing to do
+            return find_dataset_root(dest / "cell_images")
+        except MalariaCellsError:
+            pass
     safe_extract(archive, dest)
     return find_dataset_root(dest / "cell_images" if (dest / "cell_images").is_dir() else dest)

@@ -26,11 +26,11 @@ from functools import lru_cache
 
 import numpy as np
 
-from .config import MAX_IMAGE_PIXELS
+from .config import MAX_IMAGE_PIXELS, MAX_PIXELS_IN_FLIGHT
 from .errors import MalariaCellsError
 
 __all__ = ["UnreadableImage", "NOT_AN_IMAGE", "image_format", "dimensions", "decode", "read_file", "resize",
-           "preprocess", "exif_orientation"]
+           "preprocess", "exif_orientation", "pixels_in_flight"]
 
 NOT_AN_IMAGE = "not an image (PNG, JPEG, BMP, GIF, WebP or TIFF expected)"
 _FORMATS = {"png": "PNG", "jpeg": "JPEG", "gif": "GIF", "bmp": "BMP", "webp": "WebP", "tiff": "TIFF"}
@@ -248,12 +248,62 @@ def resize(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     return cv2.resize(np.ascontiguousarray(image), (int(width), int(height)), interpolation=cv2.INTER_AREA)
 
 
+class _PixelBudget:
+    """Decoded pixels in flight across the process, with a wait for room (a counting semaphore
+    weighted by image size)."""
+
+    def __init__(self, limit: int):
+        import threading
+
+        self.limit, self.used = limit, 0
+        self._room = threading.Condition()
+
+    def acquire(self, pixels: int) -> int:
+        pixels = min(max(1, int(pixels)), self.limit)  # one image alone always fits
+        with self._room:
+            self._room.wait_for(lambda: self.used + pixels <= self.limit)
+            self.used += pixels
+        return pixels
+
+    def release(self, pixels: int) -> None:
+        with self._room:
+            self.used -= pixels
+            self._room.notify_all()
+
+
+_budget = _PixelBudget(MAX_PIXELS_IN_FLIGHT)
+
+
+class pixels_in_flight:
+    """Hold room for ``pixels`` decoded pixels while the block runs (waits until there is room).
+
+    Everything that decodes (cell batches, uploads, fields) decodes inside one, so the process
+    never holds more than :data:`malaria_cells.config.MAX_PIXELS_IN_FLIGHT` decoded pixels.
+    """
+
+    def __init__(self, pixels: int):
+        self.pixels = pixels
+
+    def __enter__(self):
+        self.held = _budget.acquire(self.pixels)
+        return self
+
+    def __exit__(self, *exc):
+        _budget.release(self.held)
+
+
 def preprocess(contents: bytes, image_size: int, *, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Encoded image bytes -> the model input: uint8 RGB ``(image_size, image_size, 3)``.
+
+    The full-size decoded image exists only inside this call, within the process's budget of
+    decoded pixels (:class:`pixels_in_flight`).
 
     Raises
     ------
     UnreadableImage
         When the bytes are not a readable image, with the reason.
     """
-    return resize(decode(contents, max_pixels=max_pixels), image_size)
+    width, height = dimensions(contents)
+    _check_size(width, height, max_pixels)
+    with pixels_in_flight(width * height):
+        return resize(decode(contents, max_pixels=max_pixels), image_size)

@@ -15,7 +15,8 @@ import numpy as np
 from .files import atomic_path, write_json, write_text
 from .screening import FieldResult, SampleResult, ScreenResult
 
-__all__ = ["format_table", "write_cells_csv", "ReportWriter", "OVERLAY_SIDE", "GALLERY_SIZE"]
+__all__ = ["format_table", "write_cells_csv", "draw_overlay", "overlay_data_url", "ReportWriter", "dumps",
+           "OVERLAY_SIDE", "GALLERY_SIZE"]
 
 OVERLAY_SIDE = 1600
 """Longer side of the overlay images: enough to see each cell, light enough to print."""
@@ -71,6 +72,11 @@ def _encode(image: np.ndarray, fmt: str = ".jpg") -> bytes:
     options = [cv2.IMWRITE_JPEG_QUALITY, 85] if fmt == ".jpg" else []
     ok, buffer = cv2.imencode(fmt, np.ascontiguousarray(image[..., ::-1]), options)
     return buffer.tobytes()
+
+
+def overlay_data_url(overlay: np.ndarray) -> str:
+    """An overlay as a ``data:image/jpeg;base64,...`` URL (for the web page and REST answers)."""
+    return "data:image/jpeg;base64," + base64.b64encode(_encode(overlay)).decode()
 
 
 def draw_overlay(image: np.ndarray, item: FieldResult) -> np.ndarray:

@@ -36,7 +36,7 @@ import numpy as np
 from .config import CLASS_NAMES, MAX_IMAGE_PIXELS
 from .errors import MalariaCellsError
 
-__all__ = ["CellResult", "FieldResult", "SampleResult", "ScreenResult", "screen", "screen_image", "call_sample", "group_samples",
+__all__ = ["CellResult", "FieldResult", "SampleResult", "ScreenResult", "screen", "screen_image", "call_sample", "group_samples", "pool_fields",
            "MIN_CELLS", "POSITIVE_P", "NEGATIVE_P", "RULE_OUT", "DECODE_SIDE"]
 
 MIN_CELLS = 200
@@ -192,12 +192,24 @@ def screen_image(contents: bytes, model, *, path: str = "<image>", threshold: fl
     -------
     FieldResult; with ``keep_crops``, ``(result, crops of its counted cells, the decoded image)``.
     """
-    from .crops import crop_cells
-    from .detection import detect_cells
-    from .images import decode, dimensions
+    from .images import dimensions, pixels_in_flight
 
     started = time.perf_counter()
     width, height = dimensions(contents)
+    if width * height > max_pixels:
+        from .images import UnreadableImage
+
+        raise UnreadableImage(f"image too large ({width}x{height} pixels, limit {max_pixels:,}; decompression bomb?)")
+    with pixels_in_flight(width * height):
+        return _screen_decoded(contents, model, path, threshold, truth_cells, max_pixels, keep_crops, started,
+                               width, height)
+
+
+def _screen_decoded(contents, model, path, threshold, truth_cells, max_pixels, keep_crops, started, width, height):
+    from .crops import crop_cells
+    from .detection import detect_cells
+    from .images import decode
+
     reduce = _decode_reduce(contents)
     image = decode(contents, max_pixels=max_pixels, reduce=reduce)
     factor_x, factor_y = width / image.shape[1], height / image.shape[0]
@@ -233,6 +245,12 @@ def counting_threshold(model) -> float:
     """The threshold for counting field cells: the one the model file carries, else its own."""
     figures = field_figures(model)
     return float(figures["threshold"]) if figures else float(model.threshold)
+
+
+def false_positive_rate(model) -> float:
+    """The field false-positive rate the call weighs counts against."""
+    figures = field_figures(model)
+    return 1 - figures["specificity"] if figures else DEFAULT_FIELD_FPR
 
 
 def field_figures(model) -> dict | None:
@@ -303,7 +321,7 @@ def screen(paths: str | os.PathLike | Iterable[str | os.PathLike], model=None, *
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     groups, skipped = group_samples(paths)
-    rate = (1 - field_figures(model)["specificity"]) if field_figures(model) else DEFAULT_FIELD_FPR
+    rate = false_positive_rate(model)
     fields, samples, indexes = [], [], {}
     for name, files in groups:
         sample_fields = []
@@ -328,14 +346,18 @@ def screen(paths: str | os.PathLike | Iterable[str | os.PathLike], model=None, *
                 progress(1)
         fields += sample_fields
         if sample_fields:
-            samples.append(_pool(name, sample_fields, model, rate))
-    summary = _pool("all", fields, model, rate) if len(samples) != 1 else samples[0]
+            samples.append(pool_fields(name, sample_fields, model, rate))
+    summary = pool_fields("all", fields, model, rate) if len(samples) != 1 else samples[0]
     info = {"path": model.path, "counting_threshold": counting_threshold(model) if threshold is None else threshold,
             "field_figures": field_figures(model), "false_positive_rate_for_call": rate}
     return ScreenResult(fields, samples, summary, skipped, info)
 
 
-def _pool(name: str, fields: Sequence[FieldResult], model, rate: float) -> SampleResult:
+def pool_fields(name: str, fields: Sequence[FieldResult], model, rate: float | None = None) -> SampleResult:
+    """Pool fields into a sample: counts over its good-quality fields (all, if none is), the
+    interval, the corrected estimate and the call."""
+    if rate is None:
+        rate = false_positive_rate(model)
     good = [f for f in fields if f.quality.get("ok")]
     counted = good or list(fields)
     n_cells = sum(f.n_cells for f in counted)

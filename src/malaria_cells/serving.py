@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from importlib import resources
 
-from fastapi import Depends, FastAPI, File, HTTPException, Request, UploadFile
+from fastapi import FastAPI, File, HTTPException, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from .config import CLASS_NAMES, MAX_IMAGE_PIXELS
@@ -74,6 +74,31 @@ class RequestSizeLimit:
         return f"request too large ({qualifier}{size} bytes, limit {self.max_bytes})"
 
 
+class ApiKeyRequired:
+    """ASGI middleware: every path but those in ``open_paths`` needs the API key.
+
+    A middleware rather than a dependency on each route, so a route added later (and the
+    documentation pages FastAPI adds itself) cannot slip through. The key comes as header
+    ``X-API-Key`` or, for pages opened in a browser, query parameter ``api_key``.
+    """
+
+    def __init__(self, app, api_key: str, open_paths: frozenset = frozenset({"/healthz"})):
+        self.app, self.key, self.open_paths = app, api_key.encode(), open_paths
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in self.open_paths:
+            return await self.app(scope, receive, send)
+        from urllib.parse import parse_qs
+
+        given = dict(scope["headers"]).get(b"x-api-key", b"")
+        if not given:
+            given = parse_qs(scope.get("query_string", b"").decode(errors="replace")).get("api_key", [""])[0].encode()
+        if not hmac.compare_digest(given, self.key):
+            response = JSONResponse({"detail": "missing or wrong API key (send header X-API-Key)"}, status_code=401)
+            return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 def check_upload(contents: bytes, max_pixels: int) -> None:
     """Refuse empty, non-image and oversized uploads from their header, before decoding."""
     from .images import NOT_AN_IMAGE, UnreadableImage, dimensions
@@ -111,29 +136,36 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
     limits = limits or ServeLimits()
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     model_version = model.info.get("trained_at") or os.path.basename(model.path)
-    app = FastAPI(title="malaria-cells", version=__version__,
-                  description="Label red blood cells as Parasitized or Uninfected.")
+    app = FastAPI(title="malaria-cells", version=__version__, docs_url=None, redoc_url=None,
+                  description="Label red blood cells as Parasitized or Uninfected, and screen smear photographs.")
 
-    def require_key(request: Request) -> None:
-        if api_key is None:
-            return
-        given = request.headers.get("x-api-key") or request.query_params.get("api_key") or ""
-        if not hmac.compare_digest(given.encode(), api_key.encode()):
-            raise HTTPException(401, "missing or wrong API key (send header X-API-Key)")
+    @app.get("/docs", include_in_schema=False)
+    def docs(request: Request):
+        from urllib.parse import quote
 
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        # The page fetches the schema itself: it passes on the key it was opened with.
+        key = request.query_params.get("api_key")
+        schema = app.openapi_url + (f"?api_key={quote(key)}" if key else "")
+        return get_swagger_ui_html(openapi_url=schema, title="malaria-cells API")
+
+    # Middlewares run last-added first: the key is checked before the body is read.
     app.add_middleware(RequestSizeLimit, max_bytes=limits.max_request_bytes)
+    if api_key is not None:
+        app.add_middleware(ApiKeyRequired, api_key=api_key)
 
     @app.get("/healthz", summary="Liveness check (no API key needed)")
     def healthz():
         return {"status": "ok"}
 
-    @app.get("/v1/model", dependencies=[Depends(require_key)], summary="The model in use")
+    @app.get("/v1/model", summary="The model in use")
     def model_info():
         return {"path": model.path, "version": model_version, "image_size": model.image_size,
                 "threshold": model.threshold, "class_names": list(CLASS_NAMES),
                 "limits": limits.__dict__, "info": model.info}
 
-    @app.post("/v1/predict", dependencies=[Depends(require_key)], summary="Label uploaded cell images")
+    @app.post("/v1/predict", summary="Label uploaded cell images")
     def predict(files: list[UploadFile] = File(..., description="cell images")):
         if len(files) > limits.max_images:
             raise HTTPException(413, f"too many images ({len(files)}, limit {limits.max_images})")
@@ -164,7 +196,50 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
         status = 200 if scored else max(e["status"] for e in results)
         return JSONResponse(body, status_code=status)
 
-    @app.get("/", response_class=HTMLResponse, dependencies=[Depends(require_key)], include_in_schema=False)
+    @app.post("/v1/screen", summary="Screen uploaded smear photographs (one sample)")
+    def screen_fields(files: list[UploadFile] = File(..., description="field photographs of one sample"),
+                      overlays: bool = False):
+        """Counts, parasitemia and the call, as ``malaria-cells screen --format json``; with
+        ``?overlays=true`` each field also carries its overlay as a JPEG data URL. Fields are
+        decoded one at a time, within the process's budget of decoded pixels."""
+        from .images import UnreadableImage
+        from .reports import draw_overlay, overlay_data_url
+        from .screening import ScreenResult, pool_fields, screen_image
+
+        if len(files) > limits.max_images:
+            raise HTTPException(413, f"too many images ({len(files)}, limit {limits.max_images})")
+        fields, skipped, pictures = [], [], {}
+        for upload in files:
+            data = upload.file.read()
+            name = upload.filename or f"field-{len(fields) + len(skipped) + 1}"
+            try:
+                check_upload(data, limits.max_image_pixels)
+                result, _, image = screen_image(data, model, path=name, max_pixels=limits.max_image_pixels,
+                                                keep_crops=True)
+            except UploadError as error:
+                skipped.append((name, str(error)))
+                continue
+            except UnreadableImage as error:
+                skipped.append((name, str(error)))
+                continue
+            if overlays:
+                pictures[name] = overlay_data_url(draw_overlay(image, result))
+            del image
+            fields.append(result)
+        if not fields:
+            raise HTTPException(422, "no field could be screened: " + "; ".join(f"{p}: {r}" for p, r in skipped))
+        summary = pool_fields("upload", fields, model)
+        from .screening import counting_threshold, field_figures
+
+        body = ScreenResult(fields, [summary], summary, skipped,
+                            {"path": os.path.basename(model.path), "version": model_version,
+                             "counting_threshold": counting_threshold(model),
+                             "field_figures": field_figures(model)}).to_dict()
+        for entry in body["fields"]:
+            entry["overlay"] = pictures.get(entry["path"])
+        return JSONResponse(json.loads(json.dumps(body, default=float)))
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page():
         return resources.files("malaria_cells").joinpath("static/index.html").read_text(encoding="utf-8")
 

@@ -1,0 +1,67 @@
+import numpy as np
+import pytest
+
+from malaria_cells.detection import detect_cells
+from malaria_cells.truth import match_cells
+
+from conftest import make_field
+
+
+def _found(kwargs, seed=1):
+    image, cells = make_field(np.random.default_rng(seed), **kwargs)
+    detection = detect_cells(image)
+    found = np.array([[c.x, c.y] for c in detection.cells]).reshape(-1, 2)
+    true = np.array([[x, y] for x, y, _ in cells]).reshape(-1, 2)
+    return detection, cells, match_cells(found, true, detection.cell_diameter / 2)
+
+
+def test_every_cell_of_a_clean_field_is_found_once_and_its_size_measured():
+    detection, cells, pairs = _found({})
+    assert len(detection.cells) == len(cells) == len(pairs)
+    assert 0.9 * 44 < detection.cell_diameter < 1.1 * 44
+    assert detection.quality["ok"], detection.quality
+
+
+def test_touching_cells_are_split():
+    detection, cells, pairs = _found({"touching_pairs": 3})
+    assert len(pairs) == len(cells) and len(detection.cells) == len(cells)
+
+
+def test_a_white_cell_is_excluded_not_counted():
+    detection, cells, pairs = _found({"white_cells": 1})
+    assert [o.kind for o in detection.objects].count("white_cell") == 1
+    assert len(detection.cells) == len(cells) == len(pairs)
+
+
+def test_platelets_are_not_counted():
+    detection, cells, pairs = _found({"platelets": 15})
+    assert len(detection.cells) == len(cells) == len(pairs)
+
+
+def test_cells_cut_by_the_field_of_view_edge_are_excluded():
+    detection, cells, pairs = _found({"surround": True, "size": (1100, 900), "rows": 9, "cols": 12})
+    assert len(pairs) == len(cells) and len(detection.cells) <= len(cells) + 1
+    assert any(o.kind == "edge" for o in detection.objects)
+
+
+def test_infected_cells_are_still_found():
+    detection, cells, pairs = _found({"infected": (3, 10, 20, 30)})
+    matched = {j for _, j in pairs}
+    assert all(j in matched for j, (_, _, infected) in enumerate(cells) if infected)
+
+
+@pytest.mark.parametrize("scale", [0.6, 1.7])
+def test_cell_size_is_measured_at_any_magnification(scale):
+    radius = round(22 * scale)
+    size = (round(900 * scale), round(700 * scale))
+    detection, cells, pairs = _found({"radius": radius, "size": size})
+    assert abs(detection.cell_diameter - 2 * radius) < 0.15 * 2 * radius
+    assert len(pairs) >= len(cells) - 1
+
+
+def test_an_empty_or_blurred_field_is_flagged():
+    blank = np.full((400, 500, 3), 230, np.uint8)
+    detection = detect_cells(blank)
+    assert not detection.quality["ok"] and detection.cells == []
+    image, _ = make_field(np.random.default_rng(0), blur=9)
+    assert not detect_cells(image).quality["ok"]
