@@ -72,9 +72,10 @@ def load_crops(work: Path):
     return data, records, block_of
 
 
-def nih_cells(seed: int, count: int, parasitized_share: float):
+def nih_cells(seed: int, count: int, parasitized_share: float, healthy_repeat: int = 1):
     """A sample of the NIH crops whose label the re-annotation does not dispute, ``parasitized_share``
-    of them Parasitized."""
+    of them Parasitized, plus every cell of the healthy patients (``NThinF`` in the name: all truly
+    uninfected, no label noise) but C12, whose fields check false alarms, ``healthy_repeat`` times."""
     from malaria_cells.datasets import list_cell_images
     from malaria_cells.pipeline import read_images
 
@@ -82,15 +83,20 @@ def nih_cells(seed: int, count: int, parasitized_share: float):
     for name in ("disputed_parasitized.txt", "disputed_uninfected.txt"):
         disputed |= set((SHARED / "relabels" / name).read_text().split())
     files = list_cell_images(SHARED / "cell_images")
-    keep = np.array([Path(p).name not in disputed for p in files.paths])
+    names = [Path(p).name for p in files.paths]
+    keep = np.array([name not in disputed for name in names])
+    healthy = np.array(["NThinF" in name and not name.startswith("C12N") for name in names])
+    keep &= ~healthy
     rng = np.random.default_rng(seed)
-    chosen = []
+    chosen = list(np.flatnonzero(healthy)) * healthy_repeat
     for label, share in ((0, 1 - parasitized_share), (1, parasitized_share)):
         pool = np.flatnonzero(keep & (files.labels == label))
         chosen += list(rng.choice(pool, int(count * share), replace=False))
-    chosen = np.sort(chosen)
-    images, readable, _ = read_images([files.paths[i] for i in chosen], 64)
-    return images, files.labels[chosen][readable]
+    chosen = np.array(chosen)
+    unique, inverse = np.unique(chosen, return_inverse=True)
+    images, readable, _ = read_images([files.paths[i] for i in unique], 64)
+    assert readable.all()
+    return images[inverse], files.labels[chosen]
 
 
 def finetune(train_x, train_y, *, epochs: int, seed: int, learning_rate: float):
@@ -183,6 +189,7 @@ def main() -> None:
     parser.add_argument("--oversample", type=int, default=10)
     parser.add_argument("--nih-cells", type=int, default=6000)
     parser.add_argument("--nih-parasitized", type=float, default=0.25, help="share of Parasitized NIH crops in the mix")
+    parser.add_argument("--nih-healthy-repeat", type=int, default=4, help="times the healthy patients' cells are in the mix")
     parser.add_argument("--target", type=float, default=0.9, help="validation sensitivity the threshold keeps")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--folds", type=int, nargs="*", default=list(range(BLOCKS)))
@@ -192,7 +199,7 @@ def main() -> None:
         return build_crops(args.work)
     data, records, block_of = load_crops(args.work)
     nih_fields = [i for i, r in enumerate(records) if r["kind"] == "nih"]
-    nih = nih_cells(args.seed, args.nih_cells, args.nih_parasitized)
+    nih = nih_cells(args.seed, args.nih_cells, args.nih_parasitized, args.nih_healthy_repeat)
     if args.step == "cv":
         reports = []
         for k in args.folds:

@@ -154,3 +154,53 @@ def test_progress_bar_only_on_a_terminal_for_long_jobs(monkeypatch):
     bar = cli._progress_bar(5000)
     assert isinstance(bar, tqdm) and bar.total == 5000
     bar.close()
+
+
+@pytest.fixture(scope="module")
+def fields(tmp_path_factory):
+    from conftest import make_field
+
+    root = tmp_path_factory.mktemp("screen")
+    for k in range(2):
+        image, _ = make_field(np.random.default_rng(k), infected=(4, 20))
+        Image.fromarray(image).save(root / f"field{k}.png")
+    return root
+
+
+def test_screen_prints_a_table_with_the_call(fields, capsys):
+    assert main(["screen", str(fields)]) == 0
+    out = capsys.readouterr().out
+    assert "parasitemia" in out and str(fields / "field0.png") in out
+    assert any(word in out for word in ("POSITIVE", "NEGATIVE", "REVIEW"))
+
+
+def test_screen_json_is_one_object_and_csv_one_row_per_cell(fields, capsys, tmp_path):
+    assert main(["screen", str(fields), "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert len(data["fields"]) == 2 and data["summary"]["call"] in ("positive", "negative", "review")
+    assert main(["screen", str(fields), "--format", "csv", "--output", str(tmp_path / "cells.csv")]) == 0
+    rows = (tmp_path / "cells.csv").read_text().splitlines()
+    assert rows[0] == "field,frame,x,y,x0,y0,x1,y1,probability,label"
+    assert len(rows) - 1 == sum(f["n_cells"] for f in data["fields"])
+    assert main(["screen", str(fields), "--format", "csv", "--output", str(tmp_path / "cells.csv")]) == 2
+
+
+def test_screen_writes_a_report_folder_and_never_into_a_full_one(fields, tmp_path, capsys):
+    out = tmp_path / "report"
+    assert main(["screen", str(fields), "--out", str(out)]) == 0
+    assert {p.name for p in out.iterdir()} == {"overlays", "cells.csv", "report.json", "report.html"}
+    assert len(list((out / "overlays").glob("*.jpg"))) == 2
+    page = (out / "report.html").read_text()
+    assert "Highest-scoring cells" in page and "overlays/" in page and "data:image/png;base64," in page
+    report = json.loads((out / "report.json").read_text())
+    assert all(entry["overlay"].startswith("overlays/") for entry in report["fields"])
+    capsys.readouterr()
+    assert main(["screen", str(fields), "--out", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err
+
+
+def test_screen_skips_bad_files_with_exit_status_1(fields, tmp_path, capsys):
+    (tmp_path / "broken.jpg").write_bytes(b"nope")
+    assert main(["screen", str(fields / "field0.png"), str(tmp_path / "broken.jpg")]) == 1
+    assert "skipped: " in capsys.readouterr().err
+    assert main(["screen", str(tmp_path / "broken.jpg")]) == 2

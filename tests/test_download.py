@@ -114,7 +114,7 @@ def test_corrupt_member_fails_crc_check(server, tmp_path):
     data = bytearray((root / "cell_images.zip").read_bytes())
     data[40] ^= 0xFF
     (root / "cell_images.zip").write_bytes(bytes(data))
-    with pytest.raises(MalariaCellsError, match="CRC|not a valid zip"):
+    with pytest.raises(MalariaCellsError, match="CRC|not a valid zip|damaged"):
         download(tmp_path / "c", url=f"{url}/cell_images.zip", verbose=0)
 
 
@@ -142,3 +142,57 @@ def test_too_many_members_are_refused(tmp_path, monkeypatch):
 def test_unreachable_server_is_a_clear_error(tmp_path):
     with pytest.raises(MalariaCellsError, match="cannot connect"):
         download(tmp_path, url="http://127.0.0.1:9/cell_images.zip", verbose=0)
+
+
+def test_a_colliding_entry_is_never_replaced_and_nothing_is_left_behind(server, tmp_path):
+    root, url = server
+    make_zip(root / "cell_images.zip", nih_members())
+    dest = tmp_path / "dest"
+    (dest / "cell_images").mkdir(parents=True)
+    (dest / "cell_images" / "my-notes.txt").write_text("mine")
+    with pytest.raises(MalariaCellsError, match=r"cell_images: already exists.*nothing was changed"):
+        download(dest, url=f"{url}/cell_images.zip", verbose=0)
+    assert (dest / "cell_images" / "my-notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in dest.iterdir()) == ["cell_images", "cell_images.zip"]
+
+
+def test_an_extracted_dataset_is_reused_not_replaced(server, tmp_path):
+    root, url = server
+    make_zip(root / "cell_images.zip", nih_members())
+    first = download(tmp_path / "d", url=f"{url}/cell_images.zip", verbose=0)
+    marker = first / "Parasitized" / "added-by-me.png"
+    marker.write_bytes(png(True))
+    assert download(tmp_path / "d", url=f"{url}/cell_images.zip", verbose=0) == first and marker.exists()
+
+
+def test_many_small_highly_compressed_members_are_refused_before_extracting(tmp_path):
+    make_zip(tmp_path / "x.zip", {f"cell_images/f{i}.bin": b"\0" * (512 * 1024) for i in range(40)})
+    assert (tmp_path / "x.zip").stat().st_size < 100_000
+    with pytest.raises(MalariaCellsError, match="zip bomb"):
+        safe_extract(tmp_path / "x.zip", tmp_path / "dest")
+    assert not (tmp_path / "dest").exists() or not any((tmp_path / "dest").iterdir())
+
+
+def test_a_million_members_are_refused_from_the_end_record_at_once(tmp_path):
+    import struct
+    import time
+
+    # A ZIP64 end record declaring 1,000,000 members, its locator and the classic end record.
+    zip64_end = (b"PK\x06\x06" + struct.pack("<QHHIIQQQQ", 44, 45, 45, 0, 0, 1_000_000, 1_000_000, 0, 0))
+    locator = b"PK\x06\x07" + struct.pack("<IQI", 0, 0, 1)
+    end = b"PK\x05\x06" + struct.pack("<HHHHIIH", 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0)
+    (tmp_path / "many.zip").write_bytes(zip64_end + locator + end)
+    started = time.monotonic()
+    with pytest.raises(MalariaCellsError, match="1000000 members"):
+        safe_extract(tmp_path / "many.zip", tmp_path / "dest")
+    assert time.monotonic() - started < 1
+
+
+def test_a_damaged_member_fails_its_crc_and_leaves_nothing(tmp_path):
+    make_zip(tmp_path / "x.zip", {"cell_images/a.txt": b"A" * 5000, "cell_images/b.txt": b"B" * 5000})
+    data = bytearray((tmp_path / "x.zip").read_bytes())
+    data[45] ^= 0x55  # inside the first member's compressed data
+    (tmp_path / "x.zip").write_bytes(bytes(data))
+    with pytest.raises(MalariaCellsError, match="damaged|CRC"):
+        safe_extract(tmp_path / "x.zip", tmp_path / "dest")
+    assert list((tmp_path / "dest").iterdir()) == []

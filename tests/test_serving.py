@@ -153,3 +153,77 @@ def test_worker_processes_build_the_same_app(trained_run, monkeypatch):
     assert described["path"] == str(trained_run["model_path"]) and described["limits"]["max_images"] == 7
     files = [("files", ("a.png", png_bytes(), "image/png"))]
     assert worker.post("/v1/predict", files=files, headers={"X-API-Key": "k3y"}).json()["summary"]["n"] == 1
+
+
+def test_every_route_needs_the_key_but_the_health_check(trained_run):
+    app = create_app(trained_run["model_path"], api_key="s3cret")
+    keyed = TestClient(app)
+    paths = {route.path for route in app.routes} | {"/redoc", "/docs/oauth2-redirect", "/no-such-page"}
+    assert {"/docs", "/openapi.json", "/v1/screen", "/v1/predict", "/"} <= paths
+    for path in paths:
+        for method in ("GET", "POST"):
+            status = keyed.request(method, path).status_code
+            assert status == (401 if path != "/healthz" else status), (method, path, status)
+    assert keyed.get("/healthz").status_code == 200
+    assert keyed.get("/openapi.json", headers={"X-API-Key": "s3cret"}).status_code == 200
+    docs = keyed.get("/docs?api_key=s3cret")
+    assert docs.status_code == 200 and "/openapi.json?api_key=s3cret" in docs.text
+
+
+def test_screen_endpoint_answers_the_screen_json_with_overlays(client):
+    from conftest import encode, make_field
+
+    image, cells = make_field(np.random.default_rng(2), infected=(3, 11))
+    files = [("files", ("f.jpg", encode(image, "JPEG", quality=92), "image/jpeg")),
+             ("files", ("bad.jpg", b"not an image", "image/jpeg"))]
+    response = client.post("/v1/screen?overlays=true", files=files)
+    assert response.status_code == 200
+    body = response.json()
+    assert len(body["fields"]) == 1 and body["skipped"][0]["path"] == "bad.jpg"
+    field = body["fields"][0]
+    assert abs(field["n_cells"] - len(cells)) <= 3 and field["overlay"].startswith("data:image/jpeg;base64,")
+    assert body["summary"]["call"] in ("positive", "negative", "review")
+    assert client.post("/v1/screen", files=files[1:]).status_code == 422
+
+
+MEMORY_PROBE = r"""
+import io, json, resource, sys
+import numpy as np
+from fastapi.testclient import TestClient
+from malaria_cells.serving import ServeLimits, create_app
+import struct, zlib
+app = create_app(sys.argv[1], limits=ServeLimits(max_images=16, max_request_bytes=64 * 2**20))
+client = TestClient(app)
+side = 6000  # 36 MP each, under the per-image limit; compressed row by row, so never held decoded here
+
+def chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+packer, row, parts = zlib.compressobj(9), bytes(1 + 3 * side), []
+for _ in range(side):
+    parts.append(packer.compress(row))
+parts.append(packer.flush())
+blank = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0))
+         + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b""))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+files = [("files", (f"{i}.png", blank, "image/png")) for i in range(8)]
+status = client.post("/v1/predict", files=files).status_code
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"status": status, "before": before, "peak": peak, "body": len(blank) * 8}))
+"""
+
+
+def test_a_request_of_many_huge_images_stays_within_a_memory_bound(trained_run):
+    import json
+    import subprocess
+    import sys
+
+    model = trained_run["onnx_path"] or trained_run["model_path"]
+    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, model], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    probe = json.loads(out.stdout.strip().splitlines()[-1])
+    assert probe["status"] == 200
+    # 8 decoded images would be 864 MB; at most two are held at once (MAX_PIXELS_IN_FLIGHT).
+    assert probe["peak"] - probe["before"] < 500, probe
+    assert probe["peak"] < 1024, probe

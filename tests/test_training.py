@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from malaria_cells import MalariaCellsError, evaluate, load_model, make_config, train
+from malaria_cells import MalariaCellsError, evaluate, load_model, make_config, retune, train
 
 
 def test_run_folder_holds_everything(trained_run):
@@ -208,3 +208,44 @@ def test_retune_rechooses_the_threshold_on_validation_patients_only(trained_run,
     assert again["metrics"]["sensitivity"] == pytest.approx(trained_run["metrics"]["sensitivity"])
     with pytest.raises(MalariaCellsError, match="not a training run folder"):
         retune(Path(tmp_path))
+
+
+def _train_and_interrupt(cell_dataset, run, when):
+    """Start `malaria-cells train` in a subprocess and press Ctrl-C when ``when(run)`` holds."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "malaria_cells", "train", "--data", str(cell_dataset), "--out", str(run),
+         "--model", "tutorial", "--image-size", "32", "--epochs", "200", "--batch-size", "8", "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not when(run) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=240)
+    return process.returncode, out, err
+
+
+@pytest.mark.parametrize("moment", ["importing", "after the split", "after the first checkpoint"])
+def test_ctrl_c_anywhere_exits_130_with_one_line_and_a_self_describing_folder(cell_dataset, tmp_path, moment):
+    import json
+    import time
+
+    run = tmp_path / "run"
+    started = time.monotonic()
+    when = {"importing": lambda run: time.monotonic() - started > 0.3,
+            "after the split": lambda run: (run / "config.json").exists(),
+            "after the first checkpoint": lambda run: (run / "model.keras").exists()}[moment]
+    code, out, err = _train_and_interrupt(cell_dataset, run, when)
+    assert code == 130, (out, err)
+    assert "Traceback" not in err and "interrupted" in err + out
+    if run.exists() and any(run.iterdir()):
+        record = json.loads((run / "config.json").read_text())
+        assert record["status"] in ("running", "interrupted") and record["patients"]["val"]
+    if moment == "after the first checkpoint":
+        assert record["status"] == "interrupted"
+        result = retune(run)
+        assert 0 <= result["threshold"] <= 1

@@ -384,6 +384,17 @@ def train(
         f"{part} {len(getattr(split, part))} cells / {len(patients[part])} patients"
         for part in ("train", "val", "test")))
 
+    # The folder describes itself from now on: an interrupted run is marked as one and stays
+    # usable (retune needs only this file and a checkpoint).
+    record = {
+        "status": "running", "config": dataclasses.asdict(config), "data_root": str(files.root),
+        "class_counts": files.class_counts(),
+        "split_counts": {part: len(getattr(split, part)) for part in ("train", "val", "test")},
+        "patients": patients, "skipped_files": [list(s) for s in files.ignored + skipped], "versions": _versions(),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                    "gpus": len(tf.config.list_physical_devices("GPU"))},
+    }
+    write_json(run_dir / "config.json", record)
     keras.utils.set_random_seed(config.seed)
     train_data = training_dataset(images[split.train], files.labels[split.train],
                                   batch_size=config.batch_size, augment=config.augment, seed=config.seed,
@@ -407,7 +418,7 @@ def train(
                              keras.callbacks.CSVLogger(str(run_dir / "history.csv"))])
     except KeyboardInterrupt:
         interrupted = True
-        print("\nInterrupted: keeping the best checkpoint so far.", flush=True)
+        print("\ninterrupted: finishing the run folder with the best checkpoint so far", flush=True)
     train_seconds = time.time() - train_started
     if checkpoint.best_epoch is None:
         raise MalariaCellsError("training stopped before the first epoch ended; nothing was saved")
@@ -438,19 +449,15 @@ def train(
                          threshold, "test" if len(split.test) else "validation")
     plot_history(history.history, run_dir / "training_curves.png")
 
-    write_json(run_dir / "config.json", {
-        "config": dataclasses.asdict(config), "data_root": str(files.root),
-        "class_counts": files.class_counts(),
-        "split_counts": {part: len(getattr(split, part)) for part in ("train", "val", "test")},
-        "patients": patients, "skipped_files": [list(s) for s in files.ignored + skipped],
+    record.update({
+        "status": "interrupted" if interrupted else "complete",
         "threshold": threshold, "threshold_choice": threshold_choice, "validation_metrics": val_metrics,
         "best_epoch": checkpoint.best_epoch, "epochs_run": len(history.history.get("loss", [])),
-        "interrupted": interrupted, "versions": info["versions"],
+        "interrupted": interrupted,
         "seconds": {"load": round(load_seconds, 2), "train": round(train_seconds, 2),
                     "total": round(time.time() - started, 2)},
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "gpus": len(tf.config.list_physical_devices("GPU"))},
     })
+    write_json(run_dir / "config.json", record)
     return {"run_dir": str(run_dir), "model_path": str(model_path), "metrics": metrics,
             "threshold": threshold, "threshold_choice": threshold_choice, "interrupted": interrupted,
             "onnx_path": None if onnx_path is None else str(onnx_path)}
