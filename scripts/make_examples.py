@@ -4,7 +4,9 @@
 
 Drawn, not photographed: real smear images stay out of the repository. The cells imitate
 the NIH crops (a stained disc on black, 128 px); the infected one carries a ring-stage-like
-dark dot with a pale centre.
+dark dot with a pale centre. The fields (``examples/fields/``, one sample of two photographs)
+come from :func:`malaria_cells.synthetic.make_field`: red cells, a few with a dark dot, a white
+cell and platelets inside the round field of view of an eyepiece photograph.
 """
 
 from pathlib import Path
@@ -38,6 +40,14 @@ def main() -> None:
     (OUT / "cells").mkdir(parents=True, exist_ok=True)
     cell(rng, True).save(OUT / "cells" / "parasitized.png")
     cell(rng, False).save(OUT / "cells" / "uninfected.png")
+
+    from malaria_cells.synthetic import make_field
+
+    (OUT / "fields").mkdir(parents=True, exist_ok=True)
+    for number in range(2):
+        image, _ = make_field(np.random.default_rng(number), size=(1400, 1050), radius=30, rows=11, cols=15,
+                              infected=(5, 40, 77), white_cells=1, platelets=10, surround=True)
+        Image.fromarray(image).save(OUT / "fields" / f"field{number + 1}.jpg", quality=90)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""malaria-cells: tell Parasitized from Uninfected red blood cells in thin blood smears.
+"""malaria-cells: screen thin blood smears for malaria; tell Parasitized from Uninfected red cells.
 
 The command line (``malaria-cells``) is a thin layer over this API::
 
-    from malaria_cells import train, evaluate, predict, load_model
+    from malaria_cells import screen, train, evaluate, predict, load_model
+
+    report = screen(["patient1/", "patient2/"])                 # smear photographs: counts, a call
 
     result = train(data="cell_images", out="runs/first")       # writes a run folder
     report = evaluate(result["model_path"], data="other_patients")
@@ -22,7 +24,8 @@ _EXPORTS = {
     "compute_metrics": "evaluation", "evaluate": "evaluation", "CellClassifier": "runtimes",
     "load_model": "runtimes", "Prediction": "inference", "iter_predictions": "inference",
     "predict": "inference", "PRESETS": "training", "TrainConfig": "training", "make_config": "training",
-    "retune": "training", "train": "training",
+    "retune": "training", "train": "training", "screen": "screening", "ScreenResult": "screening",
+    "FieldResult": "screening", "SampleResult": "screening", "CellResult": "screening",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -35,6 +38,7 @@ if TYPE_CHECKING:
     from .images import UnreadableImage, decode, preprocess, resize
     from .inference import Prediction, iter_predictions, predict
     from .runtimes import CellClassifier, load_model
+    from .screening import CellResult, FieldResult, SampleResult, ScreenResult, screen
     from .splits import split_dataset
     from .training import PRESETS, TrainConfig, make_config, retune, train
 
