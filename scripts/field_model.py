@@ -96,14 +96,25 @@ def nih_cells(seed: int, count: int, parasitized_share: float, healthy_repeat: i
     unique, inverse = np.unique(chosen, return_inverse=True)
     images, readable, _ = read_images([files.paths[i] for i in unique], 64)
     assert readable.all()
-    return images[inverse], files.labels[chosen]
+    return images[inverse], files.labels[chosen].astype(np.float32)
+
+
+def soften(nih, weight: float):
+    """Blend the NIH labels with the shipped model's own scores (distillation): the NIH crops
+    then hold the field model to what the shipped model says of NIH-looking cells."""
+    from malaria_cells.runtimes import load_model
+
+    if weight <= 0:
+        return nih
+    scores = load_model().probability(nih[0], batch_size=512)
+    return nih[0], (1 - weight) * nih[1] + weight * scores
 
 
 def finetune(train_x, train_y, *, epochs: int, seed: int, learning_rate: float):
     import keras
 
     from malaria_cells.runtimes import DEFAULT_MODEL, KerasClassifier, load_model
-    from malaria_cells.training import training_dataset
+    from malaria_cells.augment import training_dataset
 
     keras.utils.set_random_seed(seed)
     model = load_model(DEFAULT_MODEL).keras_model
@@ -116,7 +127,34 @@ def finetune(train_x, train_y, *, epochs: int, seed: int, learning_rate: float):
     return KerasClassifier(model)
 
 
-def training_set(data, block_of, blocks, nih, oversample: int):
+def add_specks(cells: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Uninfected cells with a stain speck or platelet fragment on top: one or two short, thin,
+    straight dark rods (no parasite stage looks like that: a ring is a ring with a dot, a
+    gametocyte fills much of the cell). The hard negatives of real fields."""
+    import cv2
+
+    out = cells.copy()
+    size = cells.shape[1]
+    for image in out:
+        inside = image.max(axis=2) > 20
+        ys, xs = np.nonzero(inside)
+        if len(ys) < 50:
+            continue
+        for _ in range(rng.integers(1, 3)):
+            k = rng.integers(len(ys))
+            angle, length = rng.uniform(0, np.pi), rng.uniform(0.06, 0.16) * size
+            dx, dy = np.cos(angle) * length / 2, np.sin(angle) * length / 2
+            colour = tuple(int(v) for v in rng.uniform([60, 10, 70], [130, 55, 130]))
+            rod = image.copy()
+            cv2.line(rod, (int(xs[k] - dx), int(ys[k] - dy)), (int(xs[k] + dx), int(ys[k] + dy)), colour,
+                     int(rng.integers(1, 3)), cv2.LINE_AA)
+            alpha = rng.uniform(0.6, 0.95)
+            image[:] = (alpha * rod + (1 - alpha) * image).astype(np.uint8)
+        image[~inside] = 0
+    return out
+
+
+def training_set(data, block_of, blocks, nih, oversample: int, specks: int = 0, seed: int = 0):
     """Crops of the given blocks' fields. Detections that match no annotation are mostly
     fragments of split clumps and unannotated uninfected cells (every infected cell carries
     its stage): they train as Uninfected, which is what the model must say of them in use."""
@@ -124,7 +162,13 @@ def training_set(data, block_of, blocks, nih, oversample: int):
     x, y = data["crops"][in_blocks], np.maximum(data["labels"][in_blocks], 0)
     infected = np.flatnonzero(y == 1)
     x = np.concatenate([x, np.repeat(x[infected], oversample - 1, axis=0), nih[0]])
-    y = np.concatenate([y, np.ones(len(infected) * (oversample - 1), int), nih[1]])
+    y = np.concatenate([y, np.ones(len(infected) * (oversample - 1)), nih[1]]).astype(np.float32)
+    if specks:
+        rng = np.random.default_rng(seed)
+        negatives = np.flatnonzero(y == 0)
+        chosen = rng.choice(negatives, min(specks, len(negatives)), replace=False)
+        x = np.concatenate([x, add_specks(x[chosen], rng)])
+        y = np.concatenate([y, np.zeros(len(chosen), np.float32)])
     return x, y
 
 
@@ -169,7 +213,7 @@ def field_report(data, records, fields, probability, threshold) -> dict:
 def run_fold(data, records, block_of, train_blocks, val_block, nih, args):
     from malaria_cells.runtimes import load_model
 
-    x, y = training_set(data, block_of, train_blocks, nih, args.oversample)
+    x, y = training_set(data, block_of, train_blocks, nih, args.oversample, args.specks, args.seed)
     model = finetune(x, y, epochs=args.epochs, seed=args.seed, learning_rate=args.learning_rate)
     probability = model.probability(data["crops"], batch_size=512)
     val_fields = [f for f, b in block_of.items() if b == val_block]
@@ -189,6 +233,9 @@ def main() -> None:
     parser.add_argument("--oversample", type=int, default=10)
     parser.add_argument("--nih-cells", type=int, default=6000)
     parser.add_argument("--nih-parasitized", type=float, default=0.25, help="share of Parasitized NIH crops in the mix")
+    parser.add_argument("--nih-soft", type=float, default=0.0, help="weight of the shipped model's scores in the NIH labels")
+    parser.add_argument("--specks", type=int, default=0, help="hard negatives: uninfected cells with a stain speck drawn on")
+    parser.add_argument("--save-models", action="store_true", help="keep each fold's model in --work")
     parser.add_argument("--nih-healthy-repeat", type=int, default=4, help="times the healthy patients' cells are in the mix")
     parser.add_argument("--target", type=float, default=0.9, help="validation sensitivity the threshold keeps")
     parser.add_argument("--seed", type=int, default=0)
@@ -199,14 +246,16 @@ def main() -> None:
         return build_crops(args.work)
     data, records, block_of = load_crops(args.work)
     nih_fields = [i for i, r in enumerate(records) if r["kind"] == "nih"]
-    nih = nih_cells(args.seed, args.nih_cells, args.nih_parasitized, args.nih_healthy_repeat)
+    nih = soften(nih_cells(args.seed, args.nih_cells, args.nih_parasitized, args.nih_healthy_repeat), args.nih_soft)
     if args.step == "cv":
         reports = []
         for k in args.folds:
             val_block = (k + 1) % BLOCKS
             train_blocks = [b for b in range(BLOCKS) if b not in (k, val_block)]
-            _, probability, shipped, threshold, validation = run_fold(data, records, block_of, train_blocks,
-                                                                      val_block, nih, args)
+            model, probability, shipped, threshold, validation = run_fold(data, records, block_of, train_blocks,
+                                                                          val_block, nih, args)
+            if args.save_models:
+                model.save(args.work / f"fold{k}.keras")
             test_fields = [f for f, b in block_of.items() if b == k]
             sweep = {f"{t:.2f}": {"test": {key: field_report(data, records, test_fields, probability, t)[key]
                                            for key in ("sensitivity", "false_positive_rate", "parasitemia_mae_points")},

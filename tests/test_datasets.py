@@ -1,9 +1,6 @@
-import io
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from malaria_cells import MalariaCellsError
 from malaria_cells.datasets import find_dataset_root, list_cell_images, list_image_files, patient_id

@@ -6,7 +6,6 @@ import resource
 import time
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from malaria_cells.images import UnreadableImage, decode, dimensions, preprocess

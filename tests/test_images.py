@@ -1,11 +1,9 @@
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from malaria_cells import MalariaCellsError
 from malaria_cells.images import preprocess
 
 from conftest import encode, make_cell
@@ -117,3 +115,43 @@ def test_exif_orientation_is_read_but_pixels_stay_in_the_stored_grid():
     assert decode(tagged).shape == (20, 50, 3)
     assert exif_orientation(encode(image, "JPEG")) == 1
     assert exif_orientation(encode(image, "PNG")) == 1
+
+
+def _lie_about_size(contents: bytes, fmt: str, width: int, height: int) -> bytes:
+    """The same file with its header declaring another size (checksums fixed where there are)."""
+    import struct
+    import zlib
+
+    data = bytearray(contents)
+    if fmt == "PNG":
+        data[16:24] = struct.pack(">II", width, height)
+        data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    elif fmt == "GIF":
+        data[6:10] = struct.pack("<HH", min(width, 65535), min(height, 65535))
+    elif fmt == "BMP":
+        data[18:26] = struct.pack("<ii", width, height)
+    elif fmt == "JPEG":
+        at = data.find(b"\xff\xc0")
+        data[at + 5:at + 9] = struct.pack(">HH", min(height, 65535), min(width, 65535))
+    elif fmt == "WEBP":  # lossy VP8: 14-bit sizes after the frame tag and start code
+        at = data.find(b"\x9d\x01\x2a")
+        data[at + 3:at + 7] = struct.pack("<HH", min(width, 16383), min(height, 16383))
+    elif fmt == "TIFF":
+        return contents[: len(contents) // 3]  # the header keeps its size, the pixels are gone
+    return bytes(data)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "GIF", "BMP", "JPEG", "WEBP", "TIFF"])
+@pytest.mark.parametrize("declared", [(70000, 70000), (3000, 3000), (64, 9000)])
+def test_a_header_that_lies_about_the_size_is_refused_or_decoded_to_that_size(fmt, declared):
+    from malaria_cells.images import UnreadableImage, decode, dimensions
+
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    contents = _lie_about_size(encode(image, fmt), fmt, *declared)
+    try:
+        pixels = decode(contents)
+    except UnreadableImage as error:
+        assert "\n" not in str(error)
+    else:
+        width, height = dimensions(contents)
+        assert pixels.shape == (height, width, 3) and width * height <= 40_000_000

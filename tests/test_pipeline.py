@@ -1,11 +1,9 @@
-import io
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from malaria_cells import MalariaCellsError
 from malaria_cells.datasets import list_cell_images
 from malaria_cells.images import preprocess
 from malaria_cells.pipeline import iter_image_batches, preprocess_many, read_images

@@ -75,3 +75,32 @@ def test_drop_two_images_and_read_their_labels(server, tmp_path, trained_run):
         assert csv_text.splitlines()[0] == '"filename","probability","label","error"'
         assert len(csv_text.splitlines()) == 4
         browser.close()
+
+
+def test_field_mode_screens_photographs_and_shows_the_call(server, tmp_path):
+    from conftest import make_field
+
+    for k in range(2):
+        image, _ = make_field(np.random.default_rng(k), infected=(5, 17))
+        Image.fromarray(image).save(tmp_path / f"field{k}.jpg", quality=92)
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        page = browser.new_page()
+        page.goto(server + "/")
+        page.click("#mode-fields")
+        assert page.is_visible("#field-drop") and not page.is_visible("#drop")
+        page.set_input_files("#field-files", [str(tmp_path / "field0.jpg"), str(tmp_path / "field1.jpg")])
+        page.wait_for_selector("#overlays img >> nth=1", timeout=60_000)
+        assert page.inner_text("#call") in ("POSITIVE", "NEGATIVE", "REVIEW")
+        assert "Parasitemia" in page.inner_text("#field-summary")
+        rows = page.query_selector_all("#field-table tr")
+        assert len(rows) == 3 and rows[1].get_attribute("data-field") == "field0.jpg"
+        with page.expect_download() as download:
+            page.click("#report")
+        import json
+
+        report = json.load(open(download.value.path()))
+        assert len(report["fields"]) == 2 and "overlay" not in report["fields"][0]
+        browser.close()

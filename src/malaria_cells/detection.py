@@ -198,7 +198,6 @@ def detect_cells(image: np.ndarray) -> FieldDetection:
 
 def _cell_diameter(image: np.ndarray) -> float:
     import cv2
-    from scipy import ndimage
 
     fov = _field_of_view(image)
     density = _density(image, 40.0, fov)

@@ -12,7 +12,6 @@ import contextlib
 import io
 import json
 import os
-import threading
 import warnings
 from pathlib import Path
 

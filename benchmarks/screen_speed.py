@@ -1,0 +1,47 @@
+"""Whole-command speed and memory of ``malaria-cells screen`` on real fields.
+
+    python benchmarks/screen_speed.py [--model PATH] [--repeats 3]
+
+Times, each in a fresh process (start-up, imports and model load included): one 5312x2988 NIH
+phone photograph, one 1280x960 IML camera field, and a sample of 100 IML fields (a folder of
+links to them). Peak memory is the process's max RSS; for the 100-field sample, memory stays
+flat if its peak is close to the one-field peak.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+from pathlib import Path
+
+from _common import SHARED_DATA
+from compare import timed
+
+FIELDS = SHARED_DATA.parent / "fields"
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="cell model (default: the shipped one)")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    nih = sorted((FIELDS / "nih").glob("*/*.jpg"))[0]
+    iml = sorted((FIELDS / "iml").glob("*.JPG"))
+    sample = Path(tempfile.mkdtemp(prefix="malaria-screen-")) / "sample"
+    sample.mkdir()
+    for path in iml[:100]:
+        (sample / path.name).symlink_to(path)
+    model = ["--model", args.model] if args.model else []
+    for name, target in (("NIH photograph 5312x2988", nih), ("IML field 1280x960", iml[0]),
+                         ("100 IML fields", sample)):
+        runs = [timed(["malaria-cells", "screen", str(target), "--format", "json", *model])
+                for _ in range(args.repeats)]
+        seconds = [s for s, _ in runs]
+        print(f"{name}: median {statistics.median(seconds):.2f} s (runs {', '.join(f'{s:.2f}' for s in seconds)}), "
+              f"peak {max(p for _, p in runs):.0f} MiB", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Augmenting cells and batching them with tf.data, for training.
+
+Every transformation is one a real cell undergoes between slides and cameras: rotations and
+mirrors (it is the same cell), stain colour and density, illumination, focus. The black
+surround of a crop stays black.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["augment_cell", "mix_batch", "training_dataset", "evaluation_dataset"]
+
+
+def augment_cell(image, seed, mode: str):
+    """Randomly transform one uint8 cell, deterministically for a given seed pair."""
+    import tensorflow as tf
+
+    seeds = tf.random.experimental.stateless_split(seed, 11)
+    image = tf.cast(image, tf.float32) / 255.0
+    transpose = tf.random.stateless_uniform([], seeds[0]) < 0.5
+    image = tf.cond(transpose, lambda: tf.transpose(image, [1, 0, 2]), lambda: image)
+    image = tf.image.stateless_random_flip_left_right(image, seeds[1])
+    image = tf.image.stateless_random_flip_up_down(image, seeds[2])
+    # The black surround must stay black (contrast jitter would lift it), else it would
+    # count as cell in the model's stain normalisation.
+    surround_mask = tf.cast(tf.reduce_max(image, axis=-1, keepdims=True) > 20 / 255, tf.float32)
+    if mode in ("flips+color", "flips+stain", "flips+color+focus"):
+        # Stain and illumination differ between slides.
+        # Patients' cells range from pink to violet: hue, saturation and per-channel gain.
+        image = tf.image.stateless_random_hue(image, 0.08, seeds[3])
+        image = tf.image.stateless_random_saturation(image, 0.6, 1.5, seeds[4])
+        image = tf.image.stateless_random_contrast(image, 0.8, 1.2, seeds[5])
+        image = image * tf.random.stateless_uniform([3], seeds[6], 0.9, 1.1)
+        image = image * tf.random.stateless_uniform([], seeds[7], 0.8, 1.2)
+    if mode == "flips+stain":
+        # Stain density: by Beer-Lambert, a slide stained k times as densely has k times
+        # the optical density -log(I), i.e. I ** k. Patients here span about 0.5x to 2x
+        # (pale pink to deep violet), per channel as well as overall. Unlike a gain, this
+        # changes the contrast between a parasite and its cell, so the per-cell stain
+        # normalisation inside the model does not undo it.
+        density = tf.exp(tf.random.stateless_uniform([], seeds[8], -0.7, 0.7))
+        density *= tf.exp(tf.random.stateless_uniform([3], seeds[9], -0.2, 0.2))
+        image = tf.pow(tf.clip_by_value(image, 0.0, 1.0), density)
+    if mode == "flips+color+focus":
+        # Focus differs between slides and fields: unsharp masking with a random signed
+        # amount blurs (amount < 0) or sharpens (amount > 0) the whole cell.
+        blurred = _gaussian_blur(image, sigma=1.0)
+        amount = tf.random.stateless_uniform([], seeds[10], -1.0, 1.0)
+        image = image + amount * (image - blurred)
+    return tf.clip_by_value(image, 0.0, 1.0) * surround_mask * 255.0
+
+
+def _gaussian_blur(image, sigma: float):
+    import tensorflow as tf
+
+    taps = np.exp(-0.5 * (np.arange(-2, 3) / sigma) ** 2)
+    taps = tf.constant(taps / taps.sum(), tf.float32)
+    channels = image.shape[-1]
+    rows = tf.tile(tf.reshape(taps, [5, 1, 1, 1]), [1, 1, channels, 1])
+    cols = tf.tile(tf.reshape(taps, [1, 5, 1, 1]), [1, 1, channels, 1])
+    batch = tf.nn.depthwise_conv2d(image[tf.newaxis], rows, [1, 1, 1, 1], "SAME")
+    return tf.nn.depthwise_conv2d(batch, cols, [1, 1, 1, 1], "SAME")[0]
+
+
+def mix_batch(images, labels, seed, alpha: float):
+    """Mixup: blend each cell (and its label) with the next one in the batch.
+
+    The weight of a cell's own image is max(w, 1 - w), w ~ Beta(alpha, alpha), so
+    every blend still mostly shows the cell its label mostly describes.
+    """
+    import tensorflow as tf
+
+    seeds = tf.random.experimental.stateless_split(seed, 2)
+    n = tf.shape(labels)[0]
+    a = tf.random.stateless_gamma([n], seeds[0], alpha)
+    b = tf.random.stateless_gamma([n], seeds[1], alpha)
+    weight = a / (a + b + 1e-12)
+    weight = tf.maximum(weight, 1.0 - weight)
+    mixed = weight[:, None, None, None] * images + (1.0 - weight[:, None, None, None]) * tf.roll(images, 1, axis=0)
+    return mixed, weight * labels + (1.0 - weight) * tf.roll(labels, 1, axis=0)
+
+
+def training_dataset(images, labels, *, batch_size: int, augment: str, seed: int, mixup: float = 0.0):
+    """Shuffled, augmented batches of (float RGB 0-255, label), reproducible for a seed."""
+    import tensorflow as tf
+
+    dataset = tf.data.Dataset.from_tensor_slices((images, labels.astype(np.float32)))
+    dataset = dataset.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+    if augment == "none":
+        dataset = dataset.map(lambda x, y: (tf.cast(x, tf.float32), y))
+    else:
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        dataset = tf.data.Dataset.zip(dataset, seeds).map(
+            lambda xy, s: (augment_cell(xy[0], s, augment), xy[1]),
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True,
+        )
+    dataset = dataset.batch(batch_size)
+    if mixup:
+        seeds = tf.data.Dataset.random(seed=seed + 1, rerandomize_each_iteration=True).batch(2)
+        dataset = tf.data.Dataset.zip(dataset, seeds).map(lambda xy, s: mix_batch(*xy, s, mixup))
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def evaluation_dataset(images, labels, batch_size: int = 256):
+    import tensorflow as tf
+
+    return (
+        tf.data.Dataset.from_tensor_slices((images, labels.astype(np.float32)))
+        .batch(batch_size)
+        .map(lambda x, y: (tf.cast(x, tf.float32), y))
+        .prefetch(tf.data.AUTOTUNE)
+    )

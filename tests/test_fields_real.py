@@ -1,0 +1,33 @@
+"""The floors on the real shared fields (skipped where ../shared/data/fields is absent)."""
+
+from pathlib import Path
+
+import pytest
+
+from malaria_cells.screening import screen
+
+FIELDS = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "fields"
+pytestmark = pytest.mark.skipif(not FIELDS.is_dir(), reason="../shared/data/fields is not available")
+
+
+@pytest.fixture(scope="module")
+def screened():
+    return {"nih": screen(FIELDS / "nih" / "239C12NThinF", truth=True),
+            "iml": screen(FIELDS / "iml", truth=True)}
+
+
+def test_every_red_cell_is_found_on_the_nih_photographs(screened):
+    result = screened["nih"]
+    assert len(result.fields) == 4 and all(f.width == 5312 and f.height == 2988 for f in result.fields)
+    assert result.summary.truth["f1"] >= 0.95, result.summary.truth
+    assert all(f.truth["f1"] >= 0.95 for f in result.fields)
+    assert all(f.quality["ok"] for f in result.fields)
+
+
+def test_every_red_cell_is_found_on_the_iml_fields(screened):
+    result = screened["iml"]
+    assert len(result.fields) == 115
+    assert result.summary.truth["f1"] >= 0.90, result.summary.truth
+    # nearly every annotated infected cell is found (before classification)
+    stages = result.summary.truth["stages"]
+    assert sum(s["detected"] for s in stages.values()) >= 0.9 * sum(s["n"] for s in stages.values()), stages
