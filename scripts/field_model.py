@@ -3,6 +3,7 @@
     python scripts/field_model.py crops --work W     # cut and label every shared field's cells once
     python scripts/field_model.py cv --work W        # 5-fold cross-validation over IML blocks (the report)
     python scripts/field_model.py final --work W     # the model to ship: W/field-model.keras
+    python scripts/field_model.py ship --work W      # into the package, with its ONNX copy
 
 Crops are cut by the same detector and crop function as ``malaria-cells screen`` and labelled by
 matching them to the ground truth (cells that match no annotation are left out of training).
@@ -14,7 +15,7 @@ negatives that real fields are full of. The NIH field photographs (one healthy
 patient) are never trained on: they only check false alarms.
 
 For each fold ``k``: train on three blocks, choose the counting threshold on block ``k + 1``
-(the highest threshold keeping validation sensitivity >= ``--target``), and report block ``k``,
+(the lowest threshold whose false-positive rate on its uninfected cells is at most ``--max-fpr``), and report block ``k``,
 which chose nothing. ``final`` trains on blocks 0-3 and chooses on block 4.
 """
 
@@ -24,6 +25,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -174,13 +176,16 @@ def training_set(data, block_of, blocks, nih, oversample: int, specks: int = 0, 
     return x, y
 
 
-def choose_threshold(probability, labels, target: float) -> float:
-    """The highest threshold at which at least ``target`` of the infected cells are called."""
-    infected = np.sort(probability[labels == 1])[::-1]
-    if len(infected) == 0:
+def choose_threshold(probability, labels, max_fpr: float) -> float:
+    """The lowest threshold at which at most ``max_fpr`` of the uninfected validation cells are
+    called Parasitized. False alarms are what make parasitemia meaningless, and with thousands
+    of uninfected cells their rate is measured far more steadily than a sensitivity on the few
+    dozen infected cells a validation block holds."""
+    uninfected = np.sort(probability[labels == 0])[::-1]
+    if len(uninfected) == 0:
         return 0.5
-    needed = int(np.ceil(target * len(infected)))
-    return float(infected[needed - 1])
+    allowed = int(np.floor(max_fpr * len(uninfected)))
+    return float(np.nextafter(uninfected[allowed], 1.0)) if allowed < len(uninfected) else 0.0
 
 
 def field_report(data, records, fields, probability, threshold) -> dict:
@@ -220,15 +225,40 @@ def run_fold(data, records, block_of, train_blocks, val_block, nih, args):
     probability = model.probability(data["crops"], batch_size=512)
     val_fields = [f for f, b in block_of.items() if b == val_block]
     val_mask = np.isin(data["field"], val_fields) & (data["labels"] >= 0)
-    threshold = choose_threshold(probability[val_mask], data["labels"][val_mask], args.target)
+    threshold = choose_threshold(probability[val_mask], data["labels"][val_mask], args.max_fpr)
     validation = field_report(data, records, val_fields, probability, threshold)
     shipped = load_model().probability(data["crops"], batch_size=512)
     return model, probability, shipped, threshold, validation
 
 
+def ship(path: Path) -> None:
+    """Put the field model in the package (``malaria-cells-fields.keras``, its metadata JSON and
+    its ONNX copy, kept only if both label every development cell alike)."""
+    import shutil
+
+    from malaria_cells.export import check_parity, export_model, sidecar_path
+    from malaria_cells.files import atomic_path, write_json
+    from malaria_cells.runtimes import FIELD_MODEL, load_model
+
+    model = load_model(path)
+    with atomic_path(FIELD_MODEL) as temporary:
+        shutil.copyfile(path, temporary)
+    write_json(FIELD_MODEL.with_suffix(".json"), {**model.info, "file": FIELD_MODEL.name,
+                                                   "threshold": model.threshold})
+    onnx_copy = FIELD_MODEL.with_suffix(".onnx")
+    export_model(FIELD_MODEL, onnx_copy, format="onnx")
+    parity = check_parity(FIELD_MODEL, onnx_copy, SHARED / "cell_images")
+    if parity["agreement"] < 1.0:
+        onnx_copy.unlink()
+        sidecar_path(onnx_copy).unlink()
+        raise SystemExit(f"the ONNX copy disagreed with the .keras model: {parity}; not shipped")
+    print(f"shipped {FIELD_MODEL} and {onnx_copy}: threshold {model.threshold:.4f}, same label on all "
+          f"{parity['n']} development cells (largest difference {parity['max_probability_difference']:.1e})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("step", choices=("crops", "cv", "final"))
+    parser.add_argument("step", choices=("crops", "cv", "final", "ship"))
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--learning-rate", type=float, default=2e-4)
@@ -239,13 +269,16 @@ def main() -> None:
     parser.add_argument("--specks", type=int, default=6000, help="hard negatives: uninfected cells with a stain speck drawn on")
     parser.add_argument("--save-models", action="store_true", help="keep each fold's model in --work")
     parser.add_argument("--nih-healthy-repeat", type=int, default=4, help="times the healthy patients' cells are in the mix")
-    parser.add_argument("--target", type=float, default=0.85, help="validation sensitivity the threshold keeps")
+    parser.add_argument("--max-fpr", type=float, default=0.004,
+                        help="false-positive rate on validation fields' uninfected cells the threshold allows")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--folds", type=int, nargs="*", default=list(range(BLOCKS)))
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     if args.step == "crops":
         return build_crops(args.work)
+    if args.step == "ship":
+        return ship(args.work / "field-model.keras")
     data, records, block_of = load_crops(args.work)
     nih_fields = [i for i, r in enumerate(records) if r["kind"] == "nih"]
     nih = soften(nih_cells(args.seed, args.nih_cells, args.nih_parasitized, args.nih_healthy_repeat), args.nih_soft)
@@ -256,6 +289,7 @@ def main() -> None:
             train_blocks = [b for b in range(BLOCKS) if b not in (k, val_block)]
             model, probability, shipped, threshold, validation = run_fold(data, records, block_of, train_blocks,
                                                                           val_block, nih, args)
+            np.save(args.work / f"fold{k}-probability.npy", probability)
             if args.save_models:
                 model.save(args.work / f"fold{k}.keras")
             test_fields = [f for f, b in block_of.items() if b == k]
@@ -282,8 +316,11 @@ def main() -> None:
                      "validation": {k: v for k, v in validation.items() if k != "per_field"},
                      "nih_healthy": {k: v for k, v in field_report(data, records, nih_fields, probability, threshold).items()
                                      if k != "per_field"},
-                     "recipe": {k: v for k, v in vars(args).items() if k not in ("work", "step", "folds")}}
+                     "recipe": {k: v for k, v in vars(args).items() if k not in ("work", "step", "folds", "save_models")}}
+    info["trained_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    info["base"] = "malaria-cells-default.keras, fine-tuned by scripts/field_model.py"
     model_info_layer(model.keras_model).info = model.info = info
+    model.set_threshold(threshold)  # the model's own threshold is its counting threshold
     model.save(args.work / "field-model.keras")
     print(json.dumps(info["field"], indent=1, default=str))
 

@@ -125,11 +125,12 @@ def test_stain_normalizations_two_forms_give_the_same_numbers(channels, tmp_path
 
     cells = np.random.default_rng(2).uniform(0, 255, (4, 10, 10, channels)).astype(np.float32)
     cells[:, :2] = 0
-    layer = StainNormalization()
+    layer, other = StainNormalization(), StainNormalization()
     by_planes = np.asarray(layer(cells))
-    with stain_normalization_by_matrices():
+    with stain_normalization_by_matrices(layer):
         by_matrices = np.asarray(layer(cells))
-    assert StainNormalization.by_planes  # restored after the block
+        assert other.by_planes and not layer.by_planes  # only the model exported changes
+    assert layer.by_planes and StainNormalization.by_planes  # restored after the block
     np.testing.assert_allclose(by_planes, by_matrices, rtol=1e-6, atol=1e-6)
 
     if channels == 3:  # and TFLite exports are traced in the matrix form (no strided slices)

@@ -376,9 +376,10 @@ def run_screen(args) -> int:
     from .files import atomic_path
     from .reports import ReportWriter, dumps, format_table, write_cells_csv
     from .runtimes import load_model
+    from .runtimes import default_model_path
     from .screening import group_samples, screen
 
-    model = load_model(args.model)
+    model = load_model(args.model or default_model_path(fields=True))
     if args.output and os.path.exists(args.output) and not args.overwrite:
         raise MalariaCellsError(f"{args.output}: already exists; choose another --output or pass --overwrite")
     report = ReportWriter(args.out, overwrite=args.overwrite) if args.out else None
@@ -504,7 +505,7 @@ def _needs_tensorflow(args: argparse.Namespace) -> bool:
     if args.command in ("predict", "evaluate", "serve", "info", "screen"):
         from .runtimes import default_model_path
 
-        model = args.model or default_model_path()
+        model = args.model or default_model_path(fields=args.command == "screen")
         return Path(model).suffix.lower() not in (".tflite", ".onnx")
     return True
 

@@ -105,7 +105,7 @@ def _representative(images: np.ndarray):
 def _tflite_bytes(model: CellClassifier, quantize: str, calibration_images) -> bytes:
     from .models import stain_normalization_by_matrices
 
-    with stain_normalization_by_matrices():  # TFLite's fastest form of the layer
+    with stain_normalization_by_matrices(model.keras_model):  # TFLite's fastest form of the layer
         return _convert_to_tflite(model, quantize, calibration_images)
 
 

@@ -47,7 +47,8 @@ class StainNormalization(layers.Layer):
     """Which of two formulations ``call`` traces; they give the same numbers (tested). Per-channel
     planes, stacked channels-first: the fastest in TensorFlow and onnxruntime. Products with the
     (pixels, channels) matrix: the fastest in TFLite, whose strided slices are slow; TFLite
-    exports are traced with it (:func:`stain_normalization_by_matrices`)."""
+    exports are traced with it (:func:`stain_normalization_by_matrices`, which sets it on one
+    model's layers only)."""
 
     def call(self, inputs):
         return self._by_planes(inputs) if self.by_planes else self._by_matrices(inputs)
@@ -86,14 +87,18 @@ class StainNormalization(layers.Layer):
 
 
 @contextlib.contextmanager
-def stain_normalization_by_matrices():
-    """Within the block, :class:`StainNormalization` traces its matrix-product form (for TFLite)."""
-    previous = StainNormalization.by_planes
-    StainNormalization.by_planes = False
+def stain_normalization_by_matrices(model: keras.Model | layers.Layer):
+    """Within the block, the :class:`StainNormalization` layers of ``model`` (a model or one
+    such layer) trace their matrix-product form (for TFLite); other models are not touched."""
+    found = [model] if isinstance(model, StainNormalization) else [
+        layer for layer in getattr(model, "layers", []) if isinstance(layer, StainNormalization)]
+    for layer in found:
+        layer.by_planes = False
     try:
         yield
     finally:
-        StainNormalization.by_planes = previous
+        for layer in found:
+            del layer.by_planes  # back to the class default
 
 
 @keras.saving.register_keras_serializable(package="malaria_cells")

@@ -36,10 +36,14 @@ DEFAULT_MODEL = PRETRAINED_DIR / "malaria-cells-default.keras"
 DEFAULT_MODEL_ONNX = DEFAULT_MODEL.with_suffix(".onnx")
 """An ONNX copy of :data:`DEFAULT_MODEL` (same weights and threshold, written with it by
 ``scripts/ship_model.py``, which checks that both label every dataset cell alike)."""
+FIELD_MODEL = PRETRAINED_DIR / "malaria-cells-fields.keras"
+"""The model ``screen`` uses when none is named: the cell model fine-tuned on field crops, whose
+threshold is its counting threshold (chosen on validation fields; ``info["field"]`` holds it and
+what it gave). ``predict`` and the other cell commands keep :data:`DEFAULT_MODEL`."""
 MODEL_ENV = "MALARIA_CELLS_MODEL"
 
 
-def default_model_path(*, fast_start: bool = True) -> Path:
+def default_model_path(*, fast_start: bool = True, fields: bool = False) -> Path:
     """The model used when none is named: ``$MALARIA_CELLS_MODEL``, else the shipped one.
 
     Parameters
@@ -47,24 +51,29 @@ def default_model_path(*, fast_start: bool = True) -> Path:
     fast_start : bool
         Run the shipped model from its ONNX copy when it matches the ``.keras`` file (same
         training run and threshold) and onnxruntime is installed: onnxruntime starts in a
-        fraction of the time TensorFlow takes to import and needs less memory. Commands that need the Keras model (``export``) pass False.
+        fraction of the time TensorFlow takes to import and needs less memory. Commands that
+        need the Keras model (``export``) pass False.
+    fields : bool
+        The model for field screening (:data:`FIELD_MODEL`, where it is shipped).
     """
     if os.environ.get(MODEL_ENV):
         return Path(os.environ[MODEL_ENV])
-    if fast_start and _onnx_copy_matches():
-        return DEFAULT_MODEL_ONNX
-    return DEFAULT_MODEL
+    model = FIELD_MODEL if fields and FIELD_MODEL.is_file() else DEFAULT_MODEL
+    if fast_start and _onnx_copy_matches(model):
+        return model.with_suffix(".onnx")
+    return model
 
 
-def _onnx_copy_matches() -> bool:
+def _onnx_copy_matches(model: Path = DEFAULT_MODEL) -> bool:
     import importlib.util
 
+    onnx_copy = model.with_suffix(".onnx")
     try:
-        shipped = json.loads(DEFAULT_MODEL.with_suffix(".json").read_text())
-        copy = json.loads(sidecar_path(DEFAULT_MODEL_ONNX).read_text())
+        shipped = json.loads(model.with_suffix(".json").read_text())
+        copy = json.loads(sidecar_path(onnx_copy).read_text())
     except (OSError, ValueError):
         return False
-    return (DEFAULT_MODEL_ONNX.is_file() and importlib.util.find_spec("onnxruntime") is not None
+    return (onnx_copy.is_file() and importlib.util.find_spec("onnxruntime") is not None
             and copy.get("threshold") == shipped.get("threshold")
             and copy.get("info", {}).get("trained_at") == shipped.get("trained_at"))
 

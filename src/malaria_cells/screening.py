@@ -298,7 +298,8 @@ def screen(paths: str | os.PathLike | Iterable[str | os.PathLike], model=None, *
         Field images (JPEG, PNG, TIFF, ... any size) or folders. Each folder is one sample
         (a slide or a patient) whose images are its fields; files given directly form one more.
     model : path or CellClassifier, optional
-        The cell model (default: the shipped one); any format.
+        The cell model (default: the shipped field model, see
+        :data:`malaria_cells.runtimes.FIELD_MODEL`); any format.
     threshold : float, optional
         Counting threshold (default: the one the model carries for fields).
     truth : path or True, optional
@@ -314,9 +315,9 @@ def screen(paths: str | os.PathLike | Iterable[str | os.PathLike], model=None, *
     -------
     ScreenResult
     """
-    from .runtimes import check_threshold, load_model
+    from .runtimes import check_threshold, default_model_path, load_model
 
-    model = load_model(model)
+    model = load_model(default_model_path(fields=True) if model is None else model)
     threshold = check_threshold(threshold)
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]

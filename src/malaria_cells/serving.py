@@ -130,9 +130,13 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
     from . import __version__
     from .pipeline import preprocess_many
     from .inference import label_for
-    from .runtimes import load_model
+    from .runtimes import default_model_path, load_model
 
+    # Without a named model, cells are scored by the shipped cell model and fields by the
+    # shipped field model; a named model does both.
+    field_model = load_model(default_model_path(fields=True)) if model is None else None
     model = load_model(model)
+    field_model = field_model or model
     limits = limits or ServeLimits()
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     model_version = model.info.get("trained_at") or os.path.basename(model.path)
@@ -214,8 +218,8 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
             name = upload.filename or f"field-{len(fields) + len(skipped) + 1}"
             try:
                 check_upload(data, limits.max_image_pixels)
-                result, _, image = screen_image(data, model, path=name, max_pixels=limits.max_image_pixels,
-                                                keep_crops=True)
+                result, _, image = screen_image(data, field_model, path=name,
+                                                max_pixels=limits.max_image_pixels, keep_crops=True)
             except UploadError as error:
                 skipped.append((name, str(error)))
                 continue
@@ -228,13 +232,13 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
             fields.append(result)
         if not fields:
             raise HTTPException(422, "no field could be screened: " + "; ".join(f"{p}: {r}" for p, r in skipped))
-        summary = pool_fields("upload", fields, model)
+        summary = pool_fields("upload", fields, field_model)
         from .screening import counting_threshold, field_figures
 
         body = ScreenResult(fields, [summary], summary, skipped,
-                            {"path": os.path.basename(model.path), "version": model_version,
-                             "counting_threshold": counting_threshold(model),
-                             "field_figures": field_figures(model)}).to_dict()
+                            {"path": os.path.basename(field_model.path),
+                             "counting_threshold": counting_threshold(field_model),
+                             "field_figures": field_figures(field_model)}).to_dict()
         for entry in body["fields"]:
             entry["overlay"] = pictures.get(entry["path"])
         return JSONResponse(json.loads(json.dumps(body, default=float)))
@@ -272,7 +276,7 @@ def serve(model=None, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
     # Loaded here only to fail once, with one line, on a bad model; the workers build their own
     # app from this description (uvicorn needs an import string), this process only supervises.
     model_path = load_model(model).path
-    os.environ[_WORKER_CONFIG_ENV] = json.dumps({"model": model_path, "api_key": api_key,
+    os.environ[_WORKER_CONFIG_ENV] = json.dumps({"model": None if model is None else model_path, "api_key": api_key,
                                                  "limits": (limits or ServeLimits()).__dict__})
     print(message, file=sys.stderr, flush=True)
     uvicorn.run(f"{__name__}:app_from_environment", factory=True, host=host, port=port,
