@@ -45,7 +45,7 @@ def cell_dataset(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def trained_run(tmp_path_factory, cell_dataset) -> dict:
+def trained_run(tmp_path_factory, cell_dataset):
     """A small model trained once on the synthetic dataset, shared by the tests."""
     from malaria_cells import train
 

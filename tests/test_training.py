@@ -123,6 +123,21 @@ def test_train_with_mixup_and_focus_augmentation_records_them(tmp_path, cell_dat
     assert (tmp_path / "run" / "model.keras").is_file() and str(result["model_path"]).endswith("model.keras")
 
 
+def test_train_returns_a_typed_run_result(trained_run):
+    from pathlib import Path
+
+    from malaria_cells import RunResult, load_model
+
+    assert isinstance(trained_run, RunResult)
+    assert isinstance(trained_run.model_path, Path) and trained_run.model_path.parent == trained_run.run_dir
+    assert load_model(trained_run.model_path).threshold == pytest.approx(trained_run.threshold)
+    assert trained_run.metrics["evaluated_on"] == "test" and not trained_run.interrupted
+    # the older dict spelling still reads, with paths as strings
+    assert trained_run["model_path"] == str(trained_run.model_path)
+    with pytest.raises(KeyError):
+        trained_run["nothing"]
+
+
 def test_retune_rechooses_the_threshold_on_validation_patients_only(trained_run, tmp_path):
     import shutil
     from pathlib import Path
@@ -132,11 +147,11 @@ def test_retune_rechooses_the_threshold_on_validation_patients_only(trained_run,
     run = tmp_path / "run"
     shutil.copytree(trained_run["run_dir"], run)
     anything = retune(run, target_sensitivity=1.0, min_specificity=0.0)
-    choice = anything["threshold_choice"]
+    choice = anything.threshold_choice
     assert choice["target_sensitivity"] == 1.0 and choice["sensitivity"] == 1.0
-    assert anything["threshold"] <= trained_run["threshold"]
+    assert anything.threshold <= trained_run.threshold
     model = load_model(run)
-    assert model.threshold == pytest.approx(anything["threshold"])
+    assert model.threshold == pytest.approx(anything.threshold)
     assert model.info["recipe"]["target_sensitivity"] == 1.0
     config = json.loads((run / "config.json").read_text())
     assert config["config"]["min_specificity"] == 0.0 and config["threshold"] == anything["threshold"]

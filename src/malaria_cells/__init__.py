@@ -7,7 +7,7 @@ The command line (``malaria-cells``) is a thin layer over this API::
     report = screen(["patient1/", "patient2/"])                 # smear photographs: counts, a call
 
     result = train(data="cell_images", out="runs/first")       # writes a run folder
-    report = evaluate(result["model_path"], data="other_patients")
+    report = evaluate(result.model_path, data="other_patients")
     for p in predict(["cell.png", "more_cells/"]):              # shipped model by default
         print(p.path, p.probability, p.label)
 """
@@ -24,7 +24,7 @@ _EXPORTS = {
     "compute_metrics": "evaluation", "evaluate": "evaluation", "CellClassifier": "runtimes",
     "load_model": "runtimes", "Prediction": "inference", "iter_predictions": "inference",
     "predict": "inference", "PRESETS": "training", "TrainConfig": "training", "make_config": "training",
-    "retune": "training", "train": "training", "screen": "screening", "ScreenResult": "screening",
+    "retune": "training", "train": "training", "RunResult": "runs", "RetuneResult": "runs", "screen": "screening", "ScreenResult": "screening",
     "FieldResult": "screening", "SampleResult": "screening", "CellResult": "screening",
 }
 __all__ = sorted(_EXPORTS)
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from .evaluation import compute_metrics, evaluate
     from .images import UnreadableImage, decode, preprocess, resize
     from .inference import Prediction, iter_predictions, predict
+    from .runs import RetuneResult, RunResult
     from .runtimes import CellClassifier, load_model
     from .screening import CellResult, FieldResult, SampleResult, ScreenResult, screen
     from .splits import split_dataset

@@ -236,15 +236,15 @@ def run_train(args) -> int:
     result = train(config, args.out, overwrite=args.overwrite, verbose=0 if args.quiet else 1)
     from .evaluation import format_report
 
-    print(f"\nRun folder: {result['run_dir']}  (model: {result['model_path']})")
-    _describe_onnx_copy(result["onnx_path"])
-    print(describe_threshold(result["threshold_choice"]))
-    print(f"Scores on the {result['metrics']['evaluated_on']} split:")
-    print(format_report({**result["metrics"], "patients": None}))
-    return EXIT_INTERRUPTED if result["interrupted"] else EXIT_OK
+    print(f"\nRun folder: {result.run_dir}  (model: {result.model_path})")
+    _describe_onnx_copy(result.onnx_path)
+    print(describe_threshold(result.threshold_choice))
+    print(f"Scores on the {result.metrics['evaluated_on']} split:")
+    print(format_report({**result.metrics, "patients": None}))
+    return EXIT_INTERRUPTED if result.interrupted else EXIT_OK
 
 
-def _describe_onnx_copy(path: str | None) -> None:
+def _describe_onnx_copy(path) -> None:
     if path is not None:
         print(f"ONNX copy: {path} (same labels on the validation cells; predict/serve --model {path} "
               "start without TensorFlow and run about twice as fast)")
@@ -267,10 +267,10 @@ def run_retune(args) -> int:
 
     result = retune(args.run, target_sensitivity=args.target_sensitivity, min_specificity=args.min_specificity,
                     data=args.data)
-    _describe_onnx_copy(result["onnx_path"])
-    print(describe_threshold(result["threshold_choice"]))
-    print(f"Scores on the {result['metrics']['evaluated_on']} split:")
-    print(format_report({**result["metrics"], "patients": None}))
+    _describe_onnx_copy(result.onnx_path)
+    print(describe_threshold(result.threshold_choice))
+    print(f"Scores on the {result.metrics['evaluated_on']} split:")
+    print(format_report({**result.metrics, "patients": None}))
     return EXIT_OK
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,8 @@ from .pipeline import read_images
 from .augment import evaluation_dataset, training_dataset
 from .splits import check_folds, split_dataset
 from .errors import MalariaCellsError
-from .files import write_json
+from .runs import (HISTORY, MODEL, RetuneResult, RunResult, check_run_dir, machine, read_run, score_run,
+                   versions, write_record)
 
 
 @dataclass
@@ -190,28 +190,6 @@ def resolve_data(data: str | os.PathLike | None) -> Path:
     )
 
 
-def _check_run_dir(out: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse a run folder that holds someone's files (created later, once data is found)."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise MalariaCellsError(f"{out}: exists and is not a folder; choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise MalariaCellsError(
-            f"{out}: folder is not empty; choose a new --out (or pass --overwrite to replace its run files)"
-        )
-    return out
-
-
-def _versions() -> dict:
-    import keras
-    import tensorflow as tf
-
-    from . import __version__
-
-    return {"malaria_cells": __version__, "tensorflow": tf.__version__, "keras": keras.__version__,
-            "python": platform.python_version(), "numpy": np.__version__}
-
-
 def _say(verbose: int, message: str) -> None:
     if verbose:
         print(message, flush=True)
@@ -224,7 +202,7 @@ def train(
     overwrite: bool = False,
     verbose: int = 1,
     **options,
-) -> dict:
+) -> RunResult:
     """Train a model and write a complete run folder.
 
     Parameters
@@ -243,7 +221,7 @@ def train(
 
     Returns
     -------
-    dict
+    RunResult
         ``run_dir``, ``model_path``, ``metrics`` (test split, or validation when there is
         no test split), ``threshold``, ``threshold_choice``, ``interrupted`` and
         ``onnx_path`` (the model's ONNX copy, see :func:`malaria_cells.export.write_onnx_copy`;
@@ -255,7 +233,6 @@ def train(
     >>> result = train(data="cell_images", out="runs/tutorial", preset="tutorial")  # doctest: +SKIP
     """
     import keras
-    import tensorflow as tf
 
     from .export import write_onnx_copy
     from .runtimes import KerasClassifier
@@ -264,7 +241,7 @@ def train(
 
     config = (config or make_config(**options)).validate()
     started = time.time()
-    run_dir = _check_run_dir(out, overwrite)
+    run_dir = check_run_dir(out, overwrite)
     files = list_cell_images(resolve_data(config.data))
     run_dir.mkdir(parents=True, exist_ok=True)
     _say(verbose, f"Reading {len(files.paths)} images from {files.root} ...")
@@ -287,11 +264,10 @@ def train(
         "status": "running", "config": dataclasses.asdict(config), "data_root": str(files.root),
         "class_counts": files.class_counts(),
         "split_counts": {part: len(getattr(split, part)) for part in ("train", "val", "test")},
-        "patients": patients, "skipped_files": [list(s) for s in files.ignored + skipped], "versions": _versions(),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "gpus": len(tf.config.list_physical_devices("GPU"))},
+        "patients": patients, "skipped_files": [list(s) for s in files.ignored + skipped], "versions": versions(),
+        "machine": machine(),
     }
-    write_json(run_dir / "config.json", record)
+    write_record(run_dir, record)
     keras.utils.set_random_seed(config.seed)
     train_data = training_dataset(images[split.train], files.labels[split.train],
                                   batch_size=config.batch_size, augment=config.augment, seed=config.seed,
@@ -304,7 +280,7 @@ def train(
                   loss=keras.losses.BinaryCrossentropy(label_smoothing=config.label_smoothing),
                   metrics=["accuracy", keras.metrics.AUC(name="auc")])
 
-    model_path = run_dir / "model.keras"
+    model_path = run_dir / MODEL
     checkpoint = _best_checkpoint(model_path)
     history = keras.callbacks.History()
     interrupted = False
@@ -312,7 +288,7 @@ def train(
     try:
         model.fit(train_data, validation_data=val_data, epochs=config.epochs, verbose=verbose, shuffle=False,
                   callbacks=[*_ema_swap(config), checkpoint, history,
-                             keras.callbacks.CSVLogger(str(run_dir / "history.csv"))])
+                             keras.callbacks.CSVLogger(str(run_dir / HISTORY))])
     except KeyboardInterrupt:
         interrupted = True
         print("\ninterrupted: finishing the run folder with the best checkpoint so far", flush=True)
@@ -332,7 +308,7 @@ def train(
         "recipe": {k: v for k, v in dataclasses.asdict(config).items() if k != "data"},
         "validation": val_metrics,
         "data": {"root": str(files.root), "cells": len(files.paths), "patients": len(set(files.groups))},
-        "best_epoch": checkpoint.best_epoch, "versions": _versions(),
+        "best_epoch": checkpoint.best_epoch, "versions": versions(),
         "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     best.set_threshold(threshold)
@@ -342,7 +318,7 @@ def train(
 
     eval_part = split.test if len(split.test) else split.val
     eval_prob = val_prob if eval_part is split.val else best.probability(images[eval_part])
-    metrics = _score_run(run_dir, files.labels[eval_part], eval_prob, [files.groups[i] for i in eval_part],
+    metrics = score_run(run_dir, files.labels[eval_part], eval_prob, [files.groups[i] for i in eval_part],
                          threshold, "test" if len(split.test) else "validation")
     plot_history(history.history, run_dir / "training_curves.png")
 
@@ -354,10 +330,10 @@ def train(
         "seconds": {"load": round(load_seconds, 2), "train": round(train_seconds, 2),
                     "total": round(time.time() - started, 2)},
     })
-    write_json(run_dir / "config.json", record)
-    return {"run_dir": str(run_dir), "model_path": str(model_path), "metrics": metrics,
-            "threshold": threshold, "threshold_choice": threshold_choice, "interrupted": interrupted,
-            "onnx_path": None if onnx_path is None else str(onnx_path)}
+    write_record(run_dir, record)
+    return RunResult(run_dir=run_dir, model_path=model_path, metrics=metrics, threshold=threshold,
+                     threshold_choice=threshold_choice, interrupted=interrupted,
+                     onnx_path=None if onnx_path is None else Path(onnx_path))
 
 
 def _operating_point(config: TrainConfig, val_true, val_prob) -> tuple[float, dict, dict]:
@@ -372,27 +348,13 @@ def _operating_point(config: TrainConfig, val_true, val_prob) -> tuple[float, di
     return threshold, threshold_choice, {k: val_metrics[k] for k in ("n", "accuracy", "sensitivity", "specificity", "auc")}
 
 
-def _score_run(run_dir: Path, eval_true, eval_prob, groups, threshold: float, evaluated_on: str) -> dict:
-    """Write a run's ``metrics.json`` and evaluation plots for its test (or validation) cells."""
-    from .evaluation import compute_metrics
-    from .plots import plot_evaluation
-
-    metrics = compute_metrics(eval_true, eval_prob, threshold=threshold, groups=groups)
-    metrics["evaluated_on"] = evaluated_on
-    at_half = compute_metrics(eval_true, eval_prob, threshold=0.5, resamples=0)
-    metrics["at_threshold_0.5"] = {k: at_half[k] for k in ("accuracy", "sensitivity", "specificity", "confusion")}
-    write_json(run_dir / "metrics.json", metrics)
-    plot_evaluation(eval_true, eval_prob, threshold, run_dir)
-    return metrics
-
-
 def retune(
     run: str | os.PathLike,
     *,
     target_sensitivity: float | None = None,
     min_specificity: float | None = None,
     data: str | os.PathLike | None = None,
-) -> dict:
+) -> RetuneResult:
     """Choose a trained run's screening threshold again, for another operating point.
 
     No retraining: the threshold is a choice made after training on the run's validation
@@ -411,28 +373,24 @@ def retune(
 
     Returns
     -------
-    dict
+    RetuneResult
         ``threshold``, ``threshold_choice``, ``metrics`` and ``onnx_path`` (the rewritten
         ONNX copy, or None).
     """
-    import json
-
     from .export import write_onnx_copy
     from .runtimes import KerasClassifier, load_model
     from .models import model_info_layer
 
-    run_dir = Path(run).expanduser()
-    if not (run_dir / "config.json").is_file() or not (run_dir / "model.keras").is_file():
-        raise MalariaCellsError(f"{run_dir}: not a training run folder (needs config.json and model.keras)")
+    run_dir, saved = read_run(run)
+    patients, data_root = saved["patients"], saved["data_root"]
     try:
-        saved = json.loads((run_dir / "config.json").read_text())
-        recipe, patients, data_root = TrainConfig(**saved["config"]), saved["patients"], saved["data_root"]
-    except (ValueError, TypeError, KeyError) as error:
+        recipe = TrainConfig(**saved["config"])
+    except TypeError as error:
         raise MalariaCellsError(f"{run_dir / 'config.json'}: not a config.json written by train ({error})") from None
     changes = {k: v for k, v in (("target_sensitivity", target_sensitivity), ("min_specificity", min_specificity))
                if v is not None}
     config = dataclasses.replace(recipe, **changes).validate()
-    model = load_model(run_dir / "model.keras")
+    model = load_model(run_dir / MODEL)
     if not isinstance(model, KerasClassifier):
         raise MalariaCellsError(f"{run_dir}: retune needs the run's model.keras")
     files = list_cell_images(data if data is not None else data_root)
@@ -451,15 +409,15 @@ def retune(
             "recipe": {k: v for k, v in dataclasses.asdict(config).items() if k != "data"}}
     model.set_threshold(threshold)
     model.info = model_info_layer(model.keras_model).info = info
-    model.save(run_dir / "model.keras")
+    model.save(run_dir / MODEL)
     onnx_path = write_onnx_copy(model, cells["val"], parts["val"][1])
 
     part = "test" if len(parts["test"][0]) else "val"
-    metrics = _score_run(run_dir, *parts[part], threshold, "test" if part == "test" else "validation")
-    write_json(run_dir / "config.json", {**saved, "config": dataclasses.asdict(config), "threshold": threshold,
-                                         "threshold_choice": threshold_choice, "validation_metrics": val_metrics})
-    return {"threshold": threshold, "threshold_choice": threshold_choice, "metrics": metrics,
-            "onnx_path": None if onnx_path is None else str(onnx_path)}
+    metrics = score_run(run_dir, *parts[part], threshold, "test" if part == "test" else "validation")
+    write_record(run_dir, {**saved, "config": dataclasses.asdict(config), "threshold": threshold,
+                           "threshold_choice": threshold_choice, "validation_metrics": val_metrics})
+    return RetuneResult(threshold=threshold, threshold_choice=threshold_choice, metrics=metrics,
+                        onnx_path=None if onnx_path is None else Path(onnx_path))
 
 
 def _optimizer(config: TrainConfig, steps_per_epoch: int):
