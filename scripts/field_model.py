@@ -158,7 +158,53 @@ def add_specks(cells: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
-def training_set(data, block_of, blocks, nih, oversample: int, specks: int = 0, seed: int = 0):
+def add_clumps(cells: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Uninfected cells overlapped by one or two others and cut along a straight line: the
+    crowded patches a watershed cannot split cleanly, whose pale overlaps and gaps look like
+    parasites to a model that has only seen single cells."""
+    import cv2
+
+    size = cells.shape[1]
+    out = np.zeros_like(cells)
+    kernel = np.ones((3, 3), np.uint8)
+    for n, image in enumerate(cells):
+        canvas = image.copy()
+        covered = cv2.erode((image.max(axis=2) > 40).astype(np.uint8), kernel, iterations=2)
+        canvas[covered == 0] = 0
+        for _ in range(rng.integers(1, 3)):
+            other = cells[rng.integers(len(cells))]
+            shift = rng.uniform(0.3, 0.6) * size
+            angle = rng.uniform(0, 2 * np.pi)
+            matrix = np.float32([[1, 0, shift * np.cos(angle)], [0, 1, shift * np.sin(angle)]])
+            moved = cv2.warpAffine(other, matrix, (size, size), flags=cv2.INTER_NEAREST)
+            on = cv2.erode((moved.max(axis=2) > 40).astype(np.uint8), kernel, iterations=2) > 0
+            if rng.random() < 0.5:  # an overlap is paler where two cells lie on each other
+                both = on & (covered > 0)
+                canvas[both] = np.clip(0.55 * moved[both] + 0.55 * canvas[both], 0, 255).astype(np.uint8)
+                on &= ~both
+            canvas[on] = moved[on]
+            covered = np.maximum(covered, on.astype(np.uint8))
+        # the background between cells of a clump is inside its outline: pale, as in the field
+        points = cv2.findNonZero(covered)
+        if points is not None:
+            hull = np.zeros_like(covered)
+            cv2.fillConvexPoly(hull, cv2.convexHull(points), 1)
+            gap = (hull > 0) & (covered == 0)
+            bright = np.percentile(image[image.max(axis=2) > 40].reshape(-1, 3), 95, axis=0)
+            canvas[gap] = np.clip(bright * rng.uniform(1.05, 1.2), 0, 255).astype(np.uint8)
+        scale = rng.uniform(0.7, 1.0)
+        matrix = cv2.getRotationMatrix2D((size / 2, size / 2), rng.uniform(0, 360), scale)
+        canvas = cv2.warpAffine(canvas, matrix, (size, size))
+        if rng.random() < 0.7:  # a watershed line through the clump
+            yy, xx = np.mgrid[:size, :size]
+            angle, offset = rng.uniform(0, np.pi), rng.uniform(-0.25, 0.25) * size
+            side = (xx - size / 2) * np.cos(angle) + (yy - size / 2) * np.sin(angle) > offset
+            canvas[side] = 0
+        out[n] = canvas
+    return out
+
+
+def training_set(data, block_of, blocks, nih, oversample: int, specks: int = 0, seed: int = 0, clumps: int = 0):
     """Crops of the given blocks' fields. Detections that match no annotation are mostly
     fragments of split clumps and unannotated uninfected cells (every infected cell carries
     its stage): they train as Uninfected, which is what the model must say of them in use."""
@@ -172,6 +218,12 @@ def training_set(data, block_of, blocks, nih, oversample: int, specks: int = 0, 
         negatives = np.flatnonzero(y == 0)
         chosen = rng.choice(negatives, min(specks, len(negatives)), replace=False)
         x = np.concatenate([x, add_specks(x[chosen], rng)])
+        y = np.concatenate([y, np.zeros(len(chosen), np.float32)])
+    if clumps:
+        rng = np.random.default_rng(seed + 1)
+        field_negatives = np.flatnonzero(y[:in_blocks.sum()] == 0)
+        chosen = rng.choice(field_negatives, min(clumps, len(field_negatives)), replace=False)
+        x = np.concatenate([x, add_clumps(x[chosen], rng)])
         y = np.concatenate([y, np.zeros(len(chosen), np.float32)])
     return x, y
 
@@ -220,7 +272,7 @@ def field_report(data, records, fields, probability, threshold) -> dict:
 def run_fold(data, records, block_of, train_blocks, val_block, nih, args):
     from malaria_cells.runtimes import load_model
 
-    x, y = training_set(data, block_of, train_blocks, nih, args.oversample, args.specks, args.seed)
+    x, y = training_set(data, block_of, train_blocks, nih, args.oversample, args.specks, args.seed, args.clumps)
     model = finetune(x, y, epochs=args.epochs, seed=args.seed, learning_rate=args.learning_rate)
     probability = model.probability(data["crops"], batch_size=512)
     val_fields = [f for f, b in block_of.items() if b == val_block]
@@ -267,6 +319,7 @@ def main() -> None:
     parser.add_argument("--nih-parasitized", type=float, default=0.25, help="share of Parasitized NIH crops in the mix")
     parser.add_argument("--nih-soft", type=float, default=0.0, help="weight of the shipped model's scores in the NIH labels")
     parser.add_argument("--specks", type=int, default=6000, help="hard negatives: uninfected cells with a stain speck drawn on")
+    parser.add_argument("--clumps", type=int, default=0, help="hard negatives: uninfected field cells overlapped and cut")
     parser.add_argument("--save-models", action="store_true", help="keep each fold's model in --work")
     parser.add_argument("--nih-healthy-repeat", type=int, default=4, help="times the healthy patients' cells are in the mix")
     parser.add_argument("--max-fpr", type=float, default=0.004,

@@ -141,21 +141,6 @@ def test_the_program_entry_returns_mains_status_and_skips_the_exit_collection(mo
     assert "missing.png" in capsys.readouterr().err
 
 
-def test_progress_bar_only_on_a_terminal_for_long_jobs(monkeypatch):
-    from tqdm import tqdm
-
-    from malaria_cells import cli
-
-    assert isinstance(cli._progress_bar(10), cli._NoProgress)
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
-    assert isinstance(cli._progress_bar(5000), cli._NoProgress)
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
-    assert isinstance(cli._progress_bar(10), cli._NoProgress)
-    bar = cli._progress_bar(5000)
-    assert isinstance(bar, tqdm) and bar.total == 5000
-    bar.close()
-
-
 @pytest.fixture(scope="module")
 def fields(tmp_path_factory):
     from conftest import make_field
@@ -172,6 +157,25 @@ def test_screen_prints_a_table_with_the_call(fields, capsys):
     out = capsys.readouterr().out
     assert "parasitemia" in out and str(fields / "field0.png") in out
     assert any(word in out for word in ("POSITIVE", "NEGATIVE", "REVIEW"))
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_screen_shows_a_progress_bar_over_fields_only_on_a_terminal(fields, capsys, monkeypatch, terminal):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
+    assert main(["screen", str(fields), "--format", "json"]) == 0
+    captured = capsys.readouterr()
+    json.loads(captured.out)  # the bar never mixes into the output
+    assert ("2/2" in captured.err and "field" in captured.err) == terminal
+
+
+def test_predict_shows_no_progress_bar_for_a_few_cells(capsys, monkeypatch, tmp_path):
+    from malaria_cells.synthetic import make_cell
+
+    Image.fromarray(make_cell(True, np.random.default_rng(0), 40)).save(tmp_path / "a.png")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(["predict", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "cell/s" not in err and "%|" not in err
 
 
 def test_screen_json_is_one_object_and_csv_one_row_per_cell(fields, capsys, tmp_path):

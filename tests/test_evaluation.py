@@ -115,6 +115,6 @@ def test_bootstrap_intervals_do_not_depend_on_how_resamples_are_blocked(monkeypa
     results = []
     for cells in (10**9, 600 * 7, 1):  # all at once, blocks of 7 resamples, one at a time
         monkeypatch.setattr(evaluation, "_BOOTSTRAP_BLOCK_CELLS", cells)
-        results.append([evaluation._bootstrap(y, p, (p > 0.5).astype(int), g, 50, 0) for g in (groups, None)])
+        results.append([evaluation.compute_metrics(y, p, groups=g, resamples=50, seed=0) for g in (groups, None)])
     assert results[0] == results[1] == results[2]
-    assert results[0][0]["auc"][0] < results[0][0]["auc"][1]
+    assert results[0][0]["ci"]["auc"][0] < results[0][0]["ci"]["auc"][1]

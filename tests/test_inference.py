@@ -93,7 +93,7 @@ def test_models_scored_ahead_on_threads_keep_file_order_and_skips(trained_run, t
         Image.fromarray(make_cell(i % 3 == 0, rng, 40 + i)).save(tmp_path / f"{i:02d}.png")
     (tmp_path / "05b.png").write_bytes(b"\x89PNG\r\n\x1a\ngarbage")
     onnx = load_model(export_model(trained_run["model_path"], tmp_path.parent / f"{tmp_path.name}.onnx", format="onnx"))
-    assert onnx._parallel_batches  # the path under test
+    assert onnx.parallel_batches  # the path under test
     keras = load_model(trained_run["model_path"])
     ahead_skipped, skipped = [], []
     ahead = list(iter_predictions([tmp_path], onnx, batch_size=2, skipped=ahead_skipped))

@@ -120,7 +120,7 @@ def test_stain_normalization_is_half_the_cell_divided_by_its_mean_colour():
 
 @pytest.mark.parametrize("channels", [3, 1])
 def test_stain_normalizations_two_forms_give_the_same_numbers(channels, tmp_path):
-    from malaria_cells.export import _tflite_bytes
+    from malaria_cells.export import export_model
     from malaria_cells.models import StainNormalization, stain_normalization_by_matrices
 
     cells = np.random.default_rng(2).uniform(0, 255, (4, 10, 10, channels)).astype(np.float32)
@@ -138,7 +138,7 @@ def test_stain_normalizations_two_forms_give_the_same_numbers(channels, tmp_path
 
         interpreter = pytest.importorskip("ai_edge_litert.interpreter")
         model = build_model("cellnet-slim", image_size=16, stain_normalization=True)
-        flat = _tflite_bytes(KerasClassifier(model), "none", None)
+        flat = export_model(KerasClassifier(model), tmp_path / "cells.tflite").read_bytes()
         ops = {op["op_name"] for op in interpreter.Interpreter(model_content=flat)._get_ops_details()}
         assert "BATCH_MATMUL" in ops and "STRIDED_SLICE" not in ops
 

@@ -70,7 +70,7 @@ def predict_files(files: Sequence[str], model: CellClassifier, threshold: float,
                   batch_size: int = 256, tta: bool = False, skipped: list | None = None):
     """Stream predictions for a list of image files (see :func:`iter_predictions`)."""
     batches = iter_image_batches(files, model.image_size, batch_size)
-    scored = (_scored_ahead(batches, model, tta) if model._parallel_batches
+    scored = (_scored_ahead(batches, model, tta) if model.parallel_batches
               else ((paths, model.probability(images, tta=tta), bad) for paths, images, bad in batches))
     for paths, probabilities, bad in scored:
         if skipped is not None:
@@ -85,7 +85,7 @@ def _scored_ahead(batches, model: CellClassifier, tta: bool, ahead: int = 2):
 
     Scoring in this thread would cap the network at one core while decoding leaves the
     other half idle; queued with the decoding, both cores stay busy with whichever work
-    is ready. Only for models whose calls may run side by side (``_parallel_batches``).
+    is ready. Only for models whose calls may run side by side (``parallel_batches``).
     """
     from .runtimes import _scoring_pool
 

@@ -113,11 +113,14 @@ class CellClassifier:
         The network, for Keras models (None for TFLite and ONNX exports).
     runtime : str
         What runs the network (TensorFlow, LiteRT or onnxruntime, with its version).
+    parallel_batches : bool
+        Whether batches may be scored side by side on threads (runtimes that release the GIL
+        and are thread-safe); prediction then scores one batch while the next is decoded.
     """
 
     keras_model = None
     runtime = "?"
-    _parallel_batches = False  # whether batches of a large array run side by side (one thread each)
+    parallel_batches = False  # whether batches of a large array run side by side (one thread each)
     _takes_uint8 = False  # whether _score casts uint8 cells itself (inside its graph)
 
     def __init__(self, path, image_size: int, threshold: float = 0.5, info: dict | None = None):
@@ -165,7 +168,7 @@ class CellClassifier:
                 return self._probability(images[start:start + batch_size], tta)
 
             starts = range(0, len(images), batch_size)
-            return np.concatenate(list(_scoring_pool().map(score, starts)) if self._parallel_batches
+            return np.concatenate(list(_scoring_pool().map(score, starts)) if self.parallel_batches
                                   else [score(start) for start in starts])
         return self._probability(images, tta)
 
@@ -338,7 +341,7 @@ class LiteRTClassifier(CellClassifier):
 class OnnxClassifier(CellClassifier):
     """An ``.onnx`` model run with onnxruntime."""
 
-    _parallel_batches = True
+    parallel_batches = True
 
     def __init__(self, path: Path):
         try:
