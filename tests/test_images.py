@@ -155,3 +155,38 @@ def test_a_header_that_lies_about_the_size_is_refused_or_decoded_to_that_size(fm
     else:
         width, height = dimensions(contents)
         assert pixels.shape == (height, width, 3) and width * height <= 40_000_000
+
+
+def test_a_png_chunk_claiming_gigabytes_is_refused_at_once():
+    import struct
+    import time
+
+    from malaria_cells.images import UnreadableImage, decode
+
+    good = encode(make_cell(True, np.random.default_rng(0), 64), "PNG")
+    header_end = 8 + 12 + 13  # signature, then the IHDR chunk
+    lying = good[:header_end] + struct.pack(">I4s", 0xFF0000A6, b"PLTE") + good[header_end + 8:]
+    started = time.monotonic()
+    with pytest.raises(UnreadableImage, match="claims 4278190246 bytes"):
+        decode(lying)
+    assert time.monotonic() - started < 1
+
+
+def test_refusing_corrupt_pngs_leaves_the_interpreter_intact():
+    """Each refusal must release what it took: a decoder that drops a reference per corrupt
+    file would bring a long-running server down after a few thousand uploads."""
+    import gc
+    import sys
+
+    from malaria_cells.images import UnreadableImage, decode
+
+    good = bytearray(encode(make_cell(True, np.random.default_rng(1), 64), "PNG"))
+    idat = good.index(b"IDAT")
+    good[idat + 20] ^= 0xFF  # corrupt the image data (the CRC check refuses it)
+    gc.collect()
+    before = sys.getrefcount(None)
+    for _ in range(500):
+        with pytest.raises(UnreadableImage):
+            decode(bytes(good))
+    gc.collect()
+    assert sys.getrefcount(None) >= before - 50

@@ -7,8 +7,10 @@ predicts correctly anywhere: inputs are RGB pixels 0-255.
 
 One decoder per format, told from the bytes (never the file name):
 
-- PNG: libpng, through imagecodecs (it checks every chunk's CRC and the stream's length;
-  APNG gives its default image, the first frame).
+- PNG: libpng, through OpenCV's ``imdecode`` (libpng checks every chunk's CRC and the
+  stream's length; APNG gives its default image, the first frame). imagecodecs' libpng
+  binding was not kept: every corrupt image stream it refuses drops a reference to ``None``,
+  so a few thousand bad uploads abort a Python 3.11 server.
 - JPEG, BMP, GIF, TIFF, WebP: Pillow, which checks each header against the file and raises
   on lies; only the first frame or page of a multi-frame file is decoded.
 
@@ -71,6 +73,19 @@ def dimensions(contents: bytes) -> tuple[int, int]:
         return _png_dimensions(contents)
     with _opened(contents, kind) as image:
         return image.size
+
+
+def _check_png_chunks(contents: bytes) -> None:
+    """Refuse a chunk that claims more bytes than the file holds: libpng would otherwise read
+    towards a length of up to 4 GiB through OpenCV's stream, for many seconds per file."""
+    position, end = 8, len(contents)
+    while position + 8 <= end:
+        length, kind = struct.unpack(">I4s", contents[position:position + 8])
+        if position + 12 + length > end:
+            raise UnreadableImage(f"corrupt or truncated PNG ({kind!r} chunk claims {length} bytes)")
+        if kind == b"IEND":
+            return
+        position += 12 + length
 
 
 def _png_dimensions(contents: bytes) -> tuple[int, int]:
@@ -142,15 +157,13 @@ def decode(contents: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS, reduce: int =
     """
     kind = image_format(contents)
     if kind == "png":
-        import imagecodecs
-
         width, height = _png_dimensions(contents)
         _check_size(width, height, max_pixels)
-        try:
-            pixels = imagecodecs.png_decode(contents)
-        except Exception:  # noqa: BLE001 - imagecodecs raises its own error types
-            raise UnreadableImage("corrupt or truncated PNG") from None
-        pixels = _as_rgb8(np.asarray(pixels))
+        _check_png_chunks(contents)
+        # alpha dropped, grey repeated, 16 bits to 8: the same RGB every other format gives
+        pixels = _cv2().imdecode(np.frombuffer(contents, np.uint8), _cv2().IMREAD_COLOR_RGB)
+        if pixels is None:
+            raise UnreadableImage("corrupt or truncated PNG")
         if pixels.shape[:2] != (height, width):
             raise UnreadableImage("corrupt PNG (pixels do not match the header)")
     else:
