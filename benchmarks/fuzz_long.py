@@ -14,6 +14,7 @@ Python 3.11, where None is not immortal). Prints the counts.
 from __future__ import annotations
 
 import argparse
+import gc
 import resource
 import sys
 import time
@@ -33,8 +34,6 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=10)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
-    import gc
-
     rng, seeds = np.random.default_rng(args.seed), _seeds()
     gc.collect()
     none_before = sys.getrefcount(None)

@@ -3,7 +3,7 @@
     python benchmarks/pool_results.py benchmarks/seed0/results.json benchmarks/seed1/results.json ...
 
 Each ``results.json`` is written by ``compare.py`` beside its RESULTS.md. Prints a Markdown
-table of every metric over all fold runs together, and which of issue 4's floors the
+table of every metric over all fold runs together, and which of the cell-model floors the
 default model's mean meets.
 """
 

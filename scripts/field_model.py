@@ -14,8 +14,8 @@ C12's) join it as sure negatives. Uninfected cells with a stain speck drawn on a
 negatives that real fields are full of. The NIH field photographs (one healthy
 patient) are never trained on: they only check false alarms.
 
-For each fold ``k``: train on the other four blocks, score everything, and keep the scores. The counting threshold is the lowest whose
-false-positive rate on uninfected cells is at most ``--max-fpr``, chosen on out-of-fold
+For each fold ``k``: train on the other four blocks, score everything, and keep the scores.
+The counting threshold is the lowest whose false-positive rate on uninfected cells is at most ``--max-fpr``, chosen on out-of-fold
 scores: for the report of block ``k``, on the other four blocks' (so block ``k`` chose
 nothing); for the shipped model, on all five. ``final`` trains on all five blocks with the
 same recipe and carries that threshold and the out-of-fold sensitivity and specificity at

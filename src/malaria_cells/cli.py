@@ -247,7 +247,7 @@ def run_train(args) -> int:
 def _describe_onnx_copy(path) -> None:
     if path is not None:
         print(f"ONNX copy: {path} (same labels on the validation cells; predict/serve --model {path} "
-              "start without TensorFlow and run about twice as fast)")
+              "start without TensorFlow)")
 
 
 def describe_threshold(choice: dict) -> str:

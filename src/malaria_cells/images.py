@@ -8,9 +8,8 @@ predicts correctly anywhere: inputs are RGB pixels 0-255.
 One decoder per format, told from the bytes (never the file name):
 
 - PNG: libpng, through OpenCV's ``imdecode`` (libpng checks every chunk's CRC and the
-  stream's length; APNG gives its default image, the first frame). imagecodecs' libpng
-  binding was not kept: every corrupt image stream it refuses drops a reference to ``None``,
-  so a few thousand bad uploads abort a Python 3.11 server.
+  stream's length; APNG gives its default image, the first frame); not imagecodecs, whose
+  binding drops a reference to ``None`` per refused stream, which aborts Python 3.11.
 - JPEG, BMP, GIF, TIFF, WebP: Pillow, which checks each header against the file and raises
   on lies; only the first frame or page of a multi-frame file is decoded.
 
@@ -161,7 +160,8 @@ def decode(contents: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS, reduce: int =
         _check_size(width, height, max_pixels)
         _check_png_chunks(contents)
         # alpha dropped, grey repeated, 16 bits to 8: the same RGB every other format gives
-        pixels = _cv2().imdecode(np.frombuffer(contents, np.uint8), _cv2().IMREAD_COLOR_RGB)
+        cv2 = _cv2()
+        pixels = cv2.imdecode(np.frombuffer(contents, np.uint8), cv2.IMREAD_COLOR_RGB)
         if pixels is None:
             raise UnreadableImage("corrupt or truncated PNG")
         if pixels.shape[:2] != (height, width):
