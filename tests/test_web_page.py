@@ -45,6 +45,12 @@ def server(trained_run):
     process.wait(10)
 
 
+
+def _launch(p):
+    return p.chromium.launch(executable_path=CHROMIUM, args=[
+        "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run"])
+
 def test_drop_two_images_and_read_their_labels(server, tmp_path, trained_run):
     from malaria_cells import predict
 
@@ -57,9 +63,7 @@ def test_drop_two_images_and_read_their_labels(server, tmp_path, trained_run):
     expected = {os.path.basename(p.path): p.label for p in predict(paths, trained_run["model_path"])}
 
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        browser = _launch(p)
         page = browser.new_page()
         page.goto(server + "/")
         page.set_input_files("#files", paths + [str(tmp_path / "broken.png")])
@@ -84,9 +88,7 @@ def test_field_mode_screens_photographs_and_shows_the_call(server, tmp_path):
         image, _ = make_field(np.random.default_rng(k), infected=(5, 17))
         Image.fromarray(image).save(tmp_path / f"field{k}.jpg", quality=92)
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        browser = _launch(p)
         page = browser.new_page()
         page.goto(server + "/")
         page.click("#mode-fields")
