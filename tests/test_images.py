@@ -31,6 +31,39 @@ def test_sixteen_bit_keeps_its_brightness():
     assert abs(int(out[0, 0, 0]) - round(40000 / 257)) <= 1
 
 
+@pytest.mark.parametrize("layout", ["grey1", "grey8", "grey16", "greyalpha8", "rgb8", "rgb16", "rgba8",
+                                    "rgba16", "palette"])
+def test_every_png_layout_gives_its_exact_pixels(layout):
+    """Each PNG layout goes to one of two decoders (by its header); both must give the same RGB."""
+    import cv2
+
+    from malaria_cells.images import decode
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (9, 11, 3), dtype=np.uint8)
+    grey = rgb[..., 0]
+    if layout == "grey1":
+        contents, expected = encode(Image.fromarray(grey > 127).convert("1"), "PNG"), np.where(grey > 127, 255, 0)
+    elif layout == "greyalpha8":
+        contents, expected = encode(Image.fromarray(np.dstack([grey, rgb[..., 1]]), "LA"), "PNG"), grey
+    elif layout == "palette":
+        image = Image.fromarray(rgb).quantize(16)
+        contents, expected = encode(image, "PNG"), np.asarray(image.convert("RGB"))
+    else:
+        bits = 16 if layout.endswith("16") else 8
+        channels = {"grey": 1, "rgb": 3, "rgba": 4}[layout[:-len(str(bits))]]
+        pixels = np.dstack([rgb, rng.integers(0, 256, (9, 11), dtype=np.uint8)])[..., :channels]
+        stored = pixels.astype(np.uint16) * 257 if bits == 16 else pixels
+        # OpenCV writes BGR(A); the file then holds the RGB(A) of `pixels`
+        order = stored[..., 0] if channels == 1 else stored[..., [2, 1, 0, 3][:channels]]
+        contents, expected = cv2.imencode(".png", np.ascontiguousarray(order))[1].tobytes(), pixels[..., :3]
+        expected = expected[..., 0] if channels == 1 else expected
+    out = decode(contents)
+    expected = np.asarray(expected, np.uint8)
+    expected = np.repeat(expected[..., None], 3, axis=2) if expected.ndim == 2 else expected
+    assert out.dtype == np.uint8 and np.array_equal(out, expected)
+
+
 def test_truncated_png_and_decompression_bomb_are_refused_before_harm():
     import struct
     import zlib

@@ -7,8 +7,8 @@ predicts correctly anywhere: inputs are RGB pixels 0-255.
 
 One decoder per format, told from the bytes (never the file name):
 
-- PNG: libspng (through imagecodecs) for 8-bit images of every colour type and 16-bit RGBA,
-  the layouts its binding decodes; it is the fastest decoder measured and checks every
+- PNG: libspng (through imagecodecs) for grey, RGB, palette and RGBA at 8 bits or fewer and
+  for 16-bit RGBA, the layouts its binding decodes; it is the fastest decoder measured and checks every
   chunk's CRC. The other layouts (16-bit grey or RGB, grey with alpha) go to libpng through
   OpenCV. Chosen from the header, never by retrying: each file has exactly one decoder.
   An APNG gives its default image, the first frame. (Not imagecodecs' libpng binding: it
