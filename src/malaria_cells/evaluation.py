@@ -21,8 +21,8 @@ BOOTSTRAPPED = ("f1", "mcc", "auc")
 def wilson_interval(successes: int, trials: int, confidence: float = 0.95) -> list[float]:
     """Wilson score interval for a proportion ([nan, nan] when there are no trials).
 
-    Written out rather than taken from ``scipy.stats``, whose import alone costs a one-field
-    screen more than its detection does."""
+    Written out rather than taken from ``scipy.stats``, a slow import kept off the screening
+    path."""
     if trials == 0:
         return [float("nan"), float("nan")]
     from statistics import NormalDist

@@ -158,7 +158,7 @@ def _corrected(n_parasitized: int, n_cells: int, figures: dict | None) -> dict |
 def call_sample(n_parasitized: int, n_cells: int, *, false_positive_rate: float, good_fields: int = 1,
                 fields: int = 1, corrected: dict | None = None) -> tuple[str, list[str]]:
     """The sample call and its reasons, by the rule in this module's docstring."""
-    from scipy.special import bdtrc  # binomial upper tail; scipy.stats would double start-up
+    from scipy.special import bdtrc  # binomial upper tail, without scipy.stats's slow import
 
     if n_cells < MIN_CELLS:
         return "review", [f"only {n_cells} cells counted on good fields (at least {MIN_CELLS} needed)"]
