@@ -6,7 +6,7 @@
     python scripts/field_model.py ship --work W      # into the package, with its ONNX copy
 
 Crops are cut by the same detector and crop function as ``malaria-cells screen`` and labelled by
-matching them to the ground truth (cells that match no annotation are left out of training).
+matching them to the ground truth.
 The IML fields are split into 5 blocks of consecutive file names (neighbouring numbers are the
 same slide); NIH cell crops whose label the published re-annotation disputes are left out of
 the mix, which keeps the model's NIH performance, and the healthy NIH patients' cells (but
@@ -58,6 +58,12 @@ def build_crops(work: Path) -> None:
         for i, j in match_cells(found, true, result.cell_diameter / 2):
             label[i] = int(truth[j].label == "Parasitized")
             stage[i] = truth[j].stage or ""
+        # A fragment of an infected (or undecidable) cell that the detector split is neither a
+        # clean positive nor a negative: it is kept out of training (label -2).
+        unsure = [c for c in read_truth(path) if (c.label == "Parasitized" or c.label == "difficult") and c.width]
+        for i in np.flatnonzero(label == -1):
+            if any(abs(found[i, 0] - c.x) < c.width / 2 and abs(found[i, 1] - c.y) < c.width / 2 for c in unsure):
+                label[i] = -2
         crops.append(field_crops)
         labels.append(label)
         stages += stage
@@ -210,8 +216,9 @@ def add_clumps(cells: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def training_set(data, block_of, blocks, nih, oversample: int, specks: int = 0, seed: int = 0, clumps: int = 0):
     """Crops of the given blocks' fields. Detections that match no annotation are mostly
     fragments of split clumps and unannotated uninfected cells (every infected cell carries
-    its stage): they train as Uninfected, which is what the model must say of them in use."""
-    in_blocks = np.array([block_of.get(f, -1) in blocks for f in data["field"]])
+    its stage): they train as Uninfected, which is what the model must say of them in use,
+    except pieces of an infected cell (their centre inside its box), which are left out."""
+    in_blocks = np.array([block_of.get(f, -1) in blocks for f in data["field"]]) & (data["labels"] != -2)
     x, y = data["crops"][in_blocks], np.maximum(data["labels"][in_blocks], 0)
     infected = np.flatnonzero(y == 1)
     x = np.concatenate([x, np.repeat(x[infected], oversample - 1, axis=0), nih[0]])
