@@ -33,6 +33,12 @@ def test_a_white_cell_is_excluded_not_counted():
     assert len(detection.cells) == len(cells) == len(pairs)
 
 
+def test_a_printed_scale_bar_is_excluded_not_counted():
+    detection, cells, pairs = _found({"scale_bar": True})
+    assert any(o.kind == "mark" for o in detection.objects)
+    assert len(detection.cells) == len(cells) == len(pairs)
+
+
 def test_platelets_are_not_counted():
     detection, cells, pairs = _found({"platelets": 15})
     assert len(detection.cells) == len(cells) == len(pairs)

@@ -15,8 +15,9 @@ The steps, each robust to what varies between labs, cameras and slides:
    which splits touching and overlapping cells; holes are filled first, so pale cells with a
    light centre stay whole.
 5. **Sorting objects.** Much smaller than a cell: platelet or debris. Much larger with a large
-   very dark (nucleus-stained) part: white blood cell. Touching the field's edge: cut. The rest
-   are counted; enlarged cells (P. vivax gametocytes and schizonts) are kept.
+   very dark (nucleus-stained) part: white blood cell. Largely black (darker than any stain in
+   every channel): a printed mark such as a camera's scale bar. Touching the field's edge: cut.
+   The rest are counted; enlarged cells (P. vivax gametocytes and schizonts) are kept.
 
 Coordinates are pixels of the image as stored (EXIF orientation not applied).
 """
@@ -50,8 +51,9 @@ class FieldObject:
     area : float
         In square pixels of the stored image.
     kind : str
-        ``"red_cell"`` (counted), ``"white_cell"``, ``"platelet"`` (small debris included) or
-        ``"edge"`` (cut by the image or field-of-view edge).
+        ``"red_cell"`` (counted), ``"white_cell"``, ``"platelet"`` (small debris included),
+        ``"mark"`` (a printed scale bar or label) or ``"edge"`` (cut by the image or
+        field-of-view edge).
     """
 
     x: float
@@ -191,7 +193,7 @@ def detect_cells(image: np.ndarray) -> FieldDetection:
     radius = _radius(distance, mask) or DETECTION_CELL_DIAMETER / 2
     labels = _split(distance, mask, radius)
     labels = _split_clumps(labels, distance, radius)
-    objects = _sort_objects(labels, density, fov, radius, scale, (width, height))
+    objects = _sort_objects(labels, density, _black(work, fov & ~mask), fov, radius, scale, (width, height))
     quality = _quality(density, fov, mask, objects)
     return FieldDetection(objects, 2 * radius * scale, labels, scale, quality)
 
@@ -292,7 +294,15 @@ def _split_clumps(labels: np.ndarray, distance: np.ndarray, radius: float) -> np
     return labels
 
 
-def _sort_objects(labels, density, fov, radius, scale, size) -> list[FieldObject]:
+def _black(image: np.ndarray, plasma: np.ndarray) -> np.ndarray:
+    """Pixels dark in every channel against the plasma: ink, not stain (Giemsa's darkest purple
+    still lets the red and blue through)."""
+    brightest = image.max(axis=2)
+    reference = float(np.median(brightest[plasma])) if plasma.any() else 255.0
+    return brightest < 0.35 * reference
+
+
+def _sort_objects(labels, density, black, fov, radius, scale, size) -> list[FieldObject]:
     import cv2
     from scipy import ndimage
     from skimage.measure import regionprops
@@ -319,6 +329,8 @@ def _sort_objects(labels, density, fov, radius, scale, size) -> list[FieldObject
             kind = "edge"
         elif area < 0.2 * cell_area:
             kind = "platelet"
+        elif black[window][inside].mean() > 0.25:
+            kind = "mark"
         elif nucleus[window][inside].mean() > 0.2:
             kind = "white_cell"
         else:

@@ -30,11 +30,12 @@ def make_cell(infected: bool, rng: np.random.Generator, size: int = 48) -> np.nd
 
 
 def make_field(rng: np.random.Generator, *, size=(900, 700), radius=22, rows=7, cols=9, infected=(),
-               touching_pairs=0, white_cells=0, platelets=0, surround=False, blur=1.0):
+               touching_pairs=0, white_cells=0, platelets=0, surround=False, scale_bar=False, blur=1.0):
     """A synthetic thin-smear field: pale plasma, pink red cells with a darker rim and paler
     centre, infected ones with a dark ring-stage dot, white cells (a large cell with a big dark
-    lobed nucleus), platelets (small purple specks) and, with ``surround``, the black surround
-    of a photograph through the eyepiece.
+    lobed nucleus), platelets (small purple specks), with ``scale_bar`` a camera's black scale
+    bar and label in the bottom margin and, with ``surround``, the black surround of a
+    photograph through the eyepiece.
 
     Returns ``(image, cells)``: uint8 RGB ``(height, width, 3)`` and a list of
     ``(x, y, infected)`` for every whole red cell placed inside the field of view.
@@ -94,6 +95,14 @@ def make_field(rng: np.random.Generator, *, size=(900, 700), radius=22, rows=7, 
     for _ in range(platelets):
         x, y = rng.uniform(0.05, 0.95) * width, rng.uniform(0.05, 0.95) * height
         image[np.hypot(yy - y, xx - x) < 0.18 * radius] = [150, 90, 170]
+    if scale_bar:
+        import cv2
+
+        ink = np.zeros((height, width), np.uint8)
+        x1, y = int(0.93 * width), height - 45
+        cv2.rectangle(ink, (x1 - 140, y - 3), (x1, y + 3), 255, -1)
+        cv2.putText(ink, "50 um", (x1 - 110, height - 12), cv2.FONT_HERSHEY_SIMPLEX, 0.8, 255, 2)
+        image[ink > 0] = 0
     if surround:
         outside = np.hypot(yy - centre[1], xx - centre[0]) > fov_radius
         image[outside] = 8
