@@ -50,7 +50,8 @@ def build_crops(work: Path) -> None:
     crops, labels, stages, field_index, records = [], [], [], [], []
     for number, path in enumerate(fields):
         result, field_crops, _ = screen_image(read_file(path), model, path=str(path), keep_crops=True)
-        truth = [c for c in read_truth(path) if c.label in ("Uninfected", "Parasitized")
+        annotated = read_truth(path)
+        truth = [c for c in annotated if c.label in ("Uninfected", "Parasitized")
                  and not _is_cut(c, result.width, result.height)]
         found = np.array([[c.x, c.y] for c in result.cells]).reshape(-1, 2)
         true = np.array([[c.x, c.y] for c in truth]).reshape(-1, 2)
@@ -60,7 +61,7 @@ def build_crops(work: Path) -> None:
             stage[i] = truth[j].stage or ""
         # A fragment of an infected (or undecidable) cell that the detector split is neither a
         # clean positive nor a negative: it is kept out of training (label -2).
-        unsure = [c for c in read_truth(path) if (c.label == "Parasitized" or c.label == "difficult") and c.width]
+        unsure = [c for c in annotated if c.label in ("Parasitized", "difficult") and c.width]
         for i in np.flatnonzero(label == -1):
             if any(abs(found[i, 0] - c.x) < c.width / 2 and abs(found[i, 1] - c.y) < c.width / 2 for c in unsure):
                 label[i] = -2
