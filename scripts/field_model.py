@@ -5,6 +5,10 @@
     python scripts/field_model.py final --work W     # the model to ship: W/field-model.keras
     python scripts/field_model.py ship --work W      # into the package, with its ONNX copy
 
+An ensemble: ``cv`` and ``final`` in one folder per ``--seed``, then
+``ensemble --work W --members W0 W1 W2`` (the averaged scores' nested report, and the averaging
+model of the members' final models) and ``ship --work W``.
+
 Crops are cut by the same detector and crop function as ``malaria-cells screen`` and labelled by
 matching them to the ground truth.
 The IML fields are split into 5 blocks of consecutive file names (neighbouring numbers are the
@@ -359,7 +363,7 @@ def ship(path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("step", choices=("crops", "cv", "final", "ship"))
+    parser.add_argument("step", choices=("crops", "cv", "final", "ensemble", "ship"))
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=2e-4)
@@ -374,6 +378,7 @@ def main() -> None:
     parser.add_argument("--max-fpr", type=float, default=0.005,
                         help="false-positive rate on validation fields' uninfected cells the threshold allows")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--members", type=Path, nargs="+", help="ensemble: the --work folders of the members' runs")
     parser.add_argument("--folds", type=int, nargs="*", default=list(range(BLOCKS)))
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -381,6 +386,8 @@ def main() -> None:
         return build_crops(args.work)
     if args.step == "ship":
         return ship(args.work / "field-model.keras")
+    if args.step == "ensemble":
+        return ensemble(args)
     data, records, block_of = load_crops(args.work)
     nih_fields = [i for i, r in enumerate(records) if r["kind"] == "nih"]
     nih = soften(nih_cells(args.seed, args.nih_cells, args.nih_parasitized, args.nih_healthy_repeat), args.nih_soft)
@@ -413,17 +420,26 @@ def main() -> None:
             (args.work / "nested.json").write_text(json.dumps(nested, indent=1))
         return
     probabilities = [np.load(args.work / f"fold{k}-probability.npy") for k in range(BLOCKS)]
+    x, y = training_set(data, block_of, list(range(BLOCKS)), nih, args.oversample, args.specks, args.seed, args.clumps)
+    model = finetune(x, y, epochs=args.epochs, seed=args.seed, learning_rate=args.learning_rate)
+    info = dict(model.info)
+    info["base"] = "malaria-cells-default.keras, fine-tuned by scripts/field_model.py"
+    save_field_model(model, info, data, records, block_of, probabilities, args)
+
+
+def save_field_model(model, info, data, records, block_of, probabilities, args) -> None:
+    """Give ``model`` its counting threshold (chosen on the out-of-fold ``probabilities`` of all
+    five blocks), the out-of-fold sensitivity and specificity at it, the nested figures and its
+    recipe, and save it as ``--work``/field-model.keras."""
+    from malaria_cells.models import model_info_layer
+
+    nih_fields = [i for i, r in enumerate(records) if r["kind"] == "nih"]
     oof = out_of_fold(data, block_of, probabilities)
     threshold = pooled_threshold(data, block_of, oof, list(range(BLOCKS)), args.max_fpr)
     labelled = (oof >= 0) & (data["labels"] >= 0)
     called, labels = oof[labelled] >= threshold, data["labels"][labelled]
     sensitivity, false_positives = float(called[labels == 1].mean()), float(called[labels == 0].mean())
-    x, y = training_set(data, block_of, list(range(BLOCKS)), nih, args.oversample, args.specks, args.seed, args.clumps)
-    model = finetune(x, y, epochs=args.epochs, seed=args.seed, learning_rate=args.learning_rate)
     probability = model.probability(data["crops"], batch_size=512)
-    from malaria_cells.models import model_info_layer
-
-    info = dict(model.info)
     info["field"] = {"threshold": threshold, "sensitivity": sensitivity, "specificity": 1 - false_positives,
                      "chosen_on": f"out-of-fold scores of the {len(block_of)} IML fields (5 blocks), "
                                   f"at most {args.max_fpr:.1%} of their uninfected cells called",
@@ -432,14 +448,41 @@ def main() -> None:
                                                               args.max_fpr).items() if k != "folds"},
                      "nih_healthy": {k: v for k, v in field_report(data, records, nih_fields, probability, threshold).items()
                                      if k in ("fields", "cells", "false_positive_rate")},
-                     "recipe": {k: v for k, v in vars(args).items() if k not in ("work", "step", "folds", "save_models")}}
+                     "recipe": {k: (str(v) if isinstance(v, Path) else [str(m) for m in v] if k == "members" else v)
+                                for k, v in vars(args).items() if k not in ("work", "step", "folds", "save_models")}}
     info["trained_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    info["base"] = "malaria-cells-default.keras, fine-tuned by scripts/field_model.py"
     model_info_layer(model.keras_model).info = model.info = info
     model.set_threshold(threshold)  # the model's own threshold is its counting threshold
     model.save(args.work / "field-model.keras")
     print(json.dumps(info["field"], indent=1, default=str))
 
+
+def ensemble(args) -> None:
+    """Average the members' (``cv`` runs of one recipe, different ``--seed``) fold scores and
+    report the mean by the same nested cross-validation; where every member also ran ``final``,
+    save the averaging model of their final models with a threshold chosen on the averaged
+    out-of-fold scores."""
+    from malaria_cells.models import average_models
+    from malaria_cells.runtimes import KerasClassifier, load_model
+
+    data, records, block_of = load_crops(args.members[0])
+    probabilities = [np.mean([np.load(m / f"fold{k}-probability.npy") for m in args.members], axis=0)
+                     for k in range(BLOCKS)]
+    for k, probability in enumerate(probabilities):
+        np.save(args.work / f"fold{k}-probability.npy", probability)
+    nested = [nested_report(data, records, block_of, probabilities, rate) for rate in (0.003, 0.004, 0.005, 0.006, 0.008)]
+    for row in nested:
+        print(json.dumps({k: v for k, v in row.items() if k not in ("folds",)}), flush=True)
+    (args.work / "nested.json").write_text(json.dumps(nested, indent=1))
+    finals = [m / "field-model.keras" for m in args.members]
+    if not all(path.is_file() for path in finals):
+        return
+    members = [load_model(path) for path in finals]
+    model = KerasClassifier(average_models([m.keras_model for m in members]))
+    info = {key: value for key, value in members[0].info.items() if key not in ("field", "trained_at")}
+    info["base"] = (f"mean of {len(members)} copies of malaria-cells-default.keras, each fine-tuned by "
+                    f"scripts/field_model.py with its own seed")
+    save_field_model(model, info, data, records, block_of, probabilities, args)
 
 if __name__ == "__main__":
     sys.exit(main())

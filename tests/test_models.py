@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from malaria_cells import MalariaCellsError, load_model
-from malaria_cells.models import build_model, model_info_layer
+from malaria_cells.models import average_models, build_model, model_info_layer
 
 
 def test_tutorial_network_is_the_tutorials():
@@ -163,3 +163,20 @@ def test_fused_batch_norm_twin_predicts_the_same(name):
         assert len(fuse_batch_norm(model).layers) == len(fused.layers)  # the original is untouched
     if name == "mobilenetv3small":  # not a plain chain: left as it is
         assert fused is model
+
+
+def test_an_averaging_model_scores_the_mean_of_its_members_and_saves_as_one_file(tmp_path):
+    members = [build_model("cellnet", image_size=32) for _ in range(3)]
+    images = np.random.default_rng(0).uniform(0, 255, (5, 32, 32, 3)).astype(np.float32)
+    expected = np.mean([m.predict(images, verbose=0) for m in members], axis=0)
+    ensemble = average_models(members, threshold=0.61, info={"members": 3})
+    path = tmp_path / "ensemble.keras"
+    ensemble.save(path)
+    loaded = load_model(path)
+    assert loaded.threshold == pytest.approx(0.61) and loaded.info == {"members": 3}
+    assert np.allclose(loaded.probability(images.astype(np.uint8)),
+                       np.mean([m.predict(images.astype(np.uint8).astype(np.float32), verbose=0) for m in members],
+                               axis=0).ravel(), atol=1e-5)
+    assert np.allclose(ensemble.predict(images, verbose=0), expected, atol=1e-6)
+    with pytest.raises(MalariaCellsError, match="input shape"):
+        average_models([members[0], build_model("cellnet", image_size=40)])

@@ -118,19 +118,42 @@ def _density(image: np.ndarray, cell_diameter: float, fov: np.ndarray) -> np.nda
 def _field_of_view(image: np.ndarray) -> np.ndarray:
     """Pixels inside the bright field of view (all of them for a camera image with no surround)."""
     import cv2
-    from scipy import ndimage
 
     brightness = image.max(axis=2)
-    top = np.percentile(brightness, 99)
+    top = _percentile_uint8(brightness, 99)
     dark = brightness < 0.25 * top
     if dark.mean() < 0.02:  # no black surround
         return np.ones(brightness.shape, bool)
     bright = cv2.medianBlur((~dark).astype(np.uint8) * 255, 5) > 0
-    labels, count = ndimage.label(bright)
-    if count == 0:
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(bright.astype(np.uint8), connectivity=4)
+    if count < 2:
         return np.ones(brightness.shape, bool)
-    largest = 1 + int(np.argmax(ndimage.sum(bright, labels, range(1, count + 1))))
-    return ndimage.binary_fill_holes(labels == largest)
+    disc = labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    holes, _ = _holes(disc)
+    return disc | (holes > 0)
+
+
+def _percentile_uint8(values: np.ndarray, q: float) -> float:
+    """``np.percentile(values, q)`` of uint8 values from their histogram, without sorting."""
+    cumulative = np.cumsum(np.bincount(values.ravel(), minlength=256))
+    index = q / 100 * (cumulative[-1] - 1)
+    low = int(np.floor(index))
+    below, above = (int(np.searchsorted(cumulative, k, side="right")) for k in (low, min(low + 1, cumulative[-1] - 1)))
+    return float(below + (index - low) * (above - below))
+
+
+def _holes(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """The holes of ``mask`` (background not 4-connected to the image's edge), labelled 1..n."""
+    import cv2
+
+    count, labels = cv2.connectedComponents((~mask).astype(np.uint8), connectivity=4)
+    outside = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    number = np.ones(count, bool)
+    number[0] = False  # cv2's label 0 is the mask itself
+    number[outside] = False
+    relabel = np.zeros(count, np.int32)
+    relabel[number] = np.arange(1, number.sum() + 1)
+    return relabel[labels], int(number.sum())
 
 
 def _foreground(density: np.ndarray, fov: np.ndarray) -> tuple[np.ndarray, float]:
@@ -147,8 +170,8 @@ def _foreground(density: np.ndarray, fov: np.ndarray) -> tuple[np.ndarray, float
 def _radius(distance: np.ndarray, mask: np.ndarray) -> float:
     from skimage.feature import peak_local_max
 
-    peaks = peak_local_max(distance, min_distance=3, threshold_abs=2.0, labels=mask.astype(np.int32),
-                           exclude_border=False)
+    # Outside the mask the distance is 0, below threshold_abs: the mask needs no labels argument.
+    peaks = peak_local_max(distance, min_distance=3, threshold_abs=2.0, exclude_border=False)
     if len(peaks) == 0:
         return 0.0
     heights = distance[tuple(peaks.T)]
@@ -218,15 +241,13 @@ def _fill_pale_centres(mask, density, threshold, cell_area):
     the threshold), or tiny; plasma enclosed by a ring of touching cells is larger, or as clear
     as the background.
     """
-    from scipy import ndimage
-
-    holes = ndimage.binary_fill_holes(mask) & ~mask
-    labels, count = ndimage.label(holes)
+    labels, count = _holes(mask)
     if count == 0:
         return mask
-    index = np.arange(1, count + 1)
-    area = ndimage.sum(holes, labels, index)
-    stained = (ndimage.mean(density, labels, index) > 0.5 * threshold) & (area < 0.5 * cell_area)
+    flat = labels.ravel()
+    area = np.bincount(flat, minlength=count + 1)[1:]
+    mean = np.bincount(flat, weights=density.ravel(), minlength=count + 1)[1:] / area
+    stained = (mean > 0.5 * threshold) & (area < 0.5 * cell_area)
     stained |= area < 0.1 * cell_area
     keep = np.zeros(count + 1, bool)
     keep[1:] = stained
@@ -272,14 +293,13 @@ def _split_clumps(labels: np.ndarray, distance: np.ndarray, radius: float) -> np
     labels = labels.copy()
     next_label = int(labels.max()) + 1
     slices = ndimage.find_objects(labels)
-    peaks = ndimage.maximum(distance, labels, big)
     criteria = (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_MAX_ITER, 20, 0.5)
     cv2.setRNGSeed(0)
-    for label, peak in zip(big, peaks):
-        if areas[label] < 1.4 * np.pi * peak**2:  # about a disc: one cell, however large
-            continue
+    for label in big:
         window = slices[label - 1]
         region = labels[window] == label
+        if areas[label] < 1.4 * np.pi * distance[window][region].max() ** 2:  # a disc: one cell, however large
+            continue
         ys, xs = np.nonzero(region)
         parts = int(round(areas[label] / cell_area))
         if parts < 2:
@@ -305,7 +325,6 @@ def _black(image: np.ndarray, plasma: np.ndarray) -> np.ndarray:
 def _sort_objects(labels, density, black, fov, radius, scale, size) -> list[FieldObject]:
     import cv2
     from scipy import ndimage
-    from skimage.measure import regionprops
 
     width, height = size
     cell_area = np.pi * radius**2
@@ -314,32 +333,41 @@ def _sort_objects(labels, density, black, fov, radius, scale, size) -> list[Fiel
     cell_density = np.median(density[labels > 0]) if (labels > 0).any() else 0.3
     # White-cell nuclei: large blobs of the darkest stain. Parasites are as dark but far
     # smaller, even a gametocyte filling an enlarged cell.
-    dark, count = ndimage.label(density > max(3.0 * cell_density, cell_density + 0.6))
-    nucleus = np.zeros(count + 1, bool)
-    if count:
-        nucleus[1:] = ndimage.sum(np.ones_like(dark), dark, np.arange(1, count + 1)) > 0.15 * cell_area
+    dark = (density > max(3.0 * cell_density, cell_density + 0.6)).astype(np.uint8)
+    count, dark = cv2.connectedComponents(dark, connectivity=4)
+    nucleus = np.bincount(dark.ravel(), minlength=count) > 0.15 * cell_area
+    nucleus[0] = False
     nucleus = nucleus[dark]
+    # Every per-object figure is a count (or a sum) per label, in one pass over the image each.
+    n = int(labels.max()) + 1
+    flat = labels.ravel()
+    area = np.bincount(flat, minlength=n).astype(float)
+    rows, columns = np.indices(labels.shape, dtype=np.float64)
+    centre_y = np.bincount(flat, weights=rows.ravel(), minlength=n)
+    centre_x = np.bincount(flat, weights=columns.ravel(), minlength=n)
+    cut = np.bincount(labels[~inner], minlength=n) > 0
+    black_share = np.bincount(labels[black], minlength=n)
+    nucleus_share = np.bincount(labels[nucleus], minlength=n)
     objects = []
-    for region in regionprops(labels):
-        y0, x0, y1, x1 = region.bbox
-        inside = region.image
-        area = float(region.area)
-        window = (slice(y0, y1), slice(x0, x1))
-        if not inner[window][inside].all():
+    for label, window in enumerate(ndimage.find_objects(labels), start=1):
+        if window is None:
+            continue
+        if cut[label]:
             kind = "edge"
-        elif area < 0.2 * cell_area:
+        elif area[label] < 0.2 * cell_area:
             kind = "platelet"
-        elif black[window][inside].mean() > 0.25:
+        elif black_share[label] / area[label] > 0.25:
             kind = "mark"
-        elif nucleus[window][inside].mean() > 0.2:
+        elif nucleus_share[label] / area[label] > 0.2:
             kind = "white_cell"
         else:
             kind = "red_cell"
-        cy, cx = region.centroid
+        (y0, y1), (x0, x1) = (window[0].start, window[0].stop), (window[1].start, window[1].stop)
+        cy, cx = centre_y[label] / area[label], centre_x[label] / area[label]
         box = (int(np.floor(x0 * scale)), int(np.floor(y0 * scale)),
                min(width, int(np.ceil(x1 * scale))), min(height, int(np.ceil(y1 * scale))))
         objects.append(FieldObject(float((cx + 0.5) * scale), float((cy + 0.5) * scale), box,
-                                   area * scale**2, kind, int(region.label)))
+                                   float(area[label]) * scale**2, kind, label))
     return objects
 
 

@@ -277,6 +277,39 @@ def build_model(
     return model
 
 
+def average_models(models: list[keras.Model], *, threshold: float = 0.5, info: dict | None = None,
+                   name: str = "ensemble") -> keras.Model:
+    """One model whose probability is the mean of ``models``' probabilities.
+
+    Members trained alike from different seeds make different mistakes on the rare,
+    ambiguous cell (a stain speck, a pale overlap); their mean is steadier than any one of
+    them, and it is still a single model file that carries its own preprocessing, threshold
+    and metadata, and exports to ONNX or TFLite as one graph.
+
+    Parameters
+    ----------
+    models : list of keras.Model
+        Trained malaria-cells models with the same input shape (copied, not changed).
+    threshold, info
+        As in :func:`build_model`.
+    """
+    if not models:
+        raise MalariaCellsError("an ensemble needs at least one model")
+    shape = models[0].input_shape[1:]
+    if any(m.input_shape[1:] != shape for m in models):
+        raise MalariaCellsError(f"ensemble members differ in input shape: {[m.input_shape for m in models]}")
+    inputs = keras.Input(shape, name="image")
+    outputs = []
+    for number, model in enumerate(models):
+        member = keras.models.clone_model(model)
+        member.set_weights(model.get_weights())
+        member.name = f"member_{number}"
+        outputs.append(member(inputs))
+    x = layers.Average(name="mean")(outputs) if len(outputs) > 1 else outputs[0]
+    outputs = CellModelInfo(threshold, info, name="info")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
 def _load_backbone_weights(model: keras.Model, path: str) -> None:
     from pathlib import Path
 
