@@ -5,7 +5,9 @@
 Times, each in a fresh process (start-up, imports and model load included): one 5312x2988 NIH
 phone photograph, one 1280x960 IML camera field, and a sample of 100 IML fields (a folder of
 links to them). Peak memory is the process's max RSS; for the 100-field sample, memory stays
-flat if its peak is close to the one-field peak.
+flat if its peak is close to the one-field peak. Then, in one process that has loaded the model
+(as the server and a many-field sample do), the time to screen each of those two fields again
+(median of ``--warm`` runs): what a field costs once start-up is paid.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="cell model (default: the shipped one)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warm", type=int, default=10, help="in-process runs per field")
     args = parser.parse_args()
     nih = sorted((FIELDS / "nih").glob("*/*.jpg"))[0]
     iml = sorted((FIELDS / "iml").glob("*.JPG"))
@@ -41,6 +44,27 @@ def main() -> None:
         seconds = [s for s, _ in runs]
         print(f"{name}: median {statistics.median(seconds):.2f} s (runs {', '.join(f'{s:.2f}' for s in seconds)}), "
               f"peak {max(p for _, p in runs):.0f} MiB", flush=True)
+    warm(args.model, {"NIH photograph 5312x2988": nih, "IML field 1280x960": iml[0]}, args.warm)
+
+
+def warm(model_path, fields: dict, runs: int) -> None:
+    import time
+
+    from malaria_cells.images import read_file
+    from malaria_cells.runtimes import default_model_path, load_model
+    from malaria_cells.screening import screen_image
+
+    model = load_model(model_path or default_model_path(fields=True))
+    for name, path in fields.items():
+        contents = read_file(path)
+        screen_image(contents, model, path=str(path))
+        seconds = []
+        for _ in range(runs):
+            started = time.perf_counter()
+            screen_image(contents, model, path=str(path))
+            seconds.append(time.perf_counter() - started)
+        print(f"{name}, in a warm process: median {statistics.median(seconds):.3f} s "
+              f"(min {min(seconds):.3f}, max {max(seconds):.3f}, {runs} runs)", flush=True)
 
 
 if __name__ == "__main__":

@@ -379,6 +379,7 @@ def main() -> None:
                         help="false-positive rate on validation fields' uninfected cells the threshold allows")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--members", type=Path, nargs="+", help="ensemble: the --work folders of the members' runs")
+    parser.add_argument("--soup", action="store_true", help="ensemble: average the fold models' weights, not their scores")
     parser.add_argument("--folds", type=int, nargs="*", default=list(range(BLOCKS)))
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -457,6 +458,15 @@ def save_field_model(model, info, data, records, block_of, probabilities, args) 
     print(json.dumps(info["field"], indent=1, default=str))
 
 
+def average_weights(models):
+    """A copy of ``models[0]`` whose every weight is the mean of the members' (a "model soup")."""
+    import keras
+
+    soup = keras.models.clone_model(models[0])
+    soup.set_weights([np.mean(weights, axis=0) for weights in zip(*[m.get_weights() for m in models])])
+    return soup
+
+
 def ensemble(args) -> None:
     """Average the members' (``cv`` runs of one recipe, different ``--seed``) fold scores and
     report the mean by the same nested cross-validation; where every member also ran ``final``,
@@ -466,8 +476,13 @@ def ensemble(args) -> None:
     from malaria_cells.runtimes import KerasClassifier, load_model
 
     data, records, block_of = load_crops(args.members[0])
-    probabilities = [np.mean([np.load(m / f"fold{k}-probability.npy") for m in args.members], axis=0)
-                     for k in range(BLOCKS)]
+    if args.soup:  # one model per fold whose weights are the members' mean (needs --save-models)
+        probabilities = [KerasClassifier(average_weights([load_model(m / f"fold{k}.keras").keras_model
+                                                          for m in args.members])).probability(data["crops"], batch_size=512)
+                         for k in range(BLOCKS)]
+    else:
+        probabilities = [np.mean([np.load(m / f"fold{k}-probability.npy") for m in args.members], axis=0)
+                         for k in range(BLOCKS)]
     for k, probability in enumerate(probabilities):
         np.save(args.work / f"fold{k}-probability.npy", probability)
     nested = [nested_report(data, records, block_of, probabilities, rate) for rate in (0.003, 0.004, 0.005, 0.006, 0.008)]
@@ -475,7 +490,7 @@ def ensemble(args) -> None:
         print(json.dumps({k: v for k, v in row.items() if k not in ("folds",)}), flush=True)
     (args.work / "nested.json").write_text(json.dumps(nested, indent=1))
     finals = [m / "field-model.keras" for m in args.members]
-    if not all(path.is_file() for path in finals):
+    if args.soup or not all(path.is_file() for path in finals):
         return
     members = [load_model(path) for path in finals]
     model = KerasClassifier(average_models([m.keras_model for m in members]))
