@@ -71,3 +71,25 @@ def test_an_empty_or_blurred_field_is_flagged():
     assert not detection.quality["ok"] and detection.cells == []
     image, _ = make_field(np.random.default_rng(0), blur=9)
     assert not detect_cells(image).quality["ok"]
+
+
+def test_the_fast_watershed_matches_scikit_image():
+    # Detection calls scikit-image's compiled kernel directly (the public function imports
+    # SciPy); a change of that private signature must not change a single label.
+    from skimage.segmentation import watershed
+
+    from malaria_cells.detection import _watershed
+
+    rng = np.random.default_rng(3)
+    relief = -cv2_blur(rng.random((120, 150)))
+    mask = relief < np.percentile(relief, 70)
+    markers = np.zeros(mask.shape, np.int32)
+    points = rng.integers(0, mask.shape, (12, 2))
+    markers[points[:, 0], points[:, 1]] = np.arange(1, 13)
+    assert np.array_equal(_watershed(relief, markers, mask), watershed(relief, markers, mask=mask))
+
+
+def cv2_blur(values):
+    import cv2
+
+    return cv2.GaussianBlur(values.astype(np.float32), (0, 0), 6)

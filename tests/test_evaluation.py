@@ -118,3 +118,14 @@ def test_bootstrap_intervals_do_not_depend_on_how_resamples_are_blocked(monkeypa
         results.append([evaluation.compute_metrics(y, p, groups=g, resamples=50, seed=0) for g in (groups, None)])
     assert results[0] == results[1] == results[2]
     assert results[0][0]["ci"]["auc"][0] < results[0][0]["ci"]["auc"][1]
+
+
+def test_binomial_tail_matches_the_exact_sum():
+    from math import comb
+
+    from malaria_cells.evaluation import binomial_tail
+
+    for k, n, p in [(0, 10, 0.1), (1, 10, 0.1), (3, 10, 0.1), (10, 10, 0.3), (11, 10, 0.3), (7, 400, 0.005)]:
+        exact = sum(comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k, n + 1))
+        assert abs(binomial_tail(k, n, p) - exact) <= 1e-12 + 1e-9 * exact
+    assert binomial_tail(5, 10, 0.0) == 0.0 and binomial_tail(5, 10, 1.0) == 1.0

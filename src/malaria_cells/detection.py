@@ -157,27 +157,96 @@ def _holes(mask: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def _foreground(density: np.ndarray, fov: np.ndarray) -> tuple[np.ndarray, float]:
-    from skimage.filters import threshold_otsu
-
     values = density[fov]
     # The threshold is chosen between plasma and cells; the darkest stain (white-cell nuclei,
     # parasites) would pull Otsu's split upwards, so the top 2% are left out of the choice.
     values = values[values < np.percentile(values, 98)]
-    threshold = float(threshold_otsu(values)) if values.size else 0.1
+    threshold = _otsu(values) if values.size else 0.1
     return (density > threshold) & fov, threshold
 
 
-def _radius(distance: np.ndarray, mask: np.ndarray) -> float:
-    from skimage.feature import peak_local_max
+def _otsu(values: np.ndarray) -> float:
+    """Otsu's threshold of float values over 256 bins (scikit-image's ``threshold_otsu``).
 
-    # Outside the mask the distance is 0, below threshold_abs: the mask needs no labels argument.
-    peaks = peak_local_max(distance, min_distance=3, threshold_abs=2.0, exclude_border=False)
+    OpenCV's Otsu takes 8-bit images only; scikit-image's thresholding module would add its
+    import (and SciPy's) to every command's start-up.
+    """
+    if np.all(values == values[0]):
+        return float(values[0])
+    counts, edges = np.histogram(values, bins=256)
+    counts = counts.astype(np.float32)
+    centres = (edges[:-1] + edges[1:]) / 2
+    weight1, weight2 = np.cumsum(counts), np.cumsum(counts[::-1])[::-1]
+    mean1 = np.cumsum(counts * centres) / weight1
+    mean2 = (np.cumsum((counts * centres)[::-1]) / weight2[::-1])[::-1]
+    variance = weight1[:-1] * weight2[1:] * (mean1[:-1] - mean2[1:]) ** 2
+    return float(centres[np.argmax(variance)])
+
+
+def _peaks(image: np.ndarray, min_distance: int, threshold: float, region: np.ndarray | None = None) -> np.ndarray:
+    """Local maxima above ``threshold``, at least ``min_distance`` apart (Chebyshev), highest first.
+
+    scikit-image's ``peak_local_max`` with ``exclude_border=False``: a pixel is a peak where
+    it equals the maximum of the square of side ``2 * min_distance + 1`` around it; of peaks
+    closer than ``min_distance``, the higher (the first in raster order among equals) is kept.
+    With ``region``, only its pixels count, as for one object of a labelled image.
+    """
+    import cv2
+
+    image = np.asarray(image, np.float32)
+    if region is not None:
+        image = np.where(region, image, np.finfo(np.float32).min).astype(np.float32)
+    size = 2 * min_distance + 1
+    maxima = image == cv2.dilate(image, np.ones((size, size), np.uint8))
+    inside = maxima if region is None else maxima[region]
+    if inside.all():  # a flat image or object has no peak but its isolated pixels
+        maxima[:] = False
+        if region is not None:
+            cross = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
+            opened = cv2.morphologyEx(region.astype(np.uint8), cv2.MORPH_OPEN, cross,
+                                      borderType=cv2.BORDER_CONSTANT, borderValue=0) > 0
+            maxima[region & ~opened] = True
+    maxima &= image > threshold
+    coordinates = np.argwhere(maxima)
+    coordinates = coordinates[np.argsort(-image[maxima], kind="stable")]
+    if min_distance <= 1 or len(coordinates) < 2:
+        return coordinates
+    kept = np.zeros(len(coordinates), bool)
+    chosen = np.empty((len(coordinates), 2), coordinates.dtype)
+    n = 0
+    for i, point in enumerate(coordinates):
+        if n and (np.abs(chosen[:n] - point).max(axis=1) < min_distance).any():
+            continue
+        chosen[n] = point
+        n += 1
+        kept[i] = True
+    return coordinates[kept]
+
+
+def _radius(distance: np.ndarray, mask: np.ndarray) -> float:
+    # Outside the mask the distance is 0, below the threshold: the mask needs no region.
+    peaks = _peaks(distance, 3, 2.0)
     if len(peaks) == 0:
         return 0.0
     heights = distance[tuple(peaks.T)]
     # Median of the taller half: small debris and platelet peaks do not drag it down.
     heights = np.sort(heights)[len(heights) // 2:]
     return float(np.median(heights))
+
+
+def _boxes(labels: np.ndarray) -> list:
+    """Bounding slices of labels 1..max (None for an absent label), as ``ndimage.find_objects``."""
+    n = int(labels.max()) + 1
+    flat = labels.ravel()
+    rows, columns = np.divmod(np.arange(flat.size), labels.shape[1])
+    low_y, low_x = np.full(n, labels.shape[0]), np.full(n, labels.shape[1])
+    high_y, high_x = np.full(n, -1), np.full(n, -1)
+    np.minimum.at(low_y, flat, rows)
+    np.minimum.at(low_x, flat, columns)
+    np.maximum.at(high_y, flat, rows)
+    np.maximum.at(high_x, flat, columns)
+    return [None if high_y[k] < 0 else (slice(low_y[k], high_y[k] + 1), slice(low_x[k], high_x[k] + 1))
+            for k in range(1, n)]
 
 
 def detect_cells(image: np.ndarray) -> FieldDetection:
@@ -254,21 +323,52 @@ def _fill_pale_centres(mask, density, threshold, cell_area):
     return mask | keep[labels]
 
 
-def _split(distance: np.ndarray, mask: np.ndarray, radius: float) -> np.ndarray:
-    from scipy import ndimage
-    from skimage.feature import peak_local_max
+def _watershed(relief: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """scikit-image's 4-connected marker watershed, called through its compiled kernel.
+
+    ``skimage.segmentation.watershed`` imports all of SciPy, a slower import than the rest of
+    a one-field screen's start-up, only to prepare the kernel's arguments; they are prepared
+    here the same way. Where the kernel is missing or its signature differs, the public
+    function runs instead.
+    """
+    try:
+        from skimage.segmentation._watershed_cy import watershed_raveled
+    except ImportError:
+        watershed_raveled = None
+    if watershed_raveled is not None:
+        image = np.pad(relief.astype(np.float64), 1)
+        output = np.pad((markers * mask).astype(np.int32), 1)
+        stride = image.shape[1]
+        try:
+            watershed_raveled(image.ravel(), np.flatnonzero(output), np.array([-stride, -1, 1, stride], np.intp),
+                              np.pad(mask, 1).astype(np.int8).ravel(), np.array([stride, 1], np.intp), 0.0,
+                              output.ravel(), False)
+            return output[1:-1, 1:-1].copy()
+        except (TypeError, ValueError):
+            pass
     from skimage.segmentation import watershed
 
-    components, _ = ndimage.label(mask)
-    peaks = peak_local_max(distance, min_distance=max(2, int(0.7 * radius)), threshold_abs=0.35 * radius,
-                           labels=components, exclude_border=False)
+    return watershed(relief, markers, mask=mask)
+
+
+def _split(distance: np.ndarray, mask: np.ndarray, radius: float) -> np.ndarray:
+    import cv2
+
+    count, components, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=4)
+    min_distance, threshold = max(2, int(0.7 * radius)), 0.35 * radius
     markers = np.zeros(mask.shape, np.int32)
-    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
-    labels = watershed(-distance, markers, mask=mask)
+    n = 0
+    for label in range(1, count):
+        x, y, w, h = stats[label, :4]
+        window = (slice(y, y + h), slice(x, x + w))
+        peaks = _peaks(distance[window], min_distance, threshold, components[window] == label)
+        markers[peaks[:, 0] + y, peaks[:, 1] + x] = np.arange(n + 1, n + 1 + len(peaks))
+        n += len(peaks)
+    labels = _watershed(-distance, markers, mask)
     # Components without a peak tall enough (specks) keep a label of their own.
     unlabelled = mask & (labels == 0)
     if unlabelled.any():
-        extra, count = ndimage.label(unlabelled)
+        _, extra = cv2.connectedComponents(unlabelled.astype(np.uint8), connectivity=4)
         labels[unlabelled] = extra[unlabelled] + labels.max()
     return labels.astype(np.int32)
 
@@ -282,7 +382,6 @@ def _split_clumps(labels: np.ndarray, distance: np.ndarray, radius: float) -> np
     on its pixel positions), each a cell's share.
     """
     import cv2
-    from scipy import ndimage
 
     cell_area = np.pi * radius**2
     areas = np.bincount(labels.ravel())
@@ -292,7 +391,7 @@ def _split_clumps(labels: np.ndarray, distance: np.ndarray, radius: float) -> np
         return labels
     labels = labels.copy()
     next_label = int(labels.max()) + 1
-    slices = ndimage.find_objects(labels)
+    slices = _boxes(labels)
     criteria = (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_MAX_ITER, 20, 0.5)
     cv2.setRNGSeed(0)
     for label in big:
@@ -324,7 +423,6 @@ def _black(image: np.ndarray, plasma: np.ndarray) -> np.ndarray:
 
 def _sort_objects(labels, density, black, fov, radius, scale, size) -> list[FieldObject]:
     import cv2
-    from scipy import ndimage
 
     width, height = size
     cell_area = np.pi * radius**2
@@ -349,7 +447,7 @@ def _sort_objects(labels, density, black, fov, radius, scale, size) -> list[Fiel
     black_share = np.bincount(labels[black], minlength=n)
     nucleus_share = np.bincount(labels[nucleus], minlength=n)
     objects = []
-    for label, window in enumerate(ndimage.find_objects(labels), start=1):
+    for label, window in enumerate(_boxes(labels), start=1):
         if window is None:
             continue
         if cut[label]:

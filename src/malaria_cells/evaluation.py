@@ -36,6 +36,26 @@ def wilson_interval(successes: int, trials: int, confidence: float = 0.95) -> li
     return [low, high]
 
 
+def binomial_tail(successes: int, trials: int, rate: float) -> float:
+    """P(X >= successes) for X ~ Binomial(trials, rate), summed in log space.
+
+    Written out for the same reason as :func:`wilson_interval`: ``scipy.special`` alone is a
+    slower import than the rest of a one-field screen's start-up."""
+    k, n = int(successes), int(trials)
+    if k <= 0:
+        return 1.0
+    if k > n:
+        return 0.0
+    if rate <= 0 or rate >= 1:
+        return float(rate >= 1)
+    i = np.arange(k, n + 1, dtype=np.float64)
+    steps = np.log(np.arange(n, 0, -1, dtype=np.float64)) - np.log(np.arange(1, n + 1, dtype=np.float64))
+    log_choose = np.concatenate([[0.0], np.cumsum(steps)])[k:]
+    terms = log_choose + i * math.log(rate) + (n - i) * math.log1p(-rate)
+    top = terms.max()
+    return float(min(1.0, math.exp(top) * np.exp(terms - top).sum()))
+
+
 def threshold_for_sensitivity(y_true, y_prob, target: float) -> float:
     """The highest threshold whose sensitivity on (y_true, y_prob) is at least ``target``.
 

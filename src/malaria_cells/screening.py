@@ -158,13 +158,13 @@ def _corrected(n_parasitized: int, n_cells: int, figures: dict | None) -> dict |
 def call_sample(n_parasitized: int, n_cells: int, *, false_positive_rate: float, good_fields: int = 1,
                 fields: int = 1, corrected: dict | None = None) -> tuple[str, list[str]]:
     """The sample call and its reasons, by the rule in this module's docstring."""
-    from scipy.special import bdtrc  # binomial upper tail, without scipy.stats's slow import
+    from .evaluation import binomial_tail
 
     if n_cells < MIN_CELLS:
         return "review", [f"only {n_cells} cells counted on good fields (at least {MIN_CELLS} needed)"]
     if fields and good_fields * 2 <= fields:
         return "review", [f"{fields - good_fields} of {fields} fields are of low quality"]
-    chance = float(bdtrc(n_parasitized - 1, n_cells, false_positive_rate)) if n_parasitized else 1.0
+    chance = binomial_tail(n_parasitized, n_cells, false_positive_rate)
     expected = n_cells * false_positive_rate
     if chance < POSITIVE_P:
         return "positive", [f"{n_parasitized} parasitized cells where false alarms alone would give about "
