@@ -24,6 +24,12 @@ scores: for the report of block ``k``, on the other four blocks' (so block ``k``
 nothing); for the shipped model, on all five. ``final`` trains on all five blocks with the
 same recipe and carries that threshold and the out-of-fold sensitivity and specificity at
 it (the figures ``screen`` corrects parasitemia with and weighs a call against).
+
+Every score is a counting score, as ``screen`` computes it: a cell whose crop scores at least
+``--tta-gate`` is scored again as the mean of its 8 rotations and mirrors; the model carries
+the gate beside the threshold. ``rescore`` scores the crops again with the fold models that
+``cv --save-models`` kept, and ``final --trained PATH`` gives a model already trained by the
+recipe new figures without training it again.
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ def build_crops(work: Path) -> None:
 
     model = load_model()
     fields = sorted((SHARED / "fields" / "iml").glob("*.JPG")) + sorted((SHARED / "fields" / "nih").glob("*/*.jpg"))
-    crops, labels, stages, field_index, records = [], [], [], [], []
+    crops, labels, stages, field_index, records, boxes = [], [], [], [], [], []
     for number, path in enumerate(fields):
         result, field_crops, _ = screen_image(read_file(path), model, path=str(path), keep_crops=True)
         annotated = read_truth(path)
@@ -70,6 +76,7 @@ def build_crops(work: Path) -> None:
             if any(abs(found[i, 0] - c.x) < c.width / 2 and abs(found[i, 1] - c.y) < c.width / 2 for c in unsure):
                 label[i] = -2
         crops.append(field_crops)
+        boxes.append(np.array([c.bbox for c in result.cells], float).reshape(-1, 4))
         labels.append(label)
         stages += stage
         field_index.append(np.full(len(found), number))
@@ -78,7 +85,8 @@ def build_crops(work: Path) -> None:
                         "stages_true": [c.stage for c in truth if c.stage]})
         print(f"{path.name}: {len(found)} cells", flush=True)
     np.savez_compressed(work / "field_crops.npz", crops=np.concatenate(crops), labels=np.concatenate(labels),
-                        stages=np.array(stages), field=np.concatenate(field_index))
+                        stages=np.array(stages), field=np.concatenate(field_index),
+                        boxes=np.concatenate(boxes))
     (work / "fields.json").write_text(json.dumps(records, indent=1))
 
 
@@ -329,11 +337,33 @@ def nested_report(data, records, block_of, probabilities, max_fpr: float) -> dic
             "folds": per_fold}
 
 
+def score(model, crops, args) -> np.ndarray:
+    """Counting scores of ``crops``, as ``screen`` computes them with ``--tta-gate``."""
+    from malaria_cells.screening import counting_probability
+
+    return counting_probability(model, crops, tta_gate=args.tta_gate)
+
+
 def run_fold(data, block_of, train_blocks, nih, args):
     """Fine-tune on ``train_blocks``' fields (and the NIH mix); score every cached crop."""
     x, y = training_set(data, block_of, train_blocks, nih, args.oversample, args.specks, args.seed, args.clumps)
     model = finetune(x, y, epochs=args.epochs, seed=args.seed, learning_rate=args.learning_rate)
-    return model, model.probability(data["crops"], batch_size=512)
+    return model, score(model, data["crops"], args)
+
+
+def rescore(data, records, block_of, args) -> None:
+    """Score the crops again with the fold models ``cv --save-models`` kept (a new ``--tta-gate``
+    without training again) and print the nested reports."""
+    from malaria_cells.runtimes import load_model
+
+    probabilities = []
+    for k in range(BLOCKS):
+        probabilities.append(score(load_model(args.work / f"fold{k}.keras"), data["crops"], args))
+        np.save(args.work / f"fold{k}-probability.npy", probabilities[-1])
+    nested = [nested_report(data, records, block_of, probabilities, rate) for rate in (0.003, 0.004, 0.005, 0.006, 0.008)]
+    for row in nested:
+        print(json.dumps({k: v for k, v in row.items() if k not in ("folds", "stages")}), flush=True)
+    (args.work / "nested.json").write_text(json.dumps(nested, indent=1))
 
 
 def ship(path: Path) -> None:
@@ -363,7 +393,7 @@ def ship(path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("step", choices=("crops", "cv", "final", "ensemble", "ship"))
+    parser.add_argument("step", choices=("crops", "cv", "rescore", "final", "ensemble", "ship"))
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=2e-4)
@@ -378,6 +408,10 @@ def main() -> None:
     parser.add_argument("--max-fpr", type=float, default=0.005,
                         help="false-positive rate on validation fields' uninfected cells the threshold allows")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tta-gate", type=float, default=0.1,
+                        help="cells scoring at least this get the mean of their 8 rotations and mirrors (1: never)")
+    parser.add_argument("--trained", type=Path,
+                        help="final: a model this recipe already trained, given new figures instead of training one")
     parser.add_argument("--members", type=Path, nargs="+", help="ensemble: the --work folders of the members' runs")
     parser.add_argument("--soup", action="store_true", help="ensemble: average the fold models' weights, not their scores")
     parser.add_argument("--folds", type=int, nargs="*", default=list(range(BLOCKS)))
@@ -390,6 +424,8 @@ def main() -> None:
     if args.step == "ensemble":
         return ensemble(args)
     data, records, block_of = load_crops(args.work)
+    if args.step == "rescore":
+        return rescore(data, records, block_of, args)
     nih_fields = [i for i, r in enumerate(records) if r["kind"] == "nih"]
     nih = soften(nih_cells(args.seed, args.nih_cells, args.nih_parasitized, args.nih_healthy_repeat), args.nih_soft)
     if args.step == "cv":
@@ -421,6 +457,12 @@ def main() -> None:
             (args.work / "nested.json").write_text(json.dumps(nested, indent=1))
         return
     probabilities = [np.load(args.work / f"fold{k}-probability.npy") for k in range(BLOCKS)]
+    if args.trained:  # the same weights, new figures
+        from malaria_cells.runtimes import load_model
+
+        model = load_model(args.trained)
+        info = {key: value for key, value in model.info.items() if key != "field"}
+        return save_field_model(model, info, data, records, block_of, probabilities, args)
     x, y = training_set(data, block_of, list(range(BLOCKS)), nih, args.oversample, args.specks, args.seed, args.clumps)
     model = finetune(x, y, epochs=args.epochs, seed=args.seed, learning_rate=args.learning_rate)
     info = dict(model.info)
@@ -440,8 +482,8 @@ def save_field_model(model, info, data, records, block_of, probabilities, args) 
     labelled = (oof >= 0) & (data["labels"] >= 0)
     called, labels = oof[labelled] >= threshold, data["labels"][labelled]
     sensitivity, false_positives = float(called[labels == 1].mean()), float(called[labels == 0].mean())
-    probability = model.probability(data["crops"], batch_size=512)
-    info["field"] = {"threshold": threshold, "sensitivity": sensitivity, "specificity": 1 - false_positives,
+    probability = score(model, data["crops"], args)
+    info["field"] = {"threshold": threshold, "tta_gate": args.tta_gate, "sensitivity": sensitivity, "specificity": 1 - false_positives,
                      "chosen_on": f"out-of-fold scores of the {len(block_of)} IML fields (5 blocks), "
                                   f"at most {args.max_fpr:.1%} of their uninfected cells called",
                      "cells": {"infected": int((labels == 1).sum()), "uninfected": int((labels == 0).sum())},
@@ -450,8 +492,10 @@ def save_field_model(model, info, data, records, block_of, probabilities, args) 
                      "nih_healthy": {k: v for k, v in field_report(data, records, nih_fields, probability, threshold).items()
                                      if k in ("fields", "cells", "false_positive_rate")},
                      "recipe": {k: (str(v) if isinstance(v, Path) else [str(m) for m in v] if k == "members" else v)
-                                for k, v in vars(args).items() if k not in ("work", "step", "folds", "save_models")}}
-    info["trained_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+                                for k, v in vars(args).items()
+                                if k not in ("work", "step", "folds", "save_models", "trained") and v is not None}}
+    if not args.trained:
+        info["trained_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     model_info_layer(model.keras_model).info = model.info = info
     model.set_threshold(threshold)  # the model's own threshold is its counting threshold
     model.save(args.work / "field-model.keras")

@@ -50,6 +50,15 @@ def test_cells_cut_by_the_field_of_view_edge_are_excluded():
     assert any(o.kind == "edge" for o in detection.objects)
 
 
+def test_a_clump_of_overlapping_cells_is_excluded_and_an_enlarged_cell_counted():
+    detection, cells, pairs = _found({"clumps": 2, "enlarged": (5, 40)})
+    assert [o.kind for o in detection.objects].count("clump") == 2
+    assert len(detection.cells) == len(cells) == len(pairs)
+    enlarged = [cells[5][:2], cells[40][:2]]
+    counted = np.array([[c.x, c.y] for c in detection.cells])
+    assert all(np.hypot(*(counted - point).T).min() < 5 for point in enlarged)
+
+
 def test_infected_cells_are_still_found():
     detection, cells, pairs = _found({"infected": (3, 10, 20, 30)})
     matched = {j for _, j in pairs}

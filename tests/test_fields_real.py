@@ -31,3 +31,9 @@ def test_every_red_cell_is_found_on_the_iml_fields(screened):
     # nearly every annotated infected cell is found (before classification)
     stages = result.summary.truth["stages"]
     assert sum(s["detected"] for s in stages.values()) >= 0.9 * sum(s["n"] for s in stages.values()), stages
+
+
+def test_the_healthy_patient_is_called_negative_with_few_false_alarms(screened):
+    summary = screened["nih"].summary
+    assert summary.call == "negative", summary
+    assert summary.parasitemia <= 0.005, summary

@@ -103,6 +103,21 @@ def test_corrected_parasitemia_uses_the_field_figures(sample, trained_run):
     assert item.corrected["sensitivity"] == 0.8
 
 
+def test_counting_scores_average_the_eight_views_of_cells_past_the_gate(trained_run):
+    from malaria_cells import load_model
+    from malaria_cells.screening import counting_probability
+
+    model = load_model(trained_run["model_path"])
+    crops = np.random.default_rng(0).integers(0, 256, (12, model.image_size, model.image_size, 3), dtype=np.uint8)
+    plain, views = model.probability(crops), model.probability(crops, tta=True)
+    assert not np.allclose(plain, views)
+    np.testing.assert_allclose(counting_probability(model, crops, tta_gate=1.0), plain, rtol=1e-6)
+    np.testing.assert_allclose(counting_probability(model, crops, tta_gate=0.0), views, rtol=1e-6)
+    gate = float(np.median(plain))
+    model.info = {**model.info, "field": {"threshold": 0.5, "sensitivity": 0.8, "specificity": 0.99, "tta_gate": gate}}
+    np.testing.assert_allclose(counting_probability(model, crops), np.where(plain >= gate, views, plain), rtol=1e-6)
+
+
 def test_a_threshold_out_of_range_is_a_clear_error(sample):
     with pytest.raises(MalariaCellsError, match="threshold"):
         screen(sample / "healthy", threshold=1.5)

@@ -17,6 +17,8 @@ The steps, each robust to what varies between labs, cameras and slides:
 5. **Sorting objects.** Much smaller than a cell: platelet or debris. Much larger with a large
    very dark (nucleus-stained) part: white blood cell. Largely black (darker than any stain in
    every channel): a printed mark such as a camera's scale bar. Touching the field's edge: cut.
+   More than three median cells' area: a clump of overlapping cells that splitting left whole
+   (one count would stand for several cells, and the gaps between them look like parasites).
    The rest are counted; enlarged cells (P. vivax gametocytes and schizonts) are kept.
 
 Coordinates are pixels of the image as stored (EXIF orientation not applied).
@@ -34,6 +36,9 @@ DETECTION_CELL_DIAMETER = 32
 """Cell diameter, in pixels, at which the detector works: enough to split touching cells."""
 FOCUS_FLOOR = 0.18
 """Border sharpness (see ``_quality``) below which a field is flagged as out of focus."""
+CLUMP_CELLS = 3.0
+"""An object larger than this many median cells is a clump of overlapping cells, not counted:
+an enlarged P. vivax cell reaches about twice a cell's area."""
 DETECTION_SIDE = 1024
 """Longer side of the first, coarse look that measures the cell size."""
 
@@ -52,8 +57,8 @@ class FieldObject:
         In square pixels of the stored image.
     kind : str
         ``"red_cell"`` (counted), ``"white_cell"``, ``"platelet"`` (small debris included),
-        ``"mark"`` (a printed scale bar or label) or ``"edge"`` (cut by the image or
-        field-of-view edge).
+        ``"mark"`` (a printed scale bar or label), ``"clump"`` (overlapping cells left whole)
+        or ``"edge"`` (cut by the image or field-of-view edge).
     """
 
     x: float
@@ -509,6 +514,12 @@ def _sort_objects(labels, density, black, fov, radius, scale, size) -> list[Fiel
                min(width, int(np.ceil(x1 * scale))), min(height, int(np.ceil(y1 * scale))))
         objects.append(FieldObject(float((cx + 0.5) * scale), float((cy + 0.5) * scale), box,
                                    float(area[label]) * scale**2, kind, label))
+    counted = [o.area for o in objects if o.kind == "red_cell"]
+    if counted:
+        largest = CLUMP_CELLS * float(np.median(counted))
+        for o in objects:
+            if o.kind == "red_cell" and o.area > largest:
+                o.kind = "clump"
     return objects
 
 

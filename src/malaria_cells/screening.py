@@ -2,8 +2,8 @@
 
 ``screen(paths)`` runs each field photograph through one path: :func:`.images.decode` (at a
 reduced size for large photographs), :func:`.detection.detect_cells`, :func:`.crops.crop_cells`
-and the cell model, then counts. Cells are called Parasitized at the model's *counting*
-threshold, chosen on validation fields for few false alarms; it differs from the cell-level
+and the cell model (see :func:`counting_probability`), then counts. Cells are called
+Parasitized at the model's *counting* threshold, chosen on validation fields for few false alarms; it differs from the cell-level
 screening threshold, which is chosen for 99% sensitivity on single crops.
 
 Parasitemia is infected / counted red cells with a 95% Wilson interval. Where the model file
@@ -215,7 +215,7 @@ def _screen_decoded(contents, model, path, threshold, truth_cells, max_pixels, k
     factor_x, factor_y = width / image.shape[1], height / image.shape[0]
     detection = detect_cells(image)
     crops = crop_cells(image, detection, model.image_size)
-    probabilities = model.probability(crops) if len(crops) else np.zeros(0)
+    probabilities = counting_probability(model, crops)
     threshold = counting_threshold(model) if threshold is None else threshold
     cells = []
     for item, probability in zip(detection.cells, probabilities):
@@ -239,6 +239,26 @@ def _screen_decoded(contents, model, path, threshold, truth_cells, max_pixels, k
         result.truth = score_field(result, truth_cells)
     result.seconds = round(time.perf_counter() - started, 3)
     return (result, crops, image) if keep_crops else result
+
+
+def counting_probability(model, crops: np.ndarray, *, tta_gate: float | None = None) -> np.ndarray:
+    """Probability of Parasitized for each field crop, as counting uses it.
+
+    A cell whose crop scores at least ``tta_gate`` (default: the gate the model carries for
+    fields, ``info["field"]["tta_gate"]``) is scored again as the mean over its 8 rotations and
+    mirrors (test-time augmentation), which steadies the scores near the counting threshold;
+    the few cells that pass the gate keep the cost low. Without a gate, the plain scores.
+    """
+    if len(crops) == 0:
+        return np.zeros(0)
+    probabilities = np.asarray(model.probability(crops), dtype=float)
+    if tta_gate is None:
+        tta_gate = (field_figures(model) or {}).get("tta_gate")
+    if tta_gate is not None and tta_gate < 1:
+        again = np.flatnonzero(probabilities >= tta_gate)
+        if len(again):
+            probabilities[again] = model.probability(crops[again], tta=True)
+    return probabilities
 
 
 def counting_threshold(model) -> float:

@@ -30,12 +30,15 @@ def make_cell(infected: bool, rng: np.random.Generator, size: int = 48) -> np.nd
 
 
 def make_field(rng: np.random.Generator, *, size=(900, 700), radius=22, rows=7, cols=9, infected=(),
-               touching_pairs=0, white_cells=0, platelets=0, surround=False, scale_bar=False, blur=1.0):
+               touching_pairs=0, white_cells=0, platelets=0, surround=False, scale_bar=False, blur=1.0,
+               enlarged=(), clumps=0):
     """A synthetic thin-smear field: pale plasma, pink red cells with a darker rim and paler
     centre, infected ones with a dark ring-stage dot, white cells (a large cell with a big dark
     lobed nucleus), platelets (small purple specks), with ``scale_bar`` a camera's black scale
     bar and label in the bottom margin and, with ``surround``, the black surround of a
-    photograph through the eyepiece.
+    photograph through the eyepiece. Cells numbered in ``enlarged`` are drawn a third wider (as
+    P. vivax enlarges the cells it infects); ``clumps`` rosettes of seven overlapping cells
+    (not counted) replace as many cells of the middle row.
 
     Returns ``(image, cells)``: uint8 RGB ``(height, width, 3)`` and a list of
     ``(x, y, infected)`` for every whole red cell placed inside the field of view.
@@ -59,15 +62,21 @@ def make_field(rng: np.random.Generator, *, size=(900, 700), radius=22, rows=7, 
         x, y = spots[pair * 3]
         spots.append((x + 1.75 * radius, y + 0.3 * radius))
         spots[pair * 3 + 1] = None  # keep the neighbour clear
+    rosettes = []
+    for k in range(clumps):  # a cell and six neighbours a radius around it, in place of a grid cell
+        x, y = spots[(rows // 2) * cols + 1 + 3 * k]
+        spots[(rows // 2) * cols + 1 + 3 * k] = None
+        rosettes += [(x, y)] + [(x + radius * np.cos(a), y + radius * np.sin(a))
+                                for a in np.arange(6) * np.pi / 3]
     spots = [s for s in spots if s is not None]
     white = [(rng.uniform(0.3, 0.7) * width, rng.uniform(0.3, 0.7) * height) for _ in range(white_cells)]
     spots = [(x, y) for x, y in spots if all(np.hypot(x - wx, y - wy) > 2.8 * radius for wx, wy in white)]
     centre, fov_radius = np.array([width / 2, height / 2]), 0.48 * min(width, height)
-    for number, (x, y) in enumerate(spots):
+    for number, (x, y) in enumerate(spots + rosettes):
         whole = not surround or np.hypot(x - centre[0], y - centre[1]) < fov_radius - radius * 1.2
         if surround and np.hypot(x - centre[0], y - centre[1]) > fov_radius + radius * 0.5:
             continue
-        r = radius * rng.uniform(0.92, 1.08)
+        r = radius * rng.uniform(0.92, 1.08) * (1.35 if index in enlarged else 1.0)
         distance = np.hypot(yy - y, xx - x) / r
         inside = distance < 1
         body = np.array([214, 150, 160])
@@ -81,7 +90,7 @@ def make_field(rng: np.random.Generator, *, size=(900, 700), radius=22, rows=7, 
             sx, sy = x + 0.45 * r * np.cos(angle), y + 0.45 * r * np.sin(angle)
             dot = np.hypot(yy - sy, xx - sx) < 0.22 * r
             image[dot] = [95, 35, 125]
-        if whole:  # cells cut by the edge of the field of view are not counted
+        if whole and number < len(spots):  # cells cut by the field of view's edge, or clumped, are not counted
             cells.append((float(x), float(y), is_infected))
         index += 1
     for x, y in white:
