@@ -251,13 +251,16 @@ def counting_probability(model, crops: np.ndarray, *, tta_gate: float | None = N
     """
     if len(crops) == 0:
         return np.zeros(0)
-    probabilities = np.asarray(model.probability(crops), dtype=float)
+    # Where a runtime scores batches side by side, batches of one network run (64 crops) keep
+    # every core busy on a single field.
+    batch = 64 if model.parallel_batches else 512
+    probabilities = np.asarray(model.probability(crops, batch_size=batch), dtype=float)
     if tta_gate is None:
         tta_gate = (field_figures(model) or {}).get("tta_gate")
     if tta_gate is not None and tta_gate < 1:
         again = np.flatnonzero(probabilities >= tta_gate)
         if len(again):
-            probabilities[again] = model.probability(crops[again], tta=True)
+            probabilities[again] = model.probability(crops[again], tta=True, batch_size=batch // 8)
     return probabilities
 
 
