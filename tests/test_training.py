@@ -175,7 +175,9 @@ def _train_and_interrupt(cell_dataset, run, when):
     process = subprocess.Popen(
         [sys.executable, "-m", "malaria_cells", "train", "--data", str(cell_dataset), "--out", str(run),
          "--model", "tutorial", "--image-size", "32", "--epochs", "200", "--batch-size", "8", "--quiet"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # a shell's background jobs inherit Ctrl-C ignored; the child must hear it as a user would
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     while not when(run) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
