@@ -33,6 +33,14 @@ def test_a_white_cell_is_excluded_not_counted():
     assert len(detection.cells) == len(cells) == len(pairs)
 
 
+def test_a_cell_touching_a_white_cell_is_still_counted():
+    # pieces cut from a white cell share a long border with it and go with it; a red cell
+    # leaning on one touches it along a short arc
+    detection, cells, pairs = _found({"white_cells": 1, "pressed": True})
+    assert [o.kind for o in detection.objects].count("white_cell") == 1
+    assert len(detection.cells) == len(cells) == len(pairs)
+
+
 def test_a_printed_scale_bar_is_excluded_not_counted():
     detection, cells, pairs = _found({"scale_bar": True})
     assert any(o.kind == "mark" for o in detection.objects)

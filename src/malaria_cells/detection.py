@@ -14,9 +14,10 @@ The steps, each robust to what varies between labs, cameras and slides:
 4. **Splitting.** Peaks at least a radius apart seed a watershed of the distance transform,
    which splits touching and overlapping cells; holes are filled first, so pale cells with a
    light centre stay whole.
-5. **Sorting objects.** Much smaller than a cell: platelet or debris. Much larger with a large
-   very dark (nucleus-stained) part: white blood cell. Largely black (darker than any stain in
-   every channel): a printed mark such as a camera's scale bar. Touching the field's edge: cut.
+5. **Sorting objects.** Much smaller than a cell: platelet or debris. Holding part of a large
+   very dark (nucleus-stained) blob, or sharing a fifth of its border with such an object: a
+   white blood cell, or a piece of one. Largely black (darker than any stain in every channel):
+   a printed mark such as a camera's scale bar. Touching the field's edge: cut.
    More than three median cells' area: a clump of overlapping cells that splitting left whole
    (one count would stand for several cells, and the gaps between them look like parasites).
    The rest are counted; enlarged cells (P. vivax gametocytes and schizonts) are kept.
@@ -504,7 +505,7 @@ def _sort_objects(labels, density, black, fov, radius, scale, size) -> list[Fiel
             kind = "platelet"
         elif black_share[label] / area[label] > 0.25:
             kind = "mark"
-        elif nucleus_share[label] / area[label] > 0.2:
+        elif nucleus_share[label] / area[label] > 0.02:  # a white cell, or a piece holding some of its nucleus
             kind = "white_cell"
         else:
             kind = "red_cell"
@@ -514,6 +515,18 @@ def _sort_objects(labels, density, black, fov, radius, scale, size) -> list[Fiel
                min(width, int(np.ceil(x1 * scale))), min(height, int(np.ceil(y1 * scale))))
         objects.append(FieldObject(float((cx + 0.5) * scale), float((cy + 0.5) * scale), box,
                                    float(area[label]) * scale**2, kind, label))
+    # Pieces the splitting cut from a white cell share a long border with it (a red cell that
+    # leans on one touches it along a short arc): they go with it.
+    white = np.zeros(n, bool)
+    white[[o.label for o in objects if o.kind == "white_cell"]] = True
+    if white.any():
+        inside = white[labels]
+        ring = (cv2.dilate(inside.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0) & ~inside
+        contact = np.bincount(labels[ring], minlength=n)
+        for o in objects:
+            perimeter = 2 * np.sqrt(np.pi * area[o.label])
+            if o.kind == "red_cell" and contact[o.label] > 0.2 * perimeter:
+                o.kind = "white_cell"
     counted = [o.area for o in objects if o.kind == "red_cell"]
     if counted:
         largest = CLUMP_CELLS * float(np.median(counted))

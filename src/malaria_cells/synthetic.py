@@ -31,14 +31,15 @@ def make_cell(infected: bool, rng: np.random.Generator, size: int = 48) -> np.nd
 
 def make_field(rng: np.random.Generator, *, size=(900, 700), radius=22, rows=7, cols=9, infected=(),
                touching_pairs=0, white_cells=0, platelets=0, surround=False, scale_bar=False, blur=1.0,
-               enlarged=(), clumps=0):
+               enlarged=(), clumps=0, pressed=False):
     """A synthetic thin-smear field: pale plasma, pink red cells with a darker rim and paler
     centre, infected ones with a dark ring-stage dot, white cells (a large cell with a big dark
     lobed nucleus), platelets (small purple specks), with ``scale_bar`` a camera's black scale
     bar and label in the bottom margin and, with ``surround``, the black surround of a
     photograph through the eyepiece. Cells numbered in ``enlarged`` are drawn a third wider (as
     P. vivax enlarges the cells it infects); ``clumps`` rosettes of seven overlapping cells
-    (not counted) replace as many cells of the middle row.
+    (not counted) replace as many cells of the middle row. With ``pressed``, a red cell leans
+    on each white cell.
 
     Returns ``(image, cells)``: uint8 RGB ``(height, width, 3)`` and a list of
     ``(x, y, infected)`` for every whole red cell placed inside the field of view.
@@ -71,7 +72,16 @@ def make_field(rng: np.random.Generator, *, size=(900, 700), radius=22, rows=7, 
     spots = [s for s in spots if s is not None]
     white = [(rng.uniform(0.3, 0.7) * width, rng.uniform(0.3, 0.7) * height) for _ in range(white_cells)]
     spots = [(x, y) for x, y in spots if all(np.hypot(x - wx, y - wy) > 2.8 * radius for wx, wy in white)]
+    spots += [(wx + 2.2 * radius, wy) for wx, wy in white] if pressed else []
     centre, fov_radius = np.array([width / 2, height / 2]), 0.48 * min(width, height)
+    for x, y in white:
+        r = 1.6 * radius
+        distance = np.hypot(yy - y, xx - x)
+        image[distance < r] = [222, 200, 215]
+        for k in range(3):  # a lobed nucleus
+            a = 2 * np.pi * k / 3
+            lobe = np.hypot(yy - (y + 0.35 * r * np.sin(a)), xx - (x + 0.35 * r * np.cos(a))) < 0.42 * r
+            image[lobe] = [80, 30, 120]
     for number, (x, y) in enumerate(spots + rosettes):
         whole = not surround or np.hypot(x - centre[0], y - centre[1]) < fov_radius - radius * 1.2
         if surround and np.hypot(x - centre[0], y - centre[1]) > fov_radius + radius * 0.5:
@@ -93,14 +103,6 @@ def make_field(rng: np.random.Generator, *, size=(900, 700), radius=22, rows=7, 
         if whole and number < len(spots):  # cells cut by the field of view's edge, or clumped, are not counted
             cells.append((float(x), float(y), is_infected))
         index += 1
-    for x, y in white:
-        r = 1.6 * radius
-        distance = np.hypot(yy - y, xx - x)
-        image[distance < r] = [222, 200, 215]
-        for k in range(3):  # a lobed nucleus
-            a = 2 * np.pi * k / 3
-            lobe = np.hypot(yy - (y + 0.35 * r * np.sin(a)), xx - (x + 0.35 * r * np.cos(a))) < 0.42 * r
-            image[lobe] = [80, 30, 120]
     for _ in range(platelets):
         x, y = rng.uniform(0.05, 0.95) * width, rng.uniform(0.05, 0.95) * height
         image[np.hypot(yy - y, xx - x) < 0.18 * radius] = [150, 90, 170]
