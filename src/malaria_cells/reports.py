@@ -184,7 +184,7 @@ figure {{ display: inline-block; margin: 4px; vertical-align: top; }} figure img
 <h2>Fields</h2>
 <table><tr><th>field</th><th>cells</th><th>parasitized</th><th>parasitemia</th><th>95% CI %</th><th>quality</th></tr>{fields}</table>
 <h2>Highest-scoring cells</h2><div>{gallery}</div>
-<h2>Overlays</h2><p>Counted cells outlined in green; cells called Parasitized in red with their probability; excluded objects (cut by the edge, platelets, white cells, printed marks) crossed in grey.</p>
+<h2>Overlays</h2><p>Counted cells outlined in green; cells called Parasitized in red with their probability; excluded objects (cut by the edge, clumps of overlapping cells, platelets, white cells, printed marks) crossed in grey.</p>
 <div class="overlays">{overlays}</div>
 <p><small>malaria-cells, model {html.escape(os.path.basename(result.model['path']))}, counting threshold
 {result.model['counting_threshold']:.4f}. A screening aid: a microscopist confirms every call.</small></p>
