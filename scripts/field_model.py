@@ -311,6 +311,8 @@ def nested_report(data, records, block_of, probabilities, max_fpr: float) -> dic
     """Every block scored at a threshold chosen without it: for block ``k``, the threshold comes
     from the other four blocks' out-of-fold scores and is applied to fold ``k``'s model, which
     never saw block ``k``. Pooled over the 115 fields: what the recipe does on fields it did not see."""
+    from malaria_cells.screening import _corrected
+
     oof = out_of_fold(data, block_of, probabilities)
     nih_fields = [i for i, r in enumerate(records) if r["kind"] == "nih"]
     called, errors, corrected_errors, per_fold, nih = np.zeros(len(oof), bool), [], [], [], []
@@ -320,12 +322,12 @@ def nested_report(data, records, block_of, probabilities, max_fpr: float) -> dic
         threshold = pooled_threshold(data, block_of, oof, others, max_fpr)
         fields = [f for f, b in block_of.items() if b == k]
         report = field_report(data, records, fields, probability, threshold)
-        # Rogan-Gladen, with the sensitivity and false-positive rate measured on the other blocks
+        # Rogan-Gladen as screen corrects, with the figures measured on the other blocks
         seen = np.isin(data["field"], [f for f, b in block_of.items() if b in others])
-        sensitivity = (oof[seen & (data["labels"] == 1)] >= threshold).mean()
-        alarms = (oof[seen & (data["labels"] == 0)] >= threshold).mean()
-        corrected_errors += [abs(100 * min(1.0, max(0.0, (row[3] / 100 - alarms) / (sensitivity - alarms))) - row[4])
-                             for row in report["per_field"]]
+        figures = {"sensitivity": float((oof[seen & (data["labels"] == 1)] >= threshold).mean()),
+                   "specificity": float((oof[seen & (data["labels"] == 0)] < threshold).mean())}
+        corrected_errors += [abs(100 * _corrected(called_here, cells, figures)["parasitemia"] - truth)
+                             for _, cells, called_here, _, truth in report["per_field"]]
         here = np.isin(data["field"], fields)
         called[here] = probability[here] >= threshold
         errors += [abs(row[3] - row[4]) for row in report["per_field"]]
@@ -365,6 +367,9 @@ def rescore(data, records, block_of, args) -> None:
     without training again) and print the nested reports."""
     from malaria_cells.runtimes import load_model
 
+    missing = [f"fold{k}.keras" for k in range(BLOCKS) if not (args.work / f"fold{k}.keras").is_file()]
+    if missing:
+        raise SystemExit(f"{args.work}: no {', '.join(missing)}; run `cv --work {args.work} --save-models` first")
     probabilities = []
     for k in range(BLOCKS):
         probabilities.append(score(load_model(args.work / f"fold{k}.keras"), data["crops"], args))
@@ -440,7 +445,10 @@ def main() -> None:
     if args.step == "cv":
         from malaria_cells.runtimes import load_model
 
-        shipped = load_model().probability(data["crops"], batch_size=512)
+        from malaria_cells.screening import counting_probability
+
+        shipped_model = load_model()
+        shipped = counting_probability(shipped_model, data["crops"])  # as screen scores with it
         reports = []
         for k in args.folds:
             model, probability = run_fold(data, block_of, [b for b in range(BLOCKS) if b != k], nih, args)
@@ -453,7 +461,7 @@ def main() -> None:
                                   "nih_fpr": field_report(data, records, nih_fields, probability, t)["false_positive_rate"]}
                      for t in (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97)}
             report = {"fold": k, "sweep": sweep,
-                      "shipped_at_its_threshold": field_report(data, records, test_fields, shipped, load_model().threshold)}
+                      "shipped_at_its_threshold": field_report(data, records, test_fields, shipped, shipped_model.threshold)}
             reports.append(report)
             print(json.dumps({"fold": k, "sweep": sweep}), flush=True)
             (args.work / "cv.json").write_text(json.dumps(reports, indent=1, default=str))
@@ -553,4 +561,9 @@ def ensemble(args) -> None:
     save_field_model(model, info, data, records, block_of, probabilities, args)
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from malaria_cells import MalariaCellsError
+
+    try:
+        sys.exit(main())
+    except MalariaCellsError as error:  # a missing or broken model file: one line, not a traceback
+        raise SystemExit(f"field_model.py: {error}") from None

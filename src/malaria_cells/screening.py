@@ -3,8 +3,9 @@
 ``screen(paths)`` runs each field photograph through one path: :func:`.images.decode` (at a
 reduced size for large photographs), :func:`.detection.detect_cells`, :func:`.crops.crop_cells`
 and the cell model (see :func:`counting_probability`), then counts. Cells are called
-Parasitized at the model's *counting* threshold, chosen on validation fields for few false alarms; it differs from the cell-level
-screening threshold, which is chosen for 99% sensitivity on single crops.
+Parasitized at the model's *counting* threshold, chosen on validation fields for few false
+alarms; it differs from the cell-level screening threshold, which is chosen for 99%
+sensitivity on single crops.
 
 Parasitemia is infected / counted red cells with a 95% Wilson interval. Where the model file
 carries its measured sensitivity and specificity on field cells, a Rogan-Gladen estimate
