@@ -36,7 +36,7 @@ def describe(name: str, truth: dict, call: str | None = None) -> str:
 
 
 def main() -> None:
-    from malaria_cells.screening import pool_fields, screen
+    from malaria_cells.fields import pool_fields, screen
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="cell model (default: the shipped field model)")

@@ -68,7 +68,7 @@ def warm(model_path, fields: dict, runs: int) -> None:
 
     from malaria_cells.images import read_file
     from malaria_cells.runtimes import default_model_path, load_model
-    from malaria_cells.screening import screen_image
+    from malaria_cells.fields import screen_image
 
     model = load_model(model_path or default_model_path(fields=True))
     for name, path in fields.items():

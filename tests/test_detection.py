@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from malaria_cells.detection import detect_cells
-from malaria_cells.truth import match_cells
+from malaria_cells.fields import detect_cells
+from malaria_cells.fields.truth import match_cells
 
 from conftest import make_field
 
@@ -95,7 +95,7 @@ def test_the_fast_watershed_matches_scikit_image():
     # SciPy); a change of that private signature must not change a single label.
     from skimage.segmentation import watershed
 
-    from malaria_cells.detection import _watershed
+    from malaria_cells.fields.detection import _watershed
 
     rng = np.random.default_rng(3)
     relief = -cv2_blur(rng.random((120, 150)))

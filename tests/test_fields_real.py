@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from malaria_cells.screening import screen
+from malaria_cells.fields import screen
 
 FIELDS = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "fields"
 pytestmark = pytest.mark.skipif(not FIELDS.is_dir(), reason="../shared/data/fields is not available")

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from malaria_cells import MalariaCellsError
-from malaria_cells.screening import RULE_OUT, call_sample, screen
+from malaria_cells.fields import RULE_OUT, call_sample, screen
 
 from conftest import encode, make_field
 
@@ -93,7 +93,7 @@ def test_low_quality_fields_make_the_sample_review():
 
 def test_corrected_parasitemia_uses_the_field_figures(sample, trained_run):
     from malaria_cells import load_model
-    from malaria_cells.screening import screen_image
+    from malaria_cells.fields import screen_image
 
     model = load_model(trained_run["model_path"])
     model.info = {**model.info, "field": {"threshold": 0.5, "sensitivity": 0.8, "specificity": 0.99}}
@@ -105,7 +105,7 @@ def test_corrected_parasitemia_uses_the_field_figures(sample, trained_run):
 
 def test_counting_scores_average_the_eight_views_of_cells_past_the_gate(trained_run):
     from malaria_cells import load_model
-    from malaria_cells.screening import counting_probability
+    from malaria_cells.fields import counting_probability
 
     model = load_model(trained_run["model_path"])
     crops = np.random.default_rng(0).integers(0, 256, (12, model.image_size, model.image_size, 3), dtype=np.uint8)

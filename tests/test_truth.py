@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from malaria_cells import MalariaCellsError
-from malaria_cells.screening import CellResult, FieldResult
-from malaria_cells.truth import load_truth_index, match_cells, pool_scores, read_truth, score_field
+from malaria_cells.fields import CellResult, FieldResult
+from malaria_cells.fields.truth import load_truth_index, match_cells, pool_scores, read_truth, score_field
 
 FIELDS = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "fields"
 
@@ -49,7 +49,7 @@ def _field(cells, width=200, height=200):
 
 
 def test_scores_count_matches_false_alarms_and_misses():
-    from malaria_cells.truth import TruthCell
+    from malaria_cells.fields.truth import TruthCell
 
     truth = [TruthCell(50, 50, "Uninfected", None, 20), TruthCell(100, 100, "Parasitized", "ring", 20),
              TruthCell(150, 50, "Uninfected", None, 20), TruthCell(1, 100, "Uninfected", None, 20)]  # cut by the edge

@@ -24,8 +24,9 @@ _EXPORTS = {
     "compute_metrics": "evaluation", "evaluate": "evaluation", "CellClassifier": "runtimes",
     "load_model": "runtimes", "Prediction": "inference", "iter_predictions": "inference",
     "predict": "inference", "PRESETS": "training", "TrainConfig": "training", "make_config": "training",
-    "retune": "training", "train": "training", "RunResult": "runs", "RetuneResult": "runs", "screen": "screening", "ScreenResult": "screening",
-    "FieldResult": "screening", "SampleResult": "screening", "CellResult": "screening",
+    "retune": "training", "train": "training", "RunResult": "runs", "RetuneResult": "runs", "screen": "fields", "ScreenResult": "fields",
+    "FieldResult": "fields", "SampleResult": "fields", "CellResult": "fields", "Screener": "fields",
+    "ClassicalDetector": "fields", "FieldFigures": "fields",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
     from .inference import Prediction, iter_predictions, predict
     from .runs import RetuneResult, RunResult
     from .runtimes import CellClassifier, load_model
-    from .screening import CellResult, FieldResult, SampleResult, ScreenResult, screen
+    from .fields import CellResult, ClassicalDetector, FieldFigures, FieldResult, SampleResult, ScreenResult, Screener, screen
     from .splits import split_dataset
     from .training import PRESETS, TrainConfig, make_config, retune, train
 

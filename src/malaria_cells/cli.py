@@ -171,8 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_option(screen)
     screen.add_argument("--out", metavar="DIR",
                         help="also write overlays, cells.csv, report.json and a printable report.html here")
-    screen.add_argument("--format", choices=("table", "json", "csv"), default="table",
-                        help="table (default), json (one object) or csv (one row per cell)")
+    from .fields.formats import FORMATS
+
+    screen.add_argument("--format", choices=tuple(FORMATS), default="table",
+                        help="; ".join(f"{name}: {item.description}" for name, item in FORMATS.items())
+                        + " (default: table)")
     screen.add_argument("--output", metavar="FILE", help="write the results to FILE instead of stdout")
     screen.add_argument("--overwrite", action="store_true", help="replace FILE, or write into a non-empty DIR")
     screen.add_argument("--truth", metavar="PATH", nargs="?", const=True,
@@ -373,36 +376,26 @@ def _progress_bar(total: int, *, unit: str = "cell", minimum: int = 2000):
 
 
 def run_screen(args) -> int:
+    from .fields import FORMATS, Screener, group_samples
+    from .fields.report import ReportWriter
     from .files import atomic_path
-    from .reports import ReportWriter, dumps, format_table, write_cells_csv
-    from .runtimes import load_model
-    from .runtimes import default_model_path
-    from .screening import group_samples, screen
 
-    model = load_model(args.model or default_model_path(fields=True))
+    screener = Screener(args.model, threshold=args.threshold)
     if args.output and os.path.exists(args.output) and not args.overwrite:
         raise MalariaCellsError(f"{args.output}: already exists; choose another --output or pass --overwrite")
     report = ReportWriter(args.out, overwrite=args.overwrite) if args.out else None
     bar = _progress_bar(sum(len(files) for _, files in group_samples(args.paths)[0]), unit="field", minimum=2)
-    result = screen(args.paths, model, threshold=args.threshold, truth=args.truth, progress=bar.update,
-                    on_field=report.add if report else None)
+    result = screener.screen(args.paths, truth=args.truth, progress=bar.update,
+                             on_field=report.add if report else None)
     bar.close()
     if report is not None:
         page = report.finish(result)
-
-    def emit(stream):
-        if args.format == "json":
-            stream.write(dumps(result) + "\n")
-        elif args.format == "csv":
-            write_cells_csv(result, stream)
-        else:
-            stream.write(format_table(result))
-
+    write = FORMATS[args.format].write
     if args.output:
         with atomic_path(args.output) as temporary, open(temporary, "w", encoding="utf-8", newline="") as stream:
-            emit(stream)
+            write(result, stream)
     else:
-        emit(sys.stdout)
+        write(result, sys.stdout)
     for path, reason in result.skipped:
         print(f"skipped: {path}: {reason}", file=sys.stderr)
     if report is not None:

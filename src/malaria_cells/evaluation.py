@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Sequence
 
@@ -11,49 +10,12 @@ import numpy as np
 from .config import CLASS_NAMES
 from .datasets import list_cell_images, patient_id, warn_skipped
 from .errors import MalariaCellsError
+from .proportions import binomial_tail, wilson_interval  # noqa: F401  (part of this module's API)
 
 RATES = ("accuracy", "sensitivity", "specificity", "precision")
 """Proportions, given Wilson 95% intervals."""
 BOOTSTRAPPED = ("f1", "mcc", "auc")
 """Other scores, given percentile-bootstrap 95% intervals (by patient when known)."""
-
-
-def wilson_interval(successes: int, trials: int, confidence: float = 0.95) -> list[float]:
-    """Wilson score interval for a proportion ([nan, nan] when there are no trials).
-
-    Written out rather than taken from ``scipy.stats``, a slow import kept off the screening
-    path."""
-    if trials == 0:
-        return [float("nan"), float("nan")]
-    from statistics import NormalDist
-
-    z = NormalDist().inv_cdf(0.5 + confidence / 2)
-    n, p = int(trials), int(successes) / int(trials)
-    centre, spread = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    scale = 1 + z * z / n
-    low = 0.0 if successes == 0 else max(0.0, (centre - spread) / scale)  # exact ends, not float residue
-    high = 1.0 if successes == trials else min(1.0, (centre + spread) / scale)
-    return [low, high]
-
-
-def binomial_tail(successes: int, trials: int, rate: float) -> float:
-    """P(X >= successes) for X ~ Binomial(trials, rate), summed in log space.
-
-    Written out for the same reason as :func:`wilson_interval`: ``scipy.special`` alone is a
-    slower import than the rest of a one-field screen's start-up."""
-    k, n = int(successes), int(trials)
-    if k <= 0:
-        return 1.0
-    if k > n:
-        return 0.0
-    if rate <= 0 or rate >= 1:
-        return float(rate >= 1)
-    i = np.arange(k, n + 1, dtype=np.float64)
-    steps = np.log(np.arange(n, 0, -1, dtype=np.float64)) - np.log(np.arange(1, n + 1, dtype=np.float64))
-    log_choose = np.concatenate([[0.0], np.cumsum(steps)])[k:]
-    terms = log_choose + i * math.log(rate) + (n - i) * math.log1p(-rate)
-    top = terms.max()
-    return float(min(1.0, math.exp(top) * np.exp(terms - top).sum()))
 
 
 def threshold_for_sensitivity(y_true, y_prob, target: float) -> float:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from importlib import resources
 
 from fastapi import FastAPI, File, HTTPException, Request, UploadFile
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from .config import CLASS_NAMES, MAX_IMAGE_PIXELS
 from .errors import MalariaCellsError
@@ -134,10 +134,12 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
 
     # Without a named model, cells are scored by the shipped cell model and fields by the
     # shipped field model; a named model does both.
+    from .fields import Screener
+
     field_model = load_model(default_model_path(fields=True)) if model is None else None
     model = load_model(model)
-    field_model = field_model or model
     limits = limits or ServeLimits()
+    screener = Screener(field_model or model, max_pixels=limits.max_image_pixels)
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     model_version = model.info.get("trained_at") or os.path.basename(model.path)
     app = FastAPI(title="malaria-cells", version=__version__, docs_url=None, redoc_url=None,
@@ -202,43 +204,46 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
 
     @app.post("/v1/screen", summary="Screen uploaded smear photographs (one sample)")
     def screen_fields(files: list[UploadFile] = File(..., description="field photographs of one sample"),
-                      overlays: bool = False):
-        """Counts, parasitemia and the call, as ``malaria-cells screen --format json``; with
-        ``?overlays=true`` each field also carries its overlay as a JPEG data URL. Fields are
-        decoded one at a time, within the process's budget of decoded pixels."""
-        from .images import UnreadableImage
-        from .reports import draw_overlay, overlay_data_url
-        from .screening import ScreenResult, pool_fields, screen_image
+                      overlays: bool = False, format: str = "json"):
+        """Counts, parasitemia and the call, as ``malaria-cells screen`` gives them: ``format``
+        ``json`` (default; with ``?overlays=true`` each field also carries its overlay as a
+        JPEG data URL), ``table`` or ``csv``. Fields are decoded one at a time, within the
+        process's budget of decoded pixels."""
+        from .fields import FORMATS
+        from .fields.report import draw_overlay, overlay_data_url
 
+        if format not in FORMATS:
+            raise HTTPException(422, f"unknown format {format!r} (choose from {', '.join(FORMATS)})")
         if len(files) > limits.max_images:
             raise HTTPException(413, f"too many images ({len(files)}, limit {limits.max_images})")
-        fields, skipped, pictures = [], [], {}
-        for upload in files:
-            data = upload.file.read()
-            name = upload.filename or f"field-{len(fields) + len(skipped) + 1}"
-            try:
-                check_upload(data, limits.max_image_pixels)
-                result, _, image = screen_image(data, field_model, path=name,
-                                                max_pixels=limits.max_image_pixels, keep_crops=True)
-            except UploadError as error:
-                skipped.append((name, str(error)))
-                continue
-            except UnreadableImage as error:
-                skipped.append((name, str(error)))
-                continue
-            if overlays:
-                pictures[name] = overlay_data_url(draw_overlay(image, result))
-            del image
-            fields.append(result)
-        if not fields:
-            raise HTTPException(422, "no field could be screened: " + "; ".join(f"{p}: {r}" for p, r in skipped))
-        summary = pool_fields("upload", fields, field_model)
-        from .screening import counting_threshold, field_figures
+        pictures = {}
 
-        body = ScreenResult(fields, [summary], summary, skipped,
-                            {"path": os.path.basename(field_model.path),
-                             "counting_threshold": counting_threshold(field_model),
-                             "field_figures": field_figures(field_model)}).to_dict()
+        def field_of(index, upload):
+            name = upload.filename or f"field-{index + 1}"
+
+            def read():
+                data = upload.file.read()
+                try:
+                    check_upload(data, limits.max_image_pixels)
+                except UploadError as error:
+                    raise MalariaCellsError(str(error)) from None
+                return data
+
+            return name, read
+
+        def on_field(result, crops, image):
+            if overlays:
+                pictures[result.path] = overlay_data_url(draw_overlay(image, result))
+
+        result = screener.screen_samples([("upload", [field_of(k, u) for k, u in enumerate(files)])],
+                                         on_field=on_field)
+        if not result.fields:
+            raise HTTPException(422, "no field could be screened: " + "; ".join(f"{p}: {r}" for p, r in result.skipped))
+        if format != "json":
+            from .fields import render
+
+            return Response(render(result, format), media_type=FORMATS[format].media_type)
+        body = result.to_dict()
         for entry in body["fields"]:
             entry["overlay"] = pictures.get(entry["path"])
         return JSONResponse(json.loads(json.dumps(body, default=float)))

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import MalariaCellsError
+from ..errors import MalariaCellsError
 
-__all__ = ["TruthCell", "read_truth", "load_truth_index", "match_cells", "score_field", "pool_scores", "STAGES"]
+__all__ = ["TruthCell", "read_truth", "load_truth_index", "match_cells", "score_field", "pool_scores", "is_cut", "STAGES"]
 
 STAGES = ("ring", "trophozoite", "schizont", "gametocyte")
 """Parasite stages of IML annotations: each marks an infected red cell."""
@@ -138,7 +138,7 @@ def match_cells(found: np.ndarray, true: np.ndarray, max_distance: float) -> lis
     return pairs
 
 
-def _is_cut(cell: TruthCell, width: int, height: int, margin: float = 3.0) -> bool:
+def is_cut(cell: TruthCell, width: int, height: int, margin: float = 3.0) -> bool:
     """Whether an annotated box reaches the image edge (such cells are not counted)."""
     if cell.width is None:
         return False
@@ -155,7 +155,7 @@ def score_field(result, truth: list[TruthCell]) -> dict:
     true and found parasitized) and the figures they give.
     """
     counted = [c for c in truth if c.label in ("Uninfected", "Parasitized")
-               and not _is_cut(c, result.width, result.height)]
+               and not is_cut(c, result.width, result.height)]
     found = np.array([[c.x, c.y] for c in result.cells]).reshape(-1, 2)
     true = np.array([[c.x, c.y] for c in counted]).reshape(-1, 2)
     pairs = match_cells(found, true, result.cell_diameter / 2)

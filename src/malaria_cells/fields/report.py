@@ -1,69 +1,25 @@
-"""Rendering a screen: a text table, cell CSV, overlays and a printable HTML report."""
+"""A screen's report folder: overlays, cell CSV, JSON and a printable HTML report."""
 
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import io
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
-from .files import atomic_path, write_json, write_text
-from .screening import FieldResult, SampleResult, ScreenResult
+from ..files import atomic_path, write_json, write_text
+from .formats import format_interval, format_percent, write_cells_csv
+from .results import FieldResult, SampleResult, ScreenResult
 
-__all__ = ["format_table", "write_cells_csv", "draw_overlay", "overlay_data_url", "ReportWriter", "dumps",
-           "OVERLAY_SIDE", "GALLERY_SIZE"]
+__all__ = ["draw_overlay", "overlay_data_url", "ReportWriter", "OVERLAY_SIDE", "GALLERY_SIZE"]
 
 OVERLAY_SIDE = 1600
 """Longer side of the overlay images: enough to see each cell, light enough to print."""
 GALLERY_SIZE = 24
 """Highest-scoring cells shown as crops in the report, for a microscopist to confirm."""
-
-
-def _percent(value, digits: int = 2) -> str:
-    return "-" if value is None else f"{100 * value:.{digits}f}%"
-
-
-def _interval(ci) -> str:
-    return "-" if not ci else f"[{100 * ci[0]:.2f}, {100 * ci[1]:.2f}]"
-
-
-def format_table(result: ScreenResult) -> str:
-    """Per field and per sample: counts, parasitemia with its interval, quality; the calls."""
-    lines = [f"{'cells':>6} {'parasitized':>11} {'parasitemia':>11} {'95% CI %':>15}  {'quality':<8} field"]
-    for item in result.fields:
-        quality = "ok" if item.quality.get("ok") else "low"
-        lines.append(f"{item.n_cells:>6} {item.n_parasitized:>11} {_percent(item.parasitemia):>11} "
-                     f"{_interval(item.parasitemia_ci):>15}  {quality:<8} {item.path}")
-        if item.truth:
-            t = item.truth
-            lines.append(f"{'':>6} truth: {t['n_true']} cells, {_percent(t['true_parasitemia'])} parasitized; "
-                         f"detection F1 {t['f1']:.3f} (precision {t['precision'] or 0:.3f}, recall {t['recall'] or 0:.3f})")
-    lines.append("")
-    samples = result.samples if len(result.samples) > 1 else [result.summary]
-    lines.append(f"{'sample':<20} {'fields':>6} {'cells':>7} {'parasitized':>11} {'parasitemia':>11} "
-                 f"{'95% CI %':>15} {'corrected':>10}  call")
-    for sample in samples + ([result.summary] if len(result.samples) > 1 else []):
-        corrected = _percent(sample.corrected["parasitemia"]) if sample.corrected else "-"
-        lines.append(f"{sample.name[:20]:<20} {sample.fields:>6} {sample.n_cells:>7} {sample.n_parasitized:>11} "
-                     f"{_percent(sample.parasitemia):>11} {_interval(sample.parasitemia_ci):>15} {corrected:>10}  "
-                     f"{sample.call.upper()}")
-        for reason in sample.reasons:
-            lines.append(f"{'':<20} {reason}")
-    return "\n".join(lines) + "\n"
-
-
-def write_cells_csv(result: ScreenResult, stream) -> None:
-    """One row per counted cell: field, centre, box, probability, label."""
-    writer = csv.writer(stream, lineterminator="\n")
-    writer.writerow(["field", "frame", "x", "y", "x0", "y0", "x1", "y1", "probability", "label"])
-    for item in result.fields:
-        for cell in item.cells:
-            writer.writerow([item.path, item.frame, cell.x, cell.y, *cell.bbox, f"{cell.probability:.6f}", cell.label])
 
 
 def _encode(image: np.ndarray, fmt: str = ".jpg") -> bytes:
@@ -84,7 +40,7 @@ def draw_overlay(image: np.ndarray, item: FieldResult) -> np.ndarray:
     excluded objects marked; returned at most :data:`OVERLAY_SIDE` pixels on its longer side."""
     import cv2
 
-    from .images import resize
+    from ..images import resize
 
     scale = min(1.0, OVERLAY_SIDE / max(image.shape[:2]))
     canvas = resize(image, (round(image.shape[1] * scale), round(image.shape[0] * scale))).copy()
@@ -110,7 +66,7 @@ class ReportWriter:
     ``report.json`` and ``report.html`` once all are done. Every file is written atomically."""
 
     def __init__(self, out: str | os.PathLike, *, overwrite: bool = False):
-        from .errors import MalariaCellsError
+        from ..errors import MalariaCellsError
 
         self.out = Path(out)
         if self.out.exists() and (not self.out.is_dir() or (any(self.out.iterdir()) and not overwrite)):
@@ -150,7 +106,7 @@ class ReportWriter:
         rows = "".join(self._sample_row(s) for s in samples)
         fields = "".join(
             f"<tr><td>{html.escape(Path(f.path).name)}</td><td>{f.n_cells}</td><td>{f.n_parasitized}</td>"
-            f"<td>{_percent(f.parasitemia)}</td><td>{_interval(f.parasitemia_ci)}</td>"
+            f"<td>{format_percent(f.parasitemia)}</td><td>{format_interval(f.parasitemia_ci)}</td>"
             f"<td>{'ok' if f.quality.get('ok') else html.escape('; '.join(f.quality.get('reasons', [])))}</td></tr>"
             for f in result.fields)
         overlays = "".join(
@@ -161,8 +117,8 @@ class ReportWriter:
             f"<figure class=\"cell\"><img src=\"data:image/png;base64,{base64.b64encode(png).decode()}\" "
             f"alt=\"cell\"><figcaption>{probability:.3f}<br>{html.escape(where)}</figcaption></figure>"
             for probability, where, png in self.gallery)
-        corrected = (f" (corrected for the classifier: {_percent(summary.corrected['parasitemia'])}, 95% CI "
-                     f"{_interval(summary.corrected['parasitemia_ci'])}%)") if summary.corrected else ""
+        corrected = (f" (corrected for the classifier: {format_percent(summary.corrected['parasitemia'])}, 95% CI "
+                     f"{format_interval(summary.corrected['parasitemia_ci'])}%)") if summary.corrected else ""
         return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>malaria-cells screen: {html.escape(summary.name)}</title>
 <style>
@@ -178,8 +134,8 @@ figure {{ display: inline-block; margin: 4px; vertical-align: top; }} figure img
 <h1>Thin-smear screen: {html.escape(summary.name)}</h1>
 <p class="call">{summary.call.upper()}</p>
 <p>{html.escape('; '.join(summary.reasons))}</p>
-<p>Parasitemia {_percent(summary.parasitemia)} ({summary.n_parasitized} of {summary.n_cells} red cells), 95% CI
-{_interval(summary.parasitemia_ci)}%{corrected}. Coordinates are pixels of the images as stored (EXIF orientation not applied).</p>
+<p>Parasitemia {format_percent(summary.parasitemia)} ({summary.n_parasitized} of {summary.n_cells} red cells), 95% CI
+{format_interval(summary.parasitemia_ci)}%{corrected}. Coordinates are pixels of the images as stored (EXIF orientation not applied).</p>
 <table><tr><th>sample</th><th>fields</th><th>cells</th><th>parasitized</th><th>parasitemia</th><th>95% CI %</th><th>call</th></tr>{rows}</table>
 <h2>Fields</h2>
 <table><tr><th>field</th><th>cells</th><th>parasitized</th><th>parasitemia</th><th>95% CI %</th><th>quality</th></tr>{fields}</table>
@@ -194,10 +150,6 @@ figure {{ display: inline-block; margin: 4px; vertical-align: top; }} figure img
     @staticmethod
     def _sample_row(sample: SampleResult) -> str:
         return (f"<tr><td>{html.escape(sample.name)}</td><td>{sample.fields}</td><td>{sample.n_cells}</td>"
-                f"<td>{sample.n_parasitized}</td><td>{_percent(sample.parasitemia)}</td>"
-                f"<td>{_interval(sample.parasitemia_ci)}</td><td>{sample.call}</td></tr>")
+                f"<td>{sample.n_parasitized}</td><td>{format_percent(sample.parasitemia)}</td>"
+                f"<td>{format_interval(sample.parasitemia_ci)}</td><td>{sample.call}</td></tr>")
 
-
-def dumps(result: ScreenResult) -> str:
-    """The one JSON object ``screen --format json`` prints."""
-    return json.dumps(result.to_dict(), default=float)

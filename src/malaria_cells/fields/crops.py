@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from .detection import FieldDetection, FieldObject
-from .images import resize
+from ..images import resize
 
 __all__ = ["crop_cells", "CROP_MARGIN"]
 

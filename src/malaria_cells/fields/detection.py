@@ -1,4 +1,7 @@
-"""Finding the red cells of a thin-smear field photograph (classical: OpenCV and scikit-image).
+"""Finding the red cells of a thin-smear field photograph.
+
+:class:`Detector` is what the screening loop needs of any detector; :class:`ClassicalDetector`
+(OpenCV and scikit-image, every threshold a documented parameter) is the one shipped.
 
 The steps, each robust to what varies between labs, cameras and slides:
 
@@ -27,11 +30,13 @@ Coordinates are pixels of the image as stored (EXIF orientation not applied).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields as dataclass_fields
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["FieldObject", "FieldDetection", "detect_cells", "DETECTION_SIDE"]
+__all__ = ["Detector", "ClassicalDetector", "FieldObject", "FieldDetection", "detect_cells", "DETECTION_SIDE",
+           "DETECTION_CELL_DIAMETER", "FOCUS_FLOOR", "CLUMP_CELLS"]
 
 DETECTION_CELL_DIAMETER = 32
 """Cell diameter, in pixels, at which the detector works: enough to split touching cells."""
@@ -103,7 +108,129 @@ class FieldDetection:
         return [o for o in self.objects if o.kind != "red_cell"]
 
 
-def _density(image: np.ndarray, cell_diameter: float, fov: np.ndarray) -> np.ndarray:
+@runtime_checkable
+class Detector(Protocol):
+    """What :class:`~malaria_cells.fields.Screener` needs of a detector.
+
+    ``detect(image)`` takes a uint8 RGB field and returns a :class:`FieldDetection`: every
+    object with its kind (only ``"red_cell"`` objects are counted), the object masks as a
+    label image at some scale (cell crops are cut through them), the typical cell diameter
+    and a quality verdict. ``describe()`` returns a JSON-able description (its name and
+    settings) that travels with every result.
+    """
+
+    def detect(self, image: np.ndarray) -> FieldDetection: ...
+
+    def describe(self) -> dict: ...
+
+
+@dataclass(frozen=True)
+class ClassicalDetector:
+    """The classical detector: density thresholding, a distance-transform watershed and rules
+    that sort the objects (see the module's docstring for the steps).
+
+    Every setting is a ratio to something the field itself measures (its cell size, its
+    plasma's brightness, its cells' stain), so one setting serves every magnification and
+    exposure; the defaults are those validated on the shared fields.
+
+    Parameters
+    ----------
+    working_diameter : float
+        Cell diameter (pixels) the field is resampled to before splitting: enough for touching
+        cells to show a neck. Larger is slower and no better.
+    coarse_side : int
+        Longer side (pixels) of the first, coarse look that measures the cell size.
+    fallback_diameter : float
+        Cell diameter (pixels of the coarse look) assumed where none can be measured, and the
+        scale of the coarse look's background estimate.
+    surround_level, surround_share : float
+        A pixel darker than ``surround_level`` of the brightest is the black surround of a
+        photograph through the eyepiece, if at least ``surround_share`` of the image is.
+    background_width : float
+        Width of the background closing, in cell diameters: wider than any cell, so each cell
+        is filled with the plasma around it.
+    stain_percentile : float
+        Percentile of optical density above which pixels (nuclei, parasites) are left out of
+        the Otsu choice between plasma and cells.
+    pale_centre_area, pale_centre_stain, tiny_hole_area : float
+        A hole in a cell's mask is its pale centre, and filled, if smaller than
+        ``pale_centre_area`` cells and stained above ``pale_centre_stain`` of the threshold, or
+        smaller than ``tiny_hole_area`` cells; a larger, clearer hole is plasma enclosed by a
+        ring of touching cells.
+    seed_spacing, seed_height : float
+        Watershed seeds are distance-transform peaks at least ``seed_spacing`` radii apart and
+        ``seed_height`` radii high.
+    split_area, disc_ratio : float
+        A region over ``split_area`` cells that is not a disc (area above ``disc_ratio`` times
+        the disc its widest point allows) is overlapping cells, divided by k-means into as many
+        cells as its area holds.
+    platelet_area : float
+        Objects smaller than this many cells are platelets or debris.
+    ink_level, mark_share : float
+        A pixel darker than ``ink_level`` of the plasma in every channel is ink, not stain; an
+        object over ``mark_share`` ink is a printed mark (a scale bar or label).
+    nucleus_contrast, nucleus_step, nucleus_area : float
+        White-cell nuclei: density above ``nucleus_contrast`` times the cells' median (and at
+        least ``nucleus_step`` above it), in blobs over ``nucleus_area`` cells.
+    nucleus_share, white_contact : float
+        An object holding ``nucleus_share`` of its area in a nucleus, or sharing
+        ``white_contact`` of its perimeter with a white cell, is (a piece of) a white cell.
+    clump_cells : float
+        Counted objects larger than this many median cells are clumps, not counted.
+    min_cells, max_coverage, focus_floor : float
+        A field is of low quality with fewer than ``min_cells`` counted cells, over
+        ``max_coverage`` of it covered, or border sharpness under ``focus_floor``.
+    """
+
+    working_diameter: float = DETECTION_CELL_DIAMETER
+    coarse_side: int = DETECTION_SIDE
+    fallback_diameter: float = 40.0
+    surround_level: float = 0.25
+    surround_share: float = 0.02
+    background_width: float = 2.5
+    stain_percentile: float = 98.0
+    pale_centre_area: float = 0.5
+    pale_centre_stain: float = 0.5
+    tiny_hole_area: float = 0.1
+    seed_spacing: float = 0.7
+    seed_height: float = 0.35
+    split_area: float = 1.7
+    disc_ratio: float = 1.4
+    platelet_area: float = 0.2
+    ink_level: float = 0.35
+    mark_share: float = 0.25
+    nucleus_contrast: float = 3.0
+    nucleus_step: float = 0.6
+    nucleus_area: float = 0.15
+    nucleus_share: float = 0.02
+    white_contact: float = 0.2
+    clump_cells: float = CLUMP_CELLS
+    min_cells: int = 50
+    max_coverage: float = 0.75
+    focus_floor: float = FOCUS_FLOOR
+
+    def __post_init__(self):
+        from ..errors import MalariaCellsError
+
+        for item in dataclass_fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
+                raise MalariaCellsError(f"detector setting {item.name} must be a number >= 0, got {value!r}")
+        if self.working_diameter < 8 or self.coarse_side < 64:
+            raise MalariaCellsError("detector: working_diameter must be at least 8 and coarse_side at least 64")
+
+    def detect(self, image: np.ndarray) -> FieldDetection:
+        """Find, split and sort the objects of a uint8 RGB field (see :class:`Detector`)."""
+        return _detect(image, self)
+
+    def describe(self) -> dict:
+        """``{"name": "classical", "settings": {...}}``, the settings that differ from the defaults."""
+        changed = {item.name: getattr(self, item.name) for item in dataclass_fields(self)
+                   if getattr(self, item.name) != item.default}
+        return {"name": "classical", "settings": changed}
+
+
+def _density(image: np.ndarray, cell_diameter: float, fov: np.ndarray, background_width: float) -> np.ndarray:
     """Optical density of the green channel against a local background estimate."""
     import cv2
 
@@ -113,7 +240,7 @@ def _density(image: np.ndarray, cell_diameter: float, fov: np.ndarray) -> np.nda
     filled[~fov] = np.median(inside) if inside.size else 255.0
     # The closing runs on a 4x smaller copy: the background varies slowly.
     small = cv2.resize(filled, None, fx=0.25, fy=0.25, interpolation=cv2.INTER_AREA)
-    size = max(3, int(round(cell_diameter * 2.5 / 4)) | 1)
+    size = max(3, int(round(cell_diameter * background_width / 4)) | 1)
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
     background = cv2.morphologyEx(small, cv2.MORPH_CLOSE, kernel)
     background = cv2.GaussianBlur(background, (0, 0), size / 3)
@@ -127,14 +254,14 @@ def _brightest(image: np.ndarray) -> np.ndarray:
     return np.maximum(np.maximum(image[..., 0], image[..., 1]), image[..., 2])
 
 
-def _field_of_view(image: np.ndarray) -> np.ndarray:
+def _field_of_view(image: np.ndarray, dark_level: float, min_dark_share: float) -> np.ndarray:
     """Pixels inside the bright field of view (all of them for a camera image with no surround)."""
     import cv2
 
     brightness = _brightest(image)
     top = _percentile_uint8(brightness, 99)
-    dark = brightness < 0.25 * top
-    if dark.mean() < 0.02:  # no black surround
+    dark = brightness < dark_level * top
+    if dark.mean() < min_dark_share:  # no black surround
         return np.ones(brightness.shape, bool)
     bright = cv2.medianBlur((~dark).astype(np.uint8) * 255, 5) > 0
     count, labels, stats, _ = cv2.connectedComponentsWithStats(bright.astype(np.uint8), connectivity=4)
@@ -168,11 +295,11 @@ def _holes(mask: np.ndarray) -> tuple[np.ndarray, int]:
     return relabel[labels], int(number.sum())
 
 
-def _foreground(density: np.ndarray, fov: np.ndarray) -> tuple[np.ndarray, float]:
+def _foreground(density: np.ndarray, fov: np.ndarray, stain_percentile: float) -> tuple[np.ndarray, float]:
     values = density[fov]
     # The threshold is chosen between plasma and cells; the darkest stain (white-cell nuclei,
-    # parasites) would pull Otsu's split upwards, so the top 2% are left out of the choice.
-    values = values[values < np.percentile(values, 98)]
+    # parasites) would pull Otsu's split upwards, so the darkest pixels are left out of the choice.
+    values = values[values < np.percentile(values, stain_percentile)]
     threshold = _otsu(values) if values.size else 0.1
     return (density > threshold) & fov, threshold
 
@@ -298,65 +425,72 @@ def _boxes(labels: np.ndarray) -> list:
             for k in range(1, n)]
 
 
-def detect_cells(image: np.ndarray) -> FieldDetection:
-    """Find, split and sort the objects of a field photograph.
+def detect_cells(image: np.ndarray, **settings) -> FieldDetection:
+    """Find, split and sort the objects of a field photograph with the classical detector.
 
     Parameters
     ----------
     image : numpy.ndarray
         uint8 RGB ``(height, width, 3)``, as :func:`malaria_cells.images.decode` gives.
+    **settings
+        Any parameter of :class:`ClassicalDetector` (default: its documented defaults).
 
     Returns
     -------
     FieldDetection
     """
+    return ClassicalDetector(**settings).detect(image)
+
+
+def _detect(image: np.ndarray, s: "ClassicalDetector") -> FieldDetection:
     import cv2
 
-    from .images import resize
+    from ..images import resize
 
     height, width = image.shape[:2]
     # A coarse first look measures the cell size; then the field is analysed at the scale
-    # where a cell is DETECTION_CELL_DIAMETER pixels across.
-    coarse_scale = max(1.0, max(height, width) / DETECTION_SIDE)
+    # where a cell is ``working_diameter`` pixels across.
+    coarse_scale = max(1.0, max(height, width) / s.coarse_side)
     coarse = resize(image, (round(width / coarse_scale), round(height / coarse_scale)))
-    diameter = _cell_diameter(coarse) * coarse_scale
+    diameter = _cell_diameter(coarse, s) * coarse_scale
     if diameter <= 0:
-        diameter = 40.0 * coarse_scale
-    scale = max(1.0, diameter / DETECTION_CELL_DIAMETER)
+        diameter = s.fallback_diameter * coarse_scale
+    scale = max(1.0, diameter / s.working_diameter)
     work = resize(image, (round(width / scale), round(height / scale))) if scale > 1 else image
-    fov = _field_of_view(work)
-    density = _density(work, diameter / scale, fov)
-    mask, threshold = _foreground(density, fov)
+    fov = _field_of_view(work, s.surround_level, s.surround_share)
+    density = _density(work, diameter / scale, fov, s.background_width)
+    mask, threshold = _foreground(density, fov, s.stain_percentile)
     mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN,
                             cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3))) > 0
-    mask = _fill_pale_centres(mask, density, threshold, np.pi * (diameter / scale / 2) ** 2)
+    mask = _fill_pale_centres(mask, density, threshold, np.pi * (diameter / scale / 2) ** 2, s)
     distance = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 5)
-    radius = _radius(distance, mask) or DETECTION_CELL_DIAMETER / 2
-    labels = _split(distance, mask, radius)
-    labels = _split_clumps(labels, distance, radius)
-    objects = _sort_objects(labels, density, _black(work, fov & ~mask), fov, radius, scale, (width, height))
-    quality = _quality(density, fov, mask, objects)
+    radius = _radius(distance, mask) or s.working_diameter / 2
+    labels = _split(distance, mask, radius, s)
+    labels = _split_clumps(labels, distance, radius, s)
+    objects = _sort_objects(labels, density, _black(work, fov & ~mask, s.ink_level), fov, radius, scale,
+                            (width, height), s)
+    quality = _quality(density, fov, mask, objects, s)
     return FieldDetection(objects, 2 * radius * scale, labels, scale, quality)
 
 
-def _cell_diameter(image: np.ndarray) -> float:
+def _cell_diameter(image: np.ndarray, settings) -> float:
     import cv2
 
-    fov = _field_of_view(image)
-    density = _density(image, 40.0, fov)
-    mask, threshold = _foreground(density, fov)
+    fov = _field_of_view(image, settings.surround_level, settings.surround_share)
+    density = _density(image, settings.fallback_diameter, fov, settings.background_width)
+    mask, threshold = _foreground(density, fov, settings.stain_percentile)
     # Hollow-looking cells make the first estimate low, so the holes it allows are generous.
     first = _radius(cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 5), mask)
-    mask = _fill_pale_centres(mask, density, threshold, np.pi * (1.5 * first) ** 2)
+    mask = _fill_pale_centres(mask, density, threshold, np.pi * (1.5 * first) ** 2, settings)
     distance = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 5)
     return 2 * _radius(distance, mask)
 
 
-def _fill_pale_centres(mask, density, threshold, cell_area):
+def _fill_pale_centres(mask, density, threshold, cell_area, settings):
     """Fill the holes that are the pale centres of cells, not the plasma enclosed by a clump.
 
-    A pale centre is smaller than half a cell and still stained a little (density above half
-    the threshold), or tiny; plasma enclosed by a ring of touching cells is larger, or as clear
+    A pale centre is smaller than ``pale_centre_area`` cells and still stained a little
+    (density above ``pale_centre_stain`` of the threshold), or tiny; plasma enclosed by a ring of touching cells is larger, or as clear
     as the background.
     """
     labels, count = _holes(mask)
@@ -365,8 +499,8 @@ def _fill_pale_centres(mask, density, threshold, cell_area):
     flat = labels.ravel()
     area = np.bincount(flat, minlength=count + 1)[1:]
     mean = np.bincount(flat, weights=density.ravel(), minlength=count + 1)[1:] / area
-    stained = (mean > 0.5 * threshold) & (area < 0.5 * cell_area)
-    stained |= area < 0.1 * cell_area
+    stained = (mean > settings.pale_centre_stain * threshold) & (area < settings.pale_centre_area * cell_area)
+    stained |= area < settings.tiny_hole_area * cell_area
     keep = np.zeros(count + 1, bool)
     keep[1:] = stained
     return mask | keep[labels]
@@ -400,11 +534,11 @@ def _watershed(relief: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> np.
     return watershed(relief, markers, mask=mask)
 
 
-def _split(distance: np.ndarray, mask: np.ndarray, radius: float) -> np.ndarray:
+def _split(distance: np.ndarray, mask: np.ndarray, radius: float, settings) -> np.ndarray:
     import cv2
 
     count, components, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=4)
-    min_distance, threshold = max(2, int(0.7 * radius)), 0.35 * radius
+    min_distance, threshold = max(2, int(settings.seed_spacing * radius)), settings.seed_height * radius
     markers = np.zeros(mask.shape, np.int32)
     n = 0
     for label in range(1, count):
@@ -422,7 +556,7 @@ def _split(distance: np.ndarray, mask: np.ndarray, radius: float) -> np.ndarray:
     return labels.astype(np.int32)
 
 
-def _split_clumps(labels: np.ndarray, distance: np.ndarray, radius: float) -> np.ndarray:
+def _split_clumps(labels: np.ndarray, distance: np.ndarray, radius: float, settings) -> np.ndarray:
     """Split regions of several overlapping cells that the distance transform left whole.
 
     Overlapping cells form one convex blob with a single distance peak. Such a region, far
@@ -435,7 +569,7 @@ def _split_clumps(labels: np.ndarray, distance: np.ndarray, radius: float) -> np
     cell_area = np.pi * radius**2
     areas = np.bincount(labels.ravel())
     areas[0] = 0
-    big = np.flatnonzero(areas > 1.7 * cell_area)
+    big = np.flatnonzero(areas > settings.split_area * cell_area)
     if len(big) == 0:
         return labels
     labels = labels.copy()
@@ -446,7 +580,7 @@ def _split_clumps(labels: np.ndarray, distance: np.ndarray, radius: float) -> np
     for label in big:
         window = slices[label - 1]
         region = labels[window] == label
-        if areas[label] < 1.4 * np.pi * distance[window][region].max() ** 2:  # a disc: one cell, however large
+        if areas[label] < settings.disc_ratio * np.pi * distance[window][region].max() ** 2:  # a disc: one cell, however large
             continue
         ys, xs = np.nonzero(region)
         parts = int(round(areas[label] / cell_area))
@@ -462,15 +596,15 @@ def _split_clumps(labels: np.ndarray, distance: np.ndarray, radius: float) -> np
     return labels
 
 
-def _black(image: np.ndarray, plasma: np.ndarray) -> np.ndarray:
+def _black(image: np.ndarray, plasma: np.ndarray, ink_level: float) -> np.ndarray:
     """Pixels dark in every channel against the plasma: ink, not stain (Giemsa's darkest purple
     still lets the red and blue through)."""
     brightest = _brightest(image)
     reference = float(np.median(brightest[plasma])) if plasma.any() else 255.0
-    return brightest < 0.35 * reference
+    return brightest < ink_level * reference
 
 
-def _sort_objects(labels, density, black, fov, radius, scale, size) -> list[FieldObject]:
+def _sort_objects(labels, density, black, fov, radius, scale, size, settings) -> list[FieldObject]:
     import cv2
 
     width, height = size
@@ -480,9 +614,9 @@ def _sort_objects(labels, density, black, fov, radius, scale, size) -> list[Fiel
     cell_density = np.median(density[labels > 0]) if (labels > 0).any() else 0.3
     # White-cell nuclei: large blobs of the darkest stain. Parasites are as dark but far
     # smaller, even a gametocyte filling an enlarged cell.
-    dark = (density > max(3.0 * cell_density, cell_density + 0.6)).astype(np.uint8)
+    dark = (density > max(settings.nucleus_contrast * cell_density, cell_density + settings.nucleus_step)).astype(np.uint8)
     count, dark = cv2.connectedComponents(dark, connectivity=4)
-    nucleus = np.bincount(dark.ravel(), minlength=count) > 0.15 * cell_area
+    nucleus = np.bincount(dark.ravel(), minlength=count) > settings.nucleus_area * cell_area
     nucleus[0] = False
     nucleus = nucleus[dark]
     # Every per-object figure is a count (or a sum) per label, in one pass over the image each.
@@ -501,11 +635,11 @@ def _sort_objects(labels, density, black, fov, radius, scale, size) -> list[Fiel
             continue
         if cut[label]:
             kind = "edge"
-        elif area[label] < 0.2 * cell_area:
+        elif area[label] < settings.platelet_area * cell_area:
             kind = "platelet"
-        elif black_share[label] / area[label] > 0.25:
+        elif black_share[label] / area[label] > settings.mark_share:
             kind = "mark"
-        elif nucleus_share[label] / area[label] > 0.02:  # a white cell, or a piece holding some of its nucleus
+        elif nucleus_share[label] / area[label] > settings.nucleus_share:  # a white cell, or a piece holding some of its nucleus
             kind = "white_cell"
         else:
             kind = "red_cell"
@@ -525,22 +659,22 @@ def _sort_objects(labels, density, black, fov, radius, scale, size) -> list[Fiel
         contact = np.bincount(labels[ring], minlength=n)
         for o in objects:
             perimeter = 2 * np.sqrt(np.pi * area[o.label])
-            if o.kind == "red_cell" and contact[o.label] > 0.2 * perimeter:
+            if o.kind == "red_cell" and contact[o.label] > settings.white_contact * perimeter:
                 o.kind = "white_cell"
     counted = [o.area for o in objects if o.kind == "red_cell"]
     if counted:
-        largest = CLUMP_CELLS * float(np.median(counted))
+        largest = settings.clump_cells * float(np.median(counted))
         for o in objects:
             if o.kind == "red_cell" and o.area > largest:
                 o.kind = "clump"
     return objects
 
 
-def _quality(density, fov, mask, objects) -> dict:
+def _quality(density, fov, mask, objects, settings) -> dict:
     import cv2
 
     # Sharpness: the steepest density steps at cell borders, against the step from plasma to
-    # cell. At the detection scale (cells DETECTION_CELL_DIAMETER wide) a focused border rises
+    # cell. At the detection scale (cells ``working_diameter`` wide) a focused border rises
     # within a few pixels; a blurred one spreads over many.
     gx = cv2.Sobel(density, cv2.CV_32F, 1, 0, ksize=3) / 8
     gy = cv2.Sobel(density, cv2.CV_32F, 0, 1, ksize=3) / 8
@@ -553,10 +687,10 @@ def _quality(density, fov, mask, objects) -> dict:
     coverage = float(mask[fov].mean()) if fov.any() else 0.0
     counted = sum(o.kind == "red_cell" for o in objects)
     reasons = []
-    if counted < 50:
+    if counted < settings.min_cells:
         reasons.append(f"too few cells ({counted})")
-    if coverage > 0.75:
+    if coverage > settings.max_coverage:
         reasons.append(f"too dense ({coverage:.0%} of the field covered)")
-    if counted and focus < FOCUS_FLOOR:
-        reasons.append(f"out of focus (sharpness {focus:.2f}, below {FOCUS_FLOOR})")
+    if counted and focus < settings.focus_floor:
+        reasons.append(f"out of focus (sharpness {focus:.2f}, below {settings.focus_floor})")
     return {"ok": not reasons, "reasons": reasons, "focus": round(focus, 4), "coverage": round(coverage, 4)}

@@ -1,0 +1,116 @@
+"""A field model's operating figures: its counting threshold and what was measured at it.
+
+A cell classifier used on fields counts at a threshold chosen on validation fields (for few
+false alarms), not at the cell-level screening threshold; the sensitivity and specificity
+measured there correct parasitemia (Rogan-Gladen) and weigh the call. They travel inside the
+model file as ``info["field"]``; :class:`FieldFigures` is the one code that reads and writes
+them, validated once when a screener is built.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields as dataclass_fields
+
+from ..errors import MalariaCellsError
+
+__all__ = ["FieldFigures", "DEFAULT_FIELD_FPR", "INFO_KEY"]
+
+INFO_KEY = "field"
+"""Where a model's ``info`` holds its field figures."""
+DEFAULT_FIELD_FPR = 0.01
+"""False-positive rate the call assumes for a classifier that carries no field figures."""
+
+
+@dataclass(frozen=True)
+class FieldFigures:
+    """A classifier's operating point for counting field cells, with its measured figures.
+
+    Parameters
+    ----------
+    threshold : float
+        Cells scoring at least this are counted Parasitized.
+    sensitivity, specificity : float
+        Measured at ``threshold`` on validation field cells (out-of-fold).
+    tta_gate : float, optional
+        Cells scoring at least this are scored again as the mean of their 8 rotations and
+        mirrors (None: never).
+    chosen_on : str
+        How the threshold was chosen, in words.
+    cells : dict
+        Validation cells the figures rest on (``{"infected": n, "uninfected": n}``).
+    nested, nih_healthy, recipe : dict
+        The nested cross-validation report, the false alarms on healthy photographs, and the
+        recipe that made the model.
+    extra : dict
+        Any further keys a newer version wrote (kept, not interpreted).
+    """
+
+    threshold: float
+    sensitivity: float
+    specificity: float
+    tta_gate: float | None = None
+    chosen_on: str = ""
+    cells: dict = field(default_factory=dict)
+    nested: dict = field(default_factory=dict)
+    nih_healthy: dict = field(default_factory=dict)
+    recipe: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in ("threshold", "sensitivity", "specificity") + (("tta_gate",) if self.tta_gate is not None else ()):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1 \
+                    or math.isnan(value):
+                raise MalariaCellsError(f"field figures: {name} must be a number in [0, 1], got {value!r}")
+        for name in ("cells", "nested", "nih_healthy", "recipe", "extra"):
+            if not isinstance(getattr(self, name), dict):
+                raise MalariaCellsError(f"field figures: {name} must be a mapping")
+
+    @property
+    def false_positive_rate(self) -> float:
+        """``1 - specificity``: the rate the call weighs a Parasitized count against."""
+        return 1.0 - self.specificity
+
+    @classmethod
+    def from_info(cls, info: dict | None) -> FieldFigures | None:
+        """The figures a model's ``info`` carries, or None where it carries none (a cell model).
+
+        Raises
+        ------
+        MalariaCellsError
+            When they are present but malformed (a missing or out-of-range value).
+        """
+        data = info.get(INFO_KEY) if isinstance(info, dict) else None
+        if data is None:
+            return None
+        if not isinstance(data, dict):
+            raise MalariaCellsError(f"field figures: expected a mapping, got {type(data).__name__}")
+        missing = {"threshold", "sensitivity", "specificity"} - set(data)
+        if missing:
+            raise MalariaCellsError(f"field figures: missing {', '.join(sorted(missing))}")
+        known = {item.name for item in dataclass_fields(cls)} - {"extra"}
+        return cls(**{key: data[key] for key in known if key in data},
+                   extra={key: value for key, value in data.items() if key not in known})
+
+    @classmethod
+    def from_model(cls, model) -> FieldFigures | None:
+        """The figures ``model`` (a :class:`~malaria_cells.runtimes.CellClassifier`) carries."""
+        return cls.from_info(getattr(model, "info", None))
+
+    def to_info(self) -> dict:
+        """The JSON form stored as ``info["field"]`` (what :meth:`from_info` reads back)."""
+        data = asdict(self)
+        extra = data.pop("extra")
+        return {key: value for key, value in {**data, **extra}.items() if value is not None}
+
+    def attach(self, model) -> None:
+        """Store these figures in ``model.info`` (and the Keras model's info layer, if any), and
+        make the threshold the model's own."""
+        info = {**model.info, INFO_KEY: self.to_info()}
+        if getattr(model, "keras_model", None) is not None:
+            from ..models import model_info_layer
+
+            model_info_layer(model.keras_model).info = info
+        model.info = info
+        model.set_threshold(self.threshold)

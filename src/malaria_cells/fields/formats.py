@@ -1,0 +1,97 @@
+"""Output formats of a screen, in one registry that the command line and the server share.
+
+Each format renders a :class:`~.results.ScreenResult` as text: ``table`` (per field and per
+sample, for a terminal), ``json`` (everything, :meth:`~.results.ScreenResult.to_dict`) and
+``csv`` (one row per counted cell).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from typing import Callable, TextIO
+
+from .results import ScreenResult, dumps
+
+__all__ = ["FORMATS", "OutputFormat", "render", "format_table", "write_cells_csv", "format_percent",
+           "format_interval"]
+
+
+def format_percent(value, digits: int = 2) -> str:
+    return "-" if value is None else f"{100 * value:.{digits}f}%"
+
+
+def format_interval(ci) -> str:
+    return "-" if not ci else f"[{100 * ci[0]:.2f}, {100 * ci[1]:.2f}]"
+
+
+def format_table(result: ScreenResult) -> str:
+    """Per field and per sample: counts, parasitemia with its interval, quality; the calls."""
+    lines = [f"{'cells':>6} {'parasitized':>11} {'parasitemia':>11} {'95% CI %':>15}  {'quality':<8} field"]
+    for item in result.fields:
+        quality = "ok" if item.quality.get("ok") else "low"
+        lines.append(f"{item.n_cells:>6} {item.n_parasitized:>11} {format_percent(item.parasitemia):>11} "
+                     f"{format_interval(item.parasitemia_ci):>15}  {quality:<8} {item.path}")
+        if item.truth:
+            t = item.truth
+            lines.append(f"{'':>6} truth: {t['n_true']} cells, {format_percent(t['true_parasitemia'])} parasitized; "
+                         f"detection F1 {t['f1']:.3f} (precision {t['precision'] or 0:.3f}, recall {t['recall'] or 0:.3f})")
+    lines.append("")
+    samples = result.samples if len(result.samples) > 1 else [result.summary]
+    lines.append(f"{'sample':<20} {'fields':>6} {'cells':>7} {'parasitized':>11} {'parasitemia':>11} "
+                 f"{'95% CI %':>15} {'corrected':>10}  call")
+    for sample in samples + ([result.summary] if len(result.samples) > 1 else []):
+        corrected = format_percent(sample.corrected["parasitemia"]) if sample.corrected else "-"
+        lines.append(f"{sample.name[:20]:<20} {sample.fields:>6} {sample.n_cells:>7} {sample.n_parasitized:>11} "
+                     f"{format_percent(sample.parasitemia):>11} {format_interval(sample.parasitemia_ci):>15} {corrected:>10}  "
+                     f"{sample.call.upper()}")
+        for reason in sample.reasons:
+            lines.append(f"{'':<20} {reason}")
+    return "\n".join(lines) + "\n"
+
+
+def write_cells_csv(result: ScreenResult, stream) -> None:
+    """One row per counted cell: field, centre, box, probability, label."""
+    writer = csv.writer(stream, lineterminator="\n")
+    writer.writerow(["field", "frame", "x", "y", "x0", "y0", "x1", "y1", "probability", "label"])
+    for item in result.fields:
+        for cell in item.cells:
+            writer.writerow([item.path, item.frame, cell.x, cell.y, *cell.bbox, f"{cell.probability:.6f}", cell.label])
+
+
+def _write_table(result: ScreenResult, stream: TextIO) -> None:
+    stream.write(format_table(result))
+
+
+def _write_json(result: ScreenResult, stream: TextIO) -> None:
+    stream.write(dumps(result) + "\n")
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    """One output format: how to write it, and what it is as a download."""
+
+    write: Callable[[ScreenResult, TextIO], None]
+    media_type: str
+    suffix: str
+    description: str
+
+
+FORMATS: dict[str, OutputFormat] = {
+    "table": OutputFormat(_write_table, "text/plain", ".txt", "counts, parasitemia and calls per field and sample"),
+    "json": OutputFormat(_write_json, "application/json", ".json", "every field, cell, sample and the model"),
+    "csv": OutputFormat(write_cells_csv, "text/csv", ".csv", "one row per counted cell"),
+}
+"""Every output format by name (``screen --format NAME``, ``POST /v1/screen?format=NAME``)."""
+
+
+def render(result: ScreenResult, name: str) -> str:
+    """``result`` in the format ``name`` (a key of :data:`FORMATS`)."""
+    from ..errors import MalariaCellsError
+
+    if name not in FORMATS:
+        raise MalariaCellsError(f"unknown format {name!r} (choose from {', '.join(FORMATS)})")
+    buffer = io.StringIO()
+    FORMATS[name].write(result, buffer)
+    return buffer.getvalue()

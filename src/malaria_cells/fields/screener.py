@@ -1,0 +1,343 @@
+"""The screening loop: field photographs to counted cells, parasitemia and a call.
+
+A :class:`Screener` composes three swappable parts, as cellpose composes a size model and a
+segmentation model:
+
+- a **detector** (:class:`~.detection.Detector`; default :class:`~.detection.ClassicalDetector`)
+  that finds and sorts the objects of a field;
+- a **cell classifier** (:class:`~malaria_cells.runtimes.CellClassifier`; default the shipped
+  field model) that scores each counted cell's crop;
+- its **field figures** (:class:`~.figures.FieldFigures`, read from the classifier's file):
+  the counting threshold chosen on validation fields for few false alarms, and the
+  sensitivity and specificity measured there, which correct parasitemia and weigh the call.
+
+Every field goes through one path: :func:`~malaria_cells.images.decode` (at a reduced size
+for large photographs), ``detector.detect``, :func:`~.crops.crop_cells`, the classifier, the
+count. :meth:`Screener.screen_samples` is the one loop over samples that the command line, the
+Python API, the server and the field model's making all run. Parasitemia is infected / counted
+red cells with a 95% Wilson interval; the call follows :mod:`.call`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from ..config import CLASS_NAMES, MAX_IMAGE_PIXELS
+from ..errors import MalariaCellsError
+from .call import call_sample, corrected_parasitemia, parasitemia_interval
+from .detection import ClassicalDetector, Detector
+from .figures import DEFAULT_FIELD_FPR, FieldFigures
+from .results import CellResult, FieldResult, SampleResult, ScreenResult
+
+__all__ = ["Screener", "screen", "screen_image", "group_samples", "pool_fields", "counting_probability",
+           "DECODE_SIDE"]
+
+DECODE_SIDE = 2000
+"""Photographs are decoded at a reduced size so their longer side is at most about twice this
+(JPEGs scale inside the decoder): a 16 MP phone photograph's cells are then still ~60 px."""
+
+OnField = Callable[[FieldResult, np.ndarray, np.ndarray], None]
+"""Called with each field's result, its counted cells' crops and its decoded image."""
+
+
+class Screener:
+    """Screens field photographs with a detector, a cell classifier and its field figures.
+
+    Parameters
+    ----------
+    classifier : path or CellClassifier, optional
+        The cell model (default: the shipped field model, run from its ONNX copy); any format.
+    detector : Detector, optional
+        Default :class:`~.detection.ClassicalDetector` with its default settings.
+    figures : FieldFigures, optional
+        Operating figures (default: those the classifier's file carries; a model without them
+        counts at its own threshold and the call assumes a 1% false-positive rate).
+    threshold : float, optional
+        Counting threshold overriding the figures'.
+    max_pixels : int
+        Largest decoded image accepted, in pixels (refused from the header, before decoding).
+
+    Examples
+    --------
+    >>> from malaria_cells.fields import Screener, ClassicalDetector
+    >>> screener = Screener(detector=ClassicalDetector(clump_cells=2.5))   # doctest: +SKIP
+    >>> result = screener.screen(["patient1/", "patient2/"])              # doctest: +SKIP
+    >>> result.summary.call                                               # doctest: +SKIP
+    'negative'
+    """
+
+    def __init__(self, classifier=None, detector: Detector | None = None, *, figures: FieldFigures | None = None,
+                 threshold: float | None = None, max_pixels: int = MAX_IMAGE_PIXELS):
+        from ..runtimes import check_threshold, default_model_path, load_model
+
+        self.classifier = load_model(default_model_path(fields=True) if classifier is None else classifier)
+        self.detector = ClassicalDetector() if detector is None else detector
+        if not isinstance(self.detector, Detector):
+            raise MalariaCellsError(f"detector: {type(self.detector).__name__} has no detect(image) and describe()")
+        self.figures = FieldFigures.from_model(self.classifier) if figures is None else figures
+        threshold = check_threshold(threshold)
+        if threshold is None:
+            threshold = self.figures.threshold if self.figures else self.classifier.threshold
+        self.threshold = float(threshold)
+        self.false_positive_rate = self.figures.false_positive_rate if self.figures else DEFAULT_FIELD_FPR
+        if int(max_pixels) < 1:
+            raise MalariaCellsError(f"max_pixels must be at least 1, got {max_pixels}")
+        self.max_pixels = int(max_pixels)
+
+    def __repr__(self) -> str:
+        return (f"Screener(classifier={os.path.basename(self.classifier.path)!r}, detector={self.detector!r}, "
+                f"threshold={self.threshold:.4f})")
+
+    def describe(self) -> dict:
+        """The ``model`` block of every result: file name, counting threshold, field figures,
+        the false-positive rate the call uses, and the detector."""
+        return {"path": os.path.basename(self.classifier.path), "counting_threshold": self.threshold,
+                "field_figures": self.figures.to_info() if self.figures else None,
+                "false_positive_rate_for_call": self.false_positive_rate, "detector": self.detector.describe()}
+
+    def score(self, crops: np.ndarray) -> np.ndarray:
+        """Counting probabilities of cell crops (see :func:`counting_probability`)."""
+        return counting_probability(self.classifier, crops,
+                                    tta_gate=self.figures.tta_gate if self.figures else None)
+
+    def screen_image(self, contents: bytes, *, path: str = "<image>", truth_cells=None, keep_crops: bool = False):
+        """Screen one field photograph held in memory.
+
+        Returns
+        -------
+        FieldResult; with ``keep_crops``, ``(result, crops of its counted cells, the decoded image)``.
+
+        Raises
+        ------
+        MalariaCellsError
+            An unreadable image, or one over ``max_pixels``.
+        """
+        from ..images import UnreadableImage, dimensions, pixels_in_flight
+
+        started = time.perf_counter()
+        width, height = dimensions(contents)
+        if width * height > self.max_pixels:
+            raise UnreadableImage(f"image too large ({width}x{height} pixels, limit {self.max_pixels:,}; "
+                                  "decompression bomb?)")
+        with pixels_in_flight(width * height):
+            result, crops, image = self._screen_decoded(contents, path, truth_cells, started, width, height)
+        return (result, crops, image) if keep_crops else result
+
+    def _screen_decoded(self, contents, path, truth_cells, started, width, height):
+        from ..images import decode
+        from .crops import crop_cells
+
+        reduce = max(1, int(max(width, height) // DECODE_SIDE))
+        image = decode(contents, max_pixels=self.max_pixels, reduce=reduce)
+        factor_x, factor_y = width / image.shape[1], height / image.shape[0]
+        detection = self.detector.detect(image)
+        crops = crop_cells(image, detection, self.classifier.image_size)
+        probabilities = self.score(crops)
+
+        def box(b):
+            return [round(b[0] * factor_x), round(b[1] * factor_y), round(b[2] * factor_x), round(b[3] * factor_y)]
+
+        cells = [CellResult(round(item.x * factor_x, 1), round(item.y * factor_y, 1), box(item.bbox),
+                            round(float(probability), 6), CLASS_NAMES[int(probability >= self.threshold)])
+                 for item, probability in zip(detection.cells, probabilities)]
+        excluded = [{"x": round(o.x * factor_x, 1), "y": round(o.y * factor_y, 1), "kind": o.kind, "bbox": box(o.bbox)}
+                    for o in detection.excluded]
+        n_cells = len(cells)
+        n_parasitized = sum(c.label == CLASS_NAMES[1] for c in cells)
+        result = FieldResult(
+            path=path, width=width, height=height, frame="stored", quality=detection.quality, n_cells=n_cells,
+            n_parasitized=n_parasitized, parasitemia=n_parasitized / n_cells if n_cells else None,
+            parasitemia_ci=parasitemia_interval(n_parasitized, n_cells),
+            corrected=corrected_parasitemia(n_parasitized, n_cells, self.figures),
+            cell_diameter=round(detection.cell_diameter * factor_x, 1), cells=cells, excluded=excluded)
+        if truth_cells is not None:
+            from .truth import score_field
+
+            result.truth = score_field(result, truth_cells)
+        result.seconds = round(time.perf_counter() - started, 3)
+        return result, crops, image
+
+    def screen(self, paths: str | os.PathLike | Iterable[str | os.PathLike], *,
+               truth: str | os.PathLike | bool | None = None, progress: Callable[[int], None] | None = None,
+               on_field: OnField | None = None) -> ScreenResult:
+        """Screen field photographs: each folder is one sample, files given directly one more.
+
+        Parameters
+        ----------
+        paths : path or iterable of paths
+            Field images (JPEG, PNG, TIFF, ... any size) or folders of them.
+        truth : path or True, optional
+            Score against ground truth: NIH point files (``.txt`` beside each image) or
+            IML-style JSON. ``True`` looks beside the images only; a path names a JSON file
+            or folder.
+        progress : callable, optional
+            Called with 1 after each field (a progress bar's ``update``).
+        on_field : callable, optional
+            Called with each field's result, its cell crops and its decoded image as it is done.
+        """
+        from ..images import read_file
+
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        groups, skipped = group_samples(paths)
+        indexes: dict = {}
+
+        def truth_for(path):
+            if not truth:
+                return None
+            from .truth import read_truth
+
+            return read_truth(path, None if truth is True else truth, indexes)
+
+        samples = [(name, [(str(path), (lambda p=path: read_file(p)), (lambda p=path: truth_for(p)))
+                           for path in files]) for name, files in groups]
+        return self.screen_samples(samples, skipped=skipped, progress=progress, on_field=on_field)
+
+    def screen_samples(self, samples: Iterable[tuple[str, Iterable[tuple]]], *, skipped=(),
+                       progress: Callable[[int], None] | None = None, on_field: OnField | None = None,
+                       summary_name: str = "all") -> ScreenResult:
+        """The one screening loop, over samples of fields from anywhere (files, uploads).
+
+        Parameters
+        ----------
+        samples : iterable of ``(name, fields)``
+            Each field is ``(path, read)`` or ``(path, read, truth)``: its name, a callable
+            returning its bytes, and optionally a callable returning its ground truth cells.
+            A :class:`~malaria_cells.errors.MalariaCellsError` from either skips that field
+            (reported in ``skipped``), and the rest go on.
+        skipped : sequence of ``(path, reason)``
+            Inputs already refused (they are reported with the rest).
+        """
+        skipped = list(skipped)
+        fields, pooled = [], []
+        for name, items in samples:
+            sample_fields = []
+            for item in items:
+                path, read = item[0], item[1]
+                try:
+                    truth_cells = item[2]() if len(item) > 2 else None
+                    result, crops, image = self.screen_image(read(), path=str(path), truth_cells=truth_cells,
+                                                             keep_crops=True)
+                except MalariaCellsError as error:
+                    skipped.append((str(path), str(error)))
+                else:
+                    sample_fields.append(result)
+                    if on_field is not None:
+                        on_field(result, crops, image)
+                    del image, crops
+                if progress is not None:
+                    progress(1)
+            fields += sample_fields
+            if sample_fields:
+                pooled.append(self.pool(name, sample_fields))
+        summary = self.pool(summary_name, fields) if len(pooled) != 1 else pooled[0]
+        return ScreenResult(fields, pooled, summary, skipped, self.describe())
+
+    def pool(self, name: str, fields: Sequence[FieldResult]) -> SampleResult:
+        """Pool fields into a sample: counts over its good-quality fields (all, if none is), the
+        interval, the corrected estimate and the call."""
+        good = [f for f in fields if f.quality.get("ok")]
+        counted = good or list(fields)
+        n_cells = sum(f.n_cells for f in counted)
+        n_parasitized = sum(f.n_parasitized for f in counted)
+        corrected = corrected_parasitemia(n_parasitized, n_cells, self.figures)
+        call, reasons = call_sample(n_parasitized, sum(f.n_cells for f in good),
+                                    false_positive_rate=self.false_positive_rate, good_fields=len(good),
+                                    fields=len(fields), corrected=corrected)
+        sample = SampleResult(name, len(fields), n_cells, n_parasitized, n_parasitized / n_cells if n_cells else None,
+                              parasitemia_interval(n_parasitized, n_cells), corrected, call, reasons)
+        scored = [f.truth for f in fields if f.truth]
+        if scored:
+            from .truth import pool_scores
+
+            sample.truth = pool_scores(scored)
+        return sample
+
+
+def counting_probability(model, crops: np.ndarray, *, tta_gate: float | None = None) -> np.ndarray:
+    """Probability of Parasitized for each field crop, as counting uses it.
+
+    A cell whose crop scores at least ``tta_gate`` (default: the gate the model's field figures
+    carry) is scored again as the mean over its 8 rotations and mirrors (test-time
+    augmentation), which steadies the scores near the counting threshold; the few cells that
+    pass the gate keep the cost low. Without a gate, the plain scores.
+    """
+    if len(crops) == 0:
+        return np.zeros(0)
+    # Where a runtime scores batches side by side, batches of one network run (64 crops) keep
+    # every core busy on a single field.
+    batch = 64 if model.parallel_batches else 512
+    probabilities = np.asarray(model.probability(crops, batch_size=batch), dtype=float)
+    if tta_gate is None:
+        figures = FieldFigures.from_model(model)
+        tta_gate = figures.tta_gate if figures else None
+    if tta_gate is not None and tta_gate < 1:
+        again = np.flatnonzero(probabilities >= tta_gate)
+        if len(again):
+            probabilities[again] = model.probability(crops[again], tta=True, batch_size=batch // 8)
+    return probabilities
+
+
+def group_samples(inputs: Iterable[str | os.PathLike]) -> tuple[list[tuple[str, list[str]]], list[tuple[str, str]]]:
+    """Group inputs into samples: each folder is one (its images, recursively), loose files one more."""
+    from ..datasets import list_image_files
+
+    samples, loose, skipped = [], [], []
+    for item in inputs:
+        item = Path(item).expanduser()
+        if item.is_dir():
+            files, ignored = list_image_files([item])
+            # Ground-truth files beside the images are expected there, not skipped images.
+            skipped += [(p, why) for p, why in ignored
+                        if not (why == "not an image file" and p.lower().endswith((".txt", ".json")))]
+            if files:
+                samples.append((item.name or str(item), files))
+            else:
+                skipped.append((str(item), "no images in this folder"))
+        elif item.exists():
+            files, ignored = list_image_files([item])
+            loose += files
+            skipped += ignored
+        else:
+            skipped.append((str(item), "no such file or folder"))
+    if loose:
+        samples.append(("fields", loose))
+    return samples, skipped
+
+
+def screen(paths: str | os.PathLike | Iterable[str | os.PathLike], model=None, *, threshold: float | None = None,
+           truth: str | os.PathLike | bool | None = None, progress: Callable[[int], None] | None = None,
+           on_field: OnField | None = None, detector: Detector | None = None) -> ScreenResult:
+    """Screen field photographs: count red cells, classify them, give parasitemia and a call.
+
+    ``Screener(model, detector, threshold=threshold).screen(paths, ...)``: see
+    :class:`Screener` and :meth:`Screener.screen` for the parameters.
+
+    Returns
+    -------
+    ScreenResult
+    """
+    return Screener(model, detector, threshold=threshold).screen(paths, truth=truth, progress=progress,
+                                                                 on_field=on_field)
+
+
+def screen_image(contents: bytes, model=None, *, path: str = "<image>", threshold: float | None = None,
+                 truth_cells=None, max_pixels: int = MAX_IMAGE_PIXELS, keep_crops: bool = False,
+                 detector: Detector | None = None):
+    """Screen one field photograph held in memory (see :meth:`Screener.screen_image`)."""
+    screener = Screener(model, detector, threshold=threshold, max_pixels=max_pixels)
+    return screener.screen_image(contents, path=path, truth_cells=truth_cells, keep_crops=keep_crops)
+
+
+def pool_fields(name: str, fields: Sequence[FieldResult], model=None, rate: float | None = None) -> SampleResult:
+    """Pool fields screened with ``model`` into a sample (see :meth:`Screener.pool`); ``rate``
+    overrides the false-positive rate the call weighs counts against."""
+    screener = Screener(model)
+    if rate is not None:
+        screener.false_positive_rate = float(rate)
+    return screener.pool(name, fields)
