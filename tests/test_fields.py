@@ -1,0 +1,195 @@
+"""The screening core through its public API: a Screener composed of swappable parts, its call
+on whole synthetic samples, the typed field figures and the output formats."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from malaria_cells import MalariaCellsError
+from malaria_cells.fields import (FORMATS, ClassicalDetector, FieldDetection, FieldFigures, Screener, detect_cells,
+                                  render)
+from malaria_cells.runtimes import CellClassifier
+
+from conftest import make_field
+
+
+class PurpleDotClassifier(CellClassifier):
+    """A rule, not a network: the share of a crop's pixels stained the synthetic parasites'
+    dark purple. It tells the synthetic fields' infected cells from the rest without error,
+    so the call rule is tested apart from any trained model's quality."""
+
+    runtime = "rule"
+
+    def __init__(self, figures: FieldFigures | None = None):
+        super().__init__("purple-dot-rule", 64, 0.5, {"field": figures.to_info()} if figures else {})
+
+    def _score(self, images):
+        images = np.asarray(images, np.float32)
+        if images.max() <= 1.0:
+            images = images * 255
+        red, green, blue = images[..., 0], images[..., 1], images[..., 2]
+        purple = (red > 40) & (green < 80) & (blue > 1.1 * red)
+        return np.clip(purple.reshape(len(images), -1).sum(axis=1) / 40.0, 0, 1)
+
+
+FIGURES = FieldFigures(threshold=0.5, sensitivity=0.9, specificity=0.995)
+
+
+def _write_sample(folder, n_fields, infected_per_field, seed):
+    folder.mkdir(parents=True)
+    for k in range(n_fields):
+        infected = tuple(range(3, 3 + 7 * infected_per_field[k], 7))
+        image, _ = make_field(np.random.default_rng(seed + k), infected=infected)
+        Image.fromarray(image).save(folder / f"field{k}.png")
+
+
+@pytest.fixture(scope="module")
+def samples(tmp_path_factory):
+    root = tmp_path_factory.mktemp("samples")
+    _write_sample(root / "infected", 4, [5, 5, 5, 5], 100)   # 20 of ~250 cells: 8%
+    _write_sample(root / "healthy", 8, [0] * 8, 200)         # 0 of ~500
+    _write_sample(root / "borderline", 8, [1, 1, 1, 0, 0, 0, 0, 0], 300)  # 3 of ~500
+    return root
+
+
+def test_an_infected_sample_is_positive_a_healthy_one_negative_and_a_borderline_one_review(samples):
+    screener = Screener(PurpleDotClassifier(FIGURES))
+    result = screener.screen([samples / "infected", samples / "healthy", samples / "borderline"])
+    calls = {s.name: s.call for s in result.samples}
+    assert calls == {"infected": "positive", "healthy": "negative", "borderline": "review"}, \
+        {s.name: (s.n_parasitized, s.n_cells, s.reasons) for s in result.samples}
+    infected = result.samples[0]
+    assert infected.n_parasitized == 20 and infected.parasitemia_ci[0] < infected.parasitemia < infected.parasitemia_ci[1]
+    assert result.samples[1].n_parasitized == 0
+    assert "borderline" in result.samples[2].reasons[0]
+    assert result.summary.name == "all" and result.summary.n_cells == sum(s.n_cells for s in result.samples)
+
+
+def test_too_few_cells_is_review_whatever_the_count(samples):
+    screener = Screener(PurpleDotClassifier(FIGURES))
+    result = screener.screen(sorted((samples / "infected").iterdir())[:1])
+    assert result.summary.call == "review" and "cells counted" in result.summary.reasons[0]
+
+
+def test_the_figures_the_model_carries_set_the_threshold_correction_and_call(samples):
+    field = samples / "infected" / "field0.png"
+    carried = Screener(PurpleDotClassifier(FieldFigures(threshold=0.99, sensitivity=0.5, specificity=0.9)))
+    assert carried.threshold == 0.99 and carried.false_positive_rate == pytest.approx(0.1)
+    item = carried.screen_image(field.read_bytes())
+    raw = item.n_parasitized / item.n_cells
+    assert item.corrected["parasitemia"] == pytest.approx(max(0.0, (raw - 0.1) / 0.4))
+    plain = Screener(PurpleDotClassifier())  # no figures: its own threshold, 1% false alarms assumed
+    assert plain.threshold == 0.5 and plain.false_positive_rate == 0.01 and plain.figures is None
+    assert plain.screen_image(field.read_bytes()).corrected is None
+    assert Screener(PurpleDotClassifier(FIGURES), threshold=0.3).threshold == 0.3
+
+
+def test_field_figures_are_validated_and_round_trip_through_a_model_file(trained_run, tmp_path):
+    from malaria_cells import load_model
+
+    with pytest.raises(MalariaCellsError, match="sensitivity"):
+        FieldFigures(threshold=0.5, sensitivity=1.5, specificity=0.99)
+    with pytest.raises(MalariaCellsError, match="missing specificity"):
+        FieldFigures.from_info({"field": {"threshold": 0.5, "sensitivity": 0.8}})
+    assert FieldFigures.from_info({"name": "a cell model"}) is None
+    figures = FieldFigures(threshold=0.7, sensitivity=0.8, specificity=0.99, tta_gate=0.1, cells={"infected": 3},
+                           extra={"future_key": [1, 2]})
+    model = load_model(trained_run["model_path"])
+    figures.attach(model)
+    model.save(tmp_path / "with-figures.keras")
+    again = load_model(tmp_path / "with-figures.keras")
+    assert FieldFigures.from_model(again) == figures and again.threshold == pytest.approx(0.7)
+    assert again.info["field"]["future_key"] == [1, 2]
+
+
+class HalfFieldDetector:
+    """Another detector: the classical one, with every object in the right half of the field
+    excluded (a detector that only trusts part of the image)."""
+
+    def __init__(self):
+        self.inner = ClassicalDetector()
+
+    def detect(self, image) -> FieldDetection:
+        detection = self.inner.detect(image)
+        for item in detection.objects:
+            if item.kind == "red_cell" and item.x > image.shape[1] / 2:
+                item.kind = "edge"
+        return detection
+
+    def describe(self):
+        return {"name": "left-half"}
+
+
+def test_the_detector_is_swappable_and_described_in_every_result(samples):
+    field = samples / "healthy" / "field0.png"
+    whole = Screener(PurpleDotClassifier(FIGURES)).screen(field)
+    half = Screener(PurpleDotClassifier(FIGURES), HalfFieldDetector()).screen(field)
+    assert 0 < half.fields[0].n_cells < whole.fields[0].n_cells
+    assert all(c.x <= 450 for c in half.fields[0].cells)
+    assert half.model["detector"] == {"name": "left-half"}
+    assert whole.model["detector"] == {"name": "classical", "settings": {}}
+    with pytest.raises(MalariaCellsError, match="detect"):
+        Screener(PurpleDotClassifier(), detector=object())
+
+
+def test_detector_settings_are_validated_and_change_what_is_counted():
+    with pytest.raises(MalariaCellsError, match="clump_cells"):
+        ClassicalDetector(clump_cells=-1)
+    with pytest.raises(MalariaCellsError, match="working_diameter"):
+        ClassicalDetector(working_diameter=2)
+    image, cells = make_field(np.random.default_rng(4), platelets=10)
+    default = detect_cells(image)
+    assert len(default.cells) == len(cells)
+    # a platelet bound above a whole cell's area sorts every cell out as debris
+    assert detect_cells(image, platelet_area=1.5).cells == []
+    assert ClassicalDetector(platelet_area=1.5).describe() == {"name": "classical", "settings": {"platelet_area": 1.5}}
+    # a low-quality verdict follows min_cells
+    assert not detect_cells(image, min_cells=len(cells) + 1).quality["ok"]
+
+
+def test_every_registered_format_renders_the_same_result(samples):
+    result = Screener(PurpleDotClassifier(FIGURES)).screen(samples / "infected")
+    assert set(FORMATS) == {"table", "json", "csv"}
+    table = render(result, "table")
+    assert "POSITIVE" in table and "field0.png" in table and table.count("\n") >= len(result.fields) + 3
+    data = json.loads(render(result, "json"))
+    assert data["summary"]["call"] == "positive" and len(data["fields"]) == 4
+    assert data["model"]["counting_threshold"] == 0.5 and data["model"]["path"] == "purple-dot-rule"
+    rows = render(result, "csv").splitlines()
+    assert rows[0].startswith("field,frame,x,y") and len(rows) == 1 + sum(f.n_cells for f in result.fields)
+    assert sum(row.endswith(",Parasitized") for row in rows) == 20
+    with pytest.raises(MalariaCellsError, match="unknown format"):
+        render(result, "xml")
+
+
+def test_the_report_folder_holds_overlays_csv_json_and_a_page_naming_the_call(samples, tmp_path):
+    from malaria_cells.fields.report import ReportWriter
+
+    writer = ReportWriter(tmp_path / "report")
+    result = Screener(PurpleDotClassifier(FIGURES)).screen(samples / "infected", on_field=writer.add)
+    page = writer.finish(result).read_text()
+    from malaria_cells.fields.report import GALLERY_SIZE
+
+    assert "POSITIVE" in page and page.count("<figure class=\"cell\">") == GALLERY_SIZE
+    scores = [float(part.split("<br>")[0]) for part in page.split("alt=\"cell\"><figcaption>")[1:]]
+    assert scores == sorted(scores, reverse=True) and scores[19] == 1.0 and scores[20] < 0.5  # the 20 infected first
+    overlays = sorted((tmp_path / "report" / "overlays").iterdir())
+    assert len(overlays) == 4 and all(f'src="overlays/{p.name}"' in page for p in overlays)
+    overlay = np.asarray(Image.open(overlays[0]))
+    assert max(overlay.shape[:2]) <= 1600 and (overlay[..., 0] > 200).any()
+    data = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert data["fields"][0]["overlay"].startswith("overlays/")
+    assert (tmp_path / "report" / "cells.csv").read_text().count("Parasitized") == 20
+    with pytest.raises(MalariaCellsError, match="not empty"):
+        ReportWriter(tmp_path / "report")
+
+
+def test_one_bad_field_is_skipped_and_the_rest_screened(samples, tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    screener = Screener(PurpleDotClassifier(FIGURES))
+    result = screener.screen_samples([("s", [("good", lambda: (samples / "healthy" / "field0.png").read_bytes()),
+                                             ("broken", lambda: (tmp_path / "broken.png").read_bytes())])])
+    assert [f.path for f in result.fields] == ["good"] and [p for p, _ in result.skipped] == ["broken"]
