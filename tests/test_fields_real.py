@@ -37,3 +37,22 @@ def test_the_healthy_patient_is_called_negative_with_few_false_alarms(screened):
     summary = screened["nih"].summary
     assert summary.call == "negative", summary
     assert summary.parasitemia <= 0.005, summary
+
+
+def test_the_field_models_onnx_copy_labels_shared_field_cells_as_its_keras_file():
+    # screen runs the ONNX copy by default; it must count exactly what the .keras file counts
+    import numpy as np
+
+    from malaria_cells.fields import Screener
+    from malaria_cells.images import read_file
+    from malaria_cells.runtimes import FIELD_MODEL, load_model
+
+    onnx = Screener(FIELD_MODEL.with_suffix(".onnx"))
+    keras = Screener(FIELD_MODEL)
+    assert onnx.threshold == keras.threshold and onnx.figures == keras.figures
+    paths = sorted((FIELDS / "iml").glob("*.JPG"))[::10]
+    crops = np.concatenate([onnx.screen_image(read_file(p), keep_crops=True)[1] for p in paths])
+    assert len(crops) > 1000
+    from_onnx, from_keras = onnx.score(crops), keras.score(crops)
+    np.testing.assert_allclose(from_onnx, from_keras, atol=1e-4)
+    assert np.array_equal(from_onnx >= onnx.threshold, from_keras >= keras.threshold)

@@ -1,4 +1,6 @@
 import io
+import json
+import os
 import zlib
 
 import numpy as np
@@ -182,8 +184,30 @@ def test_screen_endpoint_answers_the_screen_json_with_overlays(client):
     assert len(body["fields"]) == 1 and body["skipped"][0]["path"] == "bad.jpg"
     field = body["fields"][0]
     assert abs(field["n_cells"] - len(cells)) <= 3 and field["overlay"].startswith("data:image/jpeg;base64,")
-    assert body["summary"]["call"] in ("positive", "negative", "review")
+    assert body["summary"]["call"] == "review" and "cells counted" in body["summary"]["reasons"][0]
     assert client.post("/v1/screen", files=files[1:]).status_code == 422
+
+
+def test_screen_endpoint_gives_what_the_python_api_gives(client, trained_run, tmp_path):
+    from conftest import encode, make_field
+
+    from malaria_cells import screen
+
+    files = []
+    for k in range(2):
+        image, _ = make_field(np.random.default_rng(20 + k), infected=(3, 11, 30))
+        (tmp_path / f"f{k}.jpg").write_bytes(encode(image, "JPEG", quality=90))
+        files.append(("files", (f"f{k}.jpg", (tmp_path / f"f{k}.jpg").read_bytes(), "image/jpeg")))
+    served = client.post("/v1/screen", files=files).json()
+    local = json.loads(json.dumps(screen(tmp_path, trained_run["model_path"]).to_dict(), default=float))
+    for entry in served["fields"] + local["fields"]:
+        entry["path"] = os.path.basename(entry["path"])
+        entry.pop("seconds"), entry.pop("overlay", None)
+    served["summary"].pop("name"), local["summary"].pop("name")
+    assert served == local
+    table = client.post("/v1/screen?format=table", files=files)
+    assert table.headers["content-type"].startswith("text/plain") and "REVIEW" in table.text
+    assert client.post("/v1/screen?format=xml", files=files).status_code == 422
 
 
 MEMORY_PROBE = r"""

@@ -1,0 +1,95 @@
+"""Making a field model, on synthetic fields with IML-style ground truth (seconds, not hours)."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from malaria_cells import MalariaCellsError, load_model
+from malaria_cells.fields import FieldFigures, Screener
+from malaria_cells.fields.training import FieldCrops, Recipe, cross_validate, cut_crops, final_model, main
+
+from conftest import make_field
+
+RADIUS = 22
+
+
+def _annotate(name, cells, stage="ring"):
+    return {"image_name": name, "objects": [
+        {"type": stage if infected else "red blood cell",
+         "bbox": {"x": x - RADIUS, "y": y - RADIUS, "w": 2 * RADIUS, "h": 2 * RADIUS}} for x, y, infected in cells]}
+
+
+@pytest.fixture(scope="module")
+def fields(tmp_path_factory):
+    """Six training fields (infected cells marked "ring") and one healthy field that only checks."""
+    root = tmp_path_factory.mktemp("training-fields")
+    for folder, seeds in (("train", range(6)), ("check", [50])):
+        (root / folder).mkdir()
+        entries = []
+        for seed in seeds:
+            infected = () if folder == "check" else tuple(range(seed % 3, 63, 9))
+            image, cells = make_field(np.random.default_rng(seed), infected=infected)
+            name = f"F{seed:03d}.png"
+            Image.fromarray(image).save(root / folder / name)
+            entries.append(_annotate(name, cells))
+        (root / folder / "annotations.json").write_text(json.dumps(entries))
+    return root
+
+
+@pytest.fixture(scope="module")
+def crops(fields):
+    return cut_crops([fields / "train"], [fields / "check"], log=lambda line: None)
+
+
+def test_crops_are_labelled_by_the_ground_truth(crops):
+    assert len(crops.records) == 7 and [r["check"] for r in crops.records] == [False] * 6 + [True]
+    infected = sum(r["n_true_parasitized"] for r in crops.records)
+    assert infected > 30 and (crops.labels == 1).sum() >= infected - 2
+    assert set(crops.stages[crops.labels == 1]) == {"ring"}
+    assert crops.crops.shape[1:] == (64, 64, 3) and len(crops.crops) == len(crops.labels) == len(crops.field)
+    assert crops.block_of(3) == {0: 0, 1: 0, 2: 1, 3: 1, 4: 2, 5: 2}
+    with pytest.raises(MalariaCellsError, match="cannot make 7 blocks"):
+        crops.block_of(7)
+
+
+def test_crops_round_trip_through_the_work_folder(crops, tmp_path):
+    crops.save(tmp_path)
+    again = FieldCrops.load(tmp_path)
+    assert np.array_equal(again.crops, crops.crops) and again.records == crops.records
+    with pytest.raises(MalariaCellsError, match="run the crops step"):
+        FieldCrops.load(tmp_path / "empty")
+
+
+def test_nested_cross_validation_and_the_final_model_carry_honest_figures(crops, tmp_path):
+    recipe = Recipe(epochs=1, blocks=3, specks=50, max_fpr=0.02, oversample=2)
+    nested = cross_validate(crops, None, recipe, tmp_path, log=lambda line: None)
+    report = next(row for row in nested if row["max_fpr"] == recipe.max_fpr)
+    assert report["fields"] == 6 and len(report["folds"]) == 3
+    assert report["found_of_annotated_infected"][1] == sum(r["n_true_parasitized"] for r in crops.records[:6])
+    assert 0 <= report["false_positive_rate"] <= 1 and report["healthy_fields_false_positive_rate"] is not None
+    probabilities = [np.load(tmp_path / f"fold{k}-probability.npy") for k in range(3)]
+    model = final_model(crops, None, recipe, probabilities)
+    figures = FieldFigures.from_model(model)
+    assert model.threshold == figures.threshold and figures.recipe["blocks"] == 3
+    # the threshold calls at most max_fpr of the out-of-fold uninfected cells
+    oof = np.concatenate([p[np.isin(crops.field, [f for f, b in crops.block_of(3).items() if b == k])]
+                          for k, p in enumerate(probabilities)])
+    labels = np.concatenate([crops.labels[np.isin(crops.field, [f for f, b in crops.block_of(3).items() if b == k])]
+                             for k in range(3)])
+    assert (oof[labels == 0] >= figures.threshold).mean() <= recipe.max_fpr
+    assert figures.specificity == pytest.approx(1 - (oof[labels == 0] >= figures.threshold).mean())
+    model.save(tmp_path / "field-model.keras")
+    screener = Screener(load_model(tmp_path / "field-model.keras"))
+    assert screener.figures == figures and screener.threshold == figures.threshold
+
+
+def test_the_command_line_steps_and_their_one_line_errors(fields, tmp_path, capsys):
+    assert main(["crops", "--fields", str(fields / "train"), "--check", str(fields / "check"),
+                 "--work", str(tmp_path)]) == 0
+    assert (tmp_path / "field_crops.npz").is_file() and len(json.loads((tmp_path / "fields.json").read_text())) == 7
+    assert main(["final", "--work", str(tmp_path), "--blocks", "3"]) == 2
+    assert "run the cv step" in capsys.readouterr().err
+    assert main(["cv", "--work", str(tmp_path), "--max-fpr", "2"]) == 2
+    assert "max_fpr must be in [0, 1]" in capsys.readouterr().err
