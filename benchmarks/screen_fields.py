@@ -6,7 +6,7 @@ Screens the NIH photographs (one healthy patient) and the IML fields (P. vivax) 
 ground truth and prints, per set: detection precision / recall / F1, count error, sensitivity
 and false-positive rate on matched cells, mean absolute per-field parasitemia error, how each
 parasite stage fares, and the sample call. The IML fields are also scored by block of 23
-consecutive names (the blocks of ``scripts/field_model.py``).
+consecutive names (the blocks of ``python -m malaria_cells.fields.training``).
 """
 
 from __future__ import annotations
