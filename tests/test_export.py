@@ -144,3 +144,24 @@ def test_an_onnx_copy_that_disagrees_or_cannot_be_made_is_not_left(trained_run, 
     assert write_onnx_copy(run / "model.keras", probe) == run / "model.onnx"
     monkeypatch.setitem(sys.modules, "tf2onnx", None)  # not installed: the stale copy goes too
     assert write_onnx_copy(run / "model.keras", probe) is None and not (run / "model.onnx").exists()
+
+
+@pytest.mark.parametrize("hidden, quantize", [("sympy", "int8"), ("tf2onnx", "none"), ("onnx", "int8")])
+def test_a_missing_export_package_is_one_line_naming_it_and_the_install(trained_run, cell_dataset, tmp_path,
+                                                                        calibration, capsys, monkeypatch,
+                                                                        hidden, quantize):
+    import sys
+
+    monkeypatch.setitem(sys.modules, hidden, None)  # as if not installed: `import` raises ImportError
+    with pytest.raises(MalariaCellsError, match=rf"needs the Python package {hidden}, .*"
+                                                r"pip install 'malaria-cells\[export\]'"):
+        export_model(trained_run["model_path"], tmp_path / "m.onnx", format="onnx", quantize=quantize,
+                     calibration_images=calibration)
+    assert not (tmp_path / "m.onnx").exists()
+    argv = ["export", "--model", trained_run["model_path"], "--format", "onnx", "--out", str(tmp_path / "m.onnx"),
+            "--quantize", quantize] + (["--calibration", str(cell_dataset)] if quantize == "int8" else [])
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert hidden in err and "pip install 'malaria-cells[export]'" in err

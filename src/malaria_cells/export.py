@@ -27,6 +27,9 @@ INT8_FLOAT_OPS = ("ADD", "BATCH_MATMUL", "CAST", "CONCATENATION", "DIV", "EXPAND
                   "RESHAPE", "SUB", "SUM")
 """TFLite operators that ``--quantize int8`` leaves in float: all but convolutions and pooling."""
 
+EXPORT_EXTRA = "pip install 'malaria-cells[export]'"
+"""How to install the packages that ONNX export needs (the ``export`` extra)."""
+
 
 def export_model(model, out: str | os.PathLike, *, format: str = "tflite", quantize: str = "none",
                  calibration_images: np.ndarray | None = None) -> Path:
@@ -59,6 +62,8 @@ def export_model(model, out: str | os.PathLike, *, format: str = "tflite", quant
         raise MalariaCellsError("float16 is offered for tflite only; for onnx use --quantize int8 or none")
     if quantize == "int8" and (calibration_images is None or len(calibration_images) == 0):
         raise MalariaCellsError("int8 quantization needs calibration images: pass --calibration DIR")
+    if format == "onnx":  # a missing extra fails here, in one line, before any work is done
+        require_export_packages(quantize)
     model = load_model(default_model_path(fast_start=False) if model is None else model)
     if model.keras_model is None:
         raise MalariaCellsError(f"{model.path}: export starts from a .keras model")
@@ -81,6 +86,31 @@ def export_model(model, out: str | os.PathLike, *, format: str = "tflite", quant
                 temporary.write_bytes(_onnx_bytes(model, quantize, calibration_images, metadata))
     write_json(sidecar_path(out), metadata)
     return out
+
+
+def require_export_packages(quantize: str = "none") -> None:
+    """Raise a one-line :class:`MalariaCellsError` naming the package and the pip command
+    when a package that ONNX export (``quantize="int8"``: its quantization too) needs is
+    missing.
+
+    tf2onnx and onnx convert; onnxruntime's quantization needs SymPy for its shape
+    inference, which onnxruntime no longer installs itself.
+    """
+    import importlib
+
+    modules = ["onnx", "tf2onnx"] + (["sympy", "onnxruntime.quantization"] if quantize == "int8" else [])
+    what = "ONNX int8 quantization" if quantize == "int8" else "ONNX export"
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as error:  # also a package that the module itself imports
+            missing = (error.name or module).split(".")[0]
+            raise MalariaCellsError(f"{what} needs the Python package {missing}, which is not installed: "
+                                    f"{EXPORT_EXTRA}") from None
+        except ImportError as error:  # installed, but broken or of a version that does not fit
+            detail = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+            raise MalariaCellsError(f"{what} needs the Python package {module.split('.')[0]}, which fails to "
+                                    f"import ({detail}): {EXPORT_EXTRA.replace('install', 'install --upgrade')}") from None
 
 
 def _export_saved_model(model: CellClassifier, out: Path) -> None:
@@ -133,11 +163,8 @@ def _convert_to_tflite(model: CellClassifier, quantize: str, calibration_images)
 def _onnx_bytes(model: CellClassifier, quantize: str, calibration_images, metadata: dict) -> bytes:
     import tensorflow as tf
 
-    try:
-        import onnx
-        import tf2onnx
-    except ImportError:
-        raise MalariaCellsError("ONNX export needs tf2onnx: pip install 'malaria-cells[export]'") from None
+    import onnx  # present: export_model checked with require_export_packages
+    import tf2onnx
 
     spec = (tf.TensorSpec((None, model.image_size, model.image_size, 3), tf.float32, name="image"),)
     proto, _ = tf2onnx.convert.from_keras(model.keras_model, input_signature=spec, opset=17)
