@@ -16,13 +16,17 @@ The steps, each robust to what varies between labs, cameras and slides:
    white cells, platelets or clumps are also present.
 4. **Splitting.** Peaks at least a radius apart seed a watershed of the distance transform,
    which splits touching and overlapping cells; holes are filled first, so pale cells with a
-   light centre stay whole.
+   light centre stay whole (a hole that is still stained, or round and convex like the clear
+   centre of a target or hypochromic cell, is a cell's centre; plasma enclosed by touching
+   cells is concave). A region of overlapping cells that kept one peak is cut into cells by
+   k-means where its outline has a notch; a convex one is one elongated cell (an elliptocyte).
 5. **Sorting objects.** Much smaller than a cell: platelet or debris. Holding part of a large
    very dark (nucleus-stained) blob, or sharing a fifth of its border with such an object: a
    white blood cell, or a piece of one. Largely black (darker than any stain in every channel):
    a printed mark such as a camera's scale bar. Touching the field's edge: cut.
    More than three median cells' area: a clump of overlapping cells that splitting left whole
    (one count would stand for several cells, and the gaps between them look like parasites).
+   Less than about a third of the median cell: a fragment, never counted as a cell.
    The rest are counted; enlarged cells (P. vivax gametocytes and schizonts) are kept.
 
 Coordinates are pixels of the image as stored (EXIF orientation not applied).
@@ -63,8 +67,9 @@ class FieldObject:
         In square pixels of the stored image.
     kind : str
         ``"red_cell"`` (counted), ``"white_cell"``, ``"platelet"`` (small debris included),
-        ``"mark"`` (a printed scale bar or label), ``"clump"`` (overlapping cells left whole)
-        or ``"edge"`` (cut by the image or field-of-view edge).
+        ``"mark"`` (a printed scale bar or label), ``"clump"`` (overlapping cells left whole),
+        ``"fragment"`` (much smaller than the field's median cell) or ``"edge"`` (cut by the
+        image or field-of-view edge).
     """
 
     x: float
@@ -91,6 +96,8 @@ class FieldDetection:
         Stored-image pixels per detection pixel.
     quality : dict
         ``{"ok": bool, "reasons": [...], "focus": float, "coverage": float}``.
+    field_of_view : numpy.ndarray of bool, optional
+        The bright field of view at the detection scale (None: the whole image).
     """
 
     objects: list[FieldObject]
@@ -98,6 +105,7 @@ class FieldDetection:
     labels: np.ndarray
     scale: float
     quality: dict
+    field_of_view: np.ndarray | None = None
 
     @property
     def cells(self) -> list[FieldObject]:
@@ -155,15 +163,20 @@ class ClassicalDetector:
     pale_centre_area, pale_centre_stain, tiny_hole_area : float
         A hole in a cell's mask is its pale centre, and filled, if smaller than
         ``pale_centre_area`` cells and stained above ``pale_centre_stain`` of the threshold, or
-        smaller than ``tiny_hole_area`` cells; a larger, clearer hole is plasma enclosed by a
-        ring of touching cells.
+        smaller than ``tiny_hole_area`` cells.
+    pale_centre_solidity, pale_centre_roundness : float
+        A clearer hole smaller than a cell is still a pale centre (of a target or hypochromic
+        cell) if it is convex (area over its convex hull's at least ``pale_centre_solidity``)
+        and round (``4 pi area / perimeter**2`` at least ``pale_centre_roundness``); plasma
+        enclosed by touching cells is bounded by their curves, so concave.
     seed_spacing, seed_height : float
         Watershed seeds are distance-transform peaks at least ``seed_spacing`` radii apart and
         ``seed_height`` radii high.
-    split_area, disc_ratio : float
+    split_area, disc_ratio, clump_notch : float
         A region over ``split_area`` cells that is not a disc (area above ``disc_ratio`` times
         the disc its widest point allows) is overlapping cells, divided by k-means into as many
-        cells as its area holds.
+        cells as its area holds, if its outline has a notch at least ``clump_notch`` radii deep
+        (where overlapping cells' outlines cross); a convex region is one elongated cell.
     platelet_area : float
         Objects smaller than this many cells are platelets or debris.
     ink_level, mark_share : float
@@ -177,6 +190,10 @@ class ClassicalDetector:
         ``white_contact`` of its perimeter with a white cell, is (a piece of) a white cell.
     clump_cells : float
         Counted objects larger than this many median cells are clumps, not counted.
+    fragment_area : float
+        Counted objects smaller than this many median cells are fragments (of a cell cut by
+        the splitting, or debris), not counted: a whole microcyte is about two thirds of a
+        median cell.
     min_cells, max_coverage, focus_floor : float
         A field is of low quality with fewer than ``min_cells`` counted cells, over
         ``max_coverage`` of it covered, or border sharpness under ``focus_floor``.
@@ -192,10 +209,13 @@ class ClassicalDetector:
     pale_centre_area: float = 0.5
     pale_centre_stain: float = 0.5
     tiny_hole_area: float = 0.1
+    pale_centre_solidity: float = 0.9
+    pale_centre_roundness: float = 0.7
     seed_spacing: float = 0.7
     seed_height: float = 0.35
     split_area: float = 1.7
     disc_ratio: float = 1.4
+    clump_notch: float = 0.08
     platelet_area: float = 0.2
     ink_level: float = 0.35
     mark_share: float = 0.25
@@ -205,6 +225,7 @@ class ClassicalDetector:
     nucleus_share: float = 0.02
     white_contact: float = 0.2
     clump_cells: float = CLUMP_CELLS
+    fragment_area: float = 0.35
     min_cells: int = 50
     max_coverage: float = 0.75
     focus_floor: float = FOCUS_FLOOR
@@ -470,7 +491,7 @@ def _detect(image: np.ndarray, s: "ClassicalDetector") -> FieldDetection:
     objects = _sort_objects(labels, density, _black(work, fov & ~mask, s.ink_level), fov, radius, scale,
                             (width, height), s)
     quality = _quality(density, fov, mask, objects, s)
-    return FieldDetection(objects, 2 * radius * scale, labels, scale, quality)
+    return FieldDetection(objects, 2 * radius * scale, labels, scale, quality, fov)
 
 
 def _cell_diameter(image: np.ndarray, settings) -> float:
@@ -481,18 +502,26 @@ def _cell_diameter(image: np.ndarray, settings) -> float:
     mask, threshold = _foreground(density, fov, settings.stain_percentile)
     # Hollow-looking cells make the first estimate low, so the holes it allows are generous.
     first = _radius(cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 5), mask)
-    mask = _fill_pale_centres(mask, density, threshold, np.pi * (1.5 * first) ** 2, settings)
+    # Round holes of any size a cell could have are pale centres here: with hollow-looking cells
+    # the first radius is the rim's, far too small to bound them.
+    mask = _fill_pale_centres(mask, density, threshold, np.pi * (1.5 * first) ** 2, settings,
+                              largest=mask.size / 50)
     distance = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 5)
     return 2 * _radius(distance, mask)
 
 
-def _fill_pale_centres(mask, density, threshold, cell_area, settings):
+def _fill_pale_centres(mask, density, threshold, cell_area, settings, largest: float | None = None):
     """Fill the holes that are the pale centres of cells, not the plasma enclosed by a clump.
 
     A pale centre is smaller than ``pale_centre_area`` cells and still stained a little
-    (density above ``pale_centre_stain`` of the threshold), or tiny; plasma enclosed by a ring of touching cells is larger, or as clear
-    as the background.
+    (density above ``pale_centre_stain`` of the threshold), or tiny, or round and convex
+    whatever its stain (the clear centre of a hypochromic or target cell, inside a thin rim):
+    plasma enclosed by a ring of touching cells is as clear as the background but bounded by
+    their curves, so concave. Round holes larger than ``largest`` (default: ``cell_area``)
+    are left open.
     """
+    import cv2
+
     labels, count = _holes(mask)
     if count == 0:
         return mask
@@ -501,9 +530,27 @@ def _fill_pale_centres(mask, density, threshold, cell_area, settings):
     mean = np.bincount(flat, weights=density.ravel(), minlength=count + 1)[1:] / area
     stained = (mean > settings.pale_centre_stain * threshold) & (area < settings.pale_centre_area * cell_area)
     stained |= area < settings.tiny_hole_area * cell_area
+    largest = cell_area if largest is None else largest
+    candidates = np.flatnonzero(~stained & (area >= max(12, settings.tiny_hole_area * cell_area)) & (area < largest))
+    if len(candidates):
+        boxes = _boxes(labels)
+        for k in candidates[:_MAX_ROUND_HOLES]:
+            window = boxes[k]
+            contours, _ = cv2.findContours((labels[window] == k + 1).astype(np.uint8), cv2.RETR_EXTERNAL,
+                                           cv2.CHAIN_APPROX_NONE)
+            outline = max(contours, key=cv2.contourArea)
+            inner, hull = cv2.contourArea(outline), cv2.contourArea(cv2.convexHull(outline))
+            perimeter = cv2.arcLength(outline, True)
+            if hull > 0 and perimeter > 0 and inner / hull >= settings.pale_centre_solidity \
+                    and 4 * np.pi * inner / perimeter**2 >= settings.pale_centre_roundness:
+                stained[k] = True
     keep = np.zeros(count + 1, bool)
     keep[1:] = stained
     return mask | keep[labels]
+
+
+_MAX_ROUND_HOLES = 20000
+"""Holes whose shape is measured per field at most (bounds the time on a noise image)."""
 
 
 def _watershed(relief: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -582,6 +629,8 @@ def _split_clumps(labels: np.ndarray, distance: np.ndarray, radius: float, setti
         region = labels[window] == label
         if areas[label] < settings.disc_ratio * np.pi * distance[window][region].max() ** 2:  # a disc: one cell, however large
             continue
+        if _notch(region) < settings.clump_notch * radius:  # convex all round: one elongated cell
+            continue
         ys, xs = np.nonzero(region)
         parts = int(round(areas[label] / cell_area))
         if parts < 2:
@@ -594,6 +643,25 @@ def _split_clumps(labels: np.ndarray, distance: np.ndarray, radius: float, setti
         patch[ys, xs] = new
         next_label += parts - 1
     return labels
+
+
+def _notch(region: np.ndarray) -> float:
+    """The deepest notch of a region's outline into its convex hull, in pixels: where
+    overlapping cells meet, their outlines cross in a notch; an elongated cell has none."""
+    import cv2
+
+    contours, _ = cv2.findContours(np.pad(region, 1).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    outline = max(contours, key=cv2.contourArea)
+    hull = cv2.convexHull(outline, returnPoints=False)
+    if len(outline) < 4 or len(hull) < 3:
+        return 0.0
+    try:
+        defects = cv2.convexityDefects(outline, np.sort(hull, axis=0))
+    except cv2.error:  # a self-touching outline
+        return float("inf")
+    if defects is None or not len(defects):
+        return 0.0
+    return float(np.asarray(defects).reshape(-1, 4)[:, 3].max()) / 256
 
 
 def _black(image: np.ndarray, plasma: np.ndarray, ink_level: float) -> np.ndarray:
@@ -664,9 +732,12 @@ def _sort_objects(labels, density, black, fov, radius, scale, size, settings) ->
     counted = [o.area for o in objects if o.kind == "red_cell"]
     if counted:
         largest = settings.clump_cells * float(np.median(counted))
+        smallest = settings.fragment_area * float(np.median(counted))
         for o in objects:
             if o.kind == "red_cell" and o.area > largest:
                 o.kind = "clump"
+            elif o.kind == "red_cell" and o.area < smallest:
+                o.kind = "fragment"
     return objects
 
 

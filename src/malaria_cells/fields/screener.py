@@ -29,6 +29,7 @@ import numpy as np
 
 from ..config import CLASS_NAMES, MAX_IMAGE_PIXELS
 from ..errors import MalariaCellsError
+from .applicability import ApplicabilityLimits, assess_field, fingerprint, same_field
 from .call import call_sample, corrected_parasitemia, parasitemia_interval
 from .detection import ClassicalDetector, Detector
 from .figures import DEFAULT_FIELD_FPR, FieldFigures
@@ -61,6 +62,9 @@ class Screener:
         Counting threshold overriding the figures'.
     max_pixels : int
         Largest decoded image accepted, in pixels (refused from the header, before decoding).
+    applicability : ApplicabilityLimits, optional
+        What a field must look like to be read (default: the stated limits); a field outside
+        them is listed with its reasons and not counted.
 
     Examples
     --------
@@ -72,7 +76,8 @@ class Screener:
     """
 
     def __init__(self, classifier=None, detector: Detector | None = None, *, figures: FieldFigures | None = None,
-                 threshold: float | None = None, max_pixels: int = MAX_IMAGE_PIXELS):
+                 threshold: float | None = None, max_pixels: int = MAX_IMAGE_PIXELS,
+                 applicability: ApplicabilityLimits | None = None):
         from ..runtimes import check_threshold, default_model_path, load_model
 
         self.classifier = load_model(default_model_path(fields=True) if classifier is None else classifier)
@@ -88,6 +93,7 @@ class Screener:
         if int(max_pixels) < 1:
             raise MalariaCellsError(f"max_pixels must be at least 1, got {max_pixels}")
         self.max_pixels = int(max_pixels)
+        self.applicability = ApplicabilityLimits() if applicability is None else applicability
 
     def __repr__(self) -> str:
         return (f"Screener(classifier={os.path.basename(self.classifier.path)!r}, detector={self.detector!r}, "
@@ -136,6 +142,13 @@ class Screener:
         image = decode(contents, max_pixels=self.max_pixels, reduce=reduce)
         factor_x, factor_y = width / image.shape[1], height / image.shape[0]
         detection = self.detector.detect(image)
+        check = assess_field(image, detection, self.applicability)
+        quality = {**detection.quality, "applicable": check["applicable"], "flags": check["flags"],
+                   "checks": check["measures"]}
+        if not check["applicable"]:  # shown, never counted: its cells are not classified
+            quality["ok"] = False
+            quality["reasons"] = list(detection.quality["reasons"]) + check["reasons"]
+            detection.objects = [o for o in detection.objects if o.kind != "red_cell"]
         crops = crop_cells(image, detection, self.classifier.image_size)
         probabilities = self.score(crops)
 
@@ -150,7 +163,7 @@ class Screener:
         n_cells = len(cells)
         n_parasitized = sum(c.label == CLASS_NAMES[1] for c in cells)
         result = FieldResult(
-            path=path, width=width, height=height, frame="stored", quality=detection.quality, n_cells=n_cells,
+            path=path, width=width, height=height, frame="stored", quality=quality, n_cells=n_cells,
             n_parasitized=n_parasitized, parasitemia=n_parasitized / n_cells if n_cells else None,
             parasitemia_ci=parasitemia_interval(n_parasitized, n_cells),
             corrected=corrected_parasitemia(n_parasitized, n_cells, self.figures),
@@ -216,7 +229,7 @@ class Screener:
         skipped = list(skipped)
         fields, pooled = [], []
         for name, items in samples:
-            sample_fields = []
+            sample_fields, prints = [], []
             for item in items:
                 path, read = item[0], item[1]
                 try:
@@ -226,6 +239,12 @@ class Screener:
                 except MalariaCellsError as error:
                     skipped.append((str(path), str(error)))
                 else:
+                    prints.append(fingerprint(image))
+                    earlier = next((f for f, p in zip(sample_fields, prints) if same_field(p, prints[-1],
+                                                                                          self.applicability)), None)
+                    if earlier is not None:
+                        _withhold(result, "duplicate", f"the same field as {Path(earlier.path).name}: counted once")
+                        crops = crops[:0]
                     sample_fields.append(result)
                     if on_field is not None:
                         on_field(result, crops, image)
@@ -242,13 +261,21 @@ class Screener:
         """Pool fields into a sample: counts over its good-quality fields (all, if none is), the
         interval, the corrected estimate and the call."""
         good = [f for f in fields if f.quality.get("ok")]
-        counted = good or list(fields)
+        counted = good or [f for f in fields if f.quality.get("applicable", True)]
         n_cells = sum(f.n_cells for f in counted)
         n_parasitized = sum(f.n_parasitized for f in counted)
         corrected = corrected_parasitemia(n_parasitized, n_cells, self.figures)
         call, reasons = call_sample(n_parasitized, sum(f.n_cells for f in good),
                                     false_positive_rate=self.false_positive_rate, good_fields=len(good),
                                     fields=len(fields), corrected=corrected)
+        unread = [f for f in fields if not f.quality.get("applicable", True)]
+        if unread:
+            kinds: dict[str, int] = {}
+            for f in unread:
+                for flag in f.quality.get("flags", []):
+                    kinds[flag] = kinds.get(flag, 0) + 1
+            reasons.append(f"{len(unread)} of {len(fields)} fields not read ("
+                           + ", ".join(f"{k} {_FLAG_WORDS.get(flag, flag)}" for flag, k in kinds.items()) + ")")
         sample = SampleResult(name, len(fields), n_cells, n_parasitized, n_parasitized / n_cells if n_cells else None,
                               parasitemia_interval(n_parasitized, n_cells), corrected, call, reasons)
         scored = [f.truth for f in fields if f.truth]
@@ -257,6 +284,20 @@ class Screener:
 
             sample.truth = pool_scores(scored)
         return sample
+
+
+_FLAG_WORDS = {"grayscale": "grayscale", "magnification": "at an unsupported magnification",
+               "not_a_smear": "not a stained smear", "stain": "stained outside the validated range",
+               "fragments": "cut into fragments", "duplicate": "duplicates", "no_cells": "without red cells"}
+
+
+def _withhold(result: FieldResult, flag: str, reason: str) -> None:
+    """Keep a field in the results but out of every count, with why."""
+    quality = result.quality
+    quality.update(ok=False, applicable=False, flags=list(quality.get("flags", [])) + [flag],
+                   reasons=list(quality.get("reasons", [])) + [reason])
+    result.cells, result.n_cells, result.n_parasitized = [], 0, 0
+    result.parasitemia = result.parasitemia_ci = result.corrected = None
 
 
 def counting_probability(model, crops: np.ndarray, *, tta_gate: float | None = None) -> np.ndarray:

@@ -1,0 +1,195 @@
+"""Whether a field can be read at all, and why not.
+
+A screening tool may say "I cannot read this"; it must not give a confident answer about an
+image it was never made for. Each check measures what the detector already sees, against a
+limit stated in :class:`ApplicabilityLimits`:
+
+- **colour**: a Giemsa smear is a colour image; a grayscale one hides the stain that tells a
+  parasite from a cell;
+- **magnification**: the cells must be large enough in the image for a parasite to be seen
+  (a ring's chromatin dot is about a tenth of a cell), and small enough for a field to hold
+  many;
+- **a stained blood smear**: red cells are darker than the plasma in every channel and absorb
+  green far more than red (pink on a pale background); photographs of anything else, and
+  noise, fail this;
+- **stain**: the cells' colour against the plasma (optical density, which a white-balance or
+  exposure change does not move) inside the range validated on;
+- **segmentation**: a field the detector cut into many fragments (cells of a shape it does not
+  know) is not counted;
+- **duplicates**: a field identical or nearly identical to an earlier one of the same sample
+  (the same photograph twice, or re-saved) is not counted twice.
+
+A field that fails is listed with its reasons, not counted; a sample without enough readable
+cells is ``review`` (see :mod:`.call`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields as dataclass_fields
+
+import numpy as np
+
+from ..errors import MalariaCellsError
+
+__all__ = ["ApplicabilityLimits", "assess_field", "fingerprint", "same_field"]
+
+
+@dataclass(frozen=True)
+class ApplicabilityLimits:
+    """The limits of what a field may look like to be read.
+
+    Parameters
+    ----------
+    min_colour : float
+        Grayscale below this: the 99th percentile, over the field, of each pixel's spread
+        between its brightest and darkest channel (0-255).
+    min_cell_diameter, max_cell_diameter : float
+        Supported red-cell diameter, in pixels of the image as decoded (the image as stored,
+        or halved, thirded... for photographs over 4,000 pixels wide).
+    min_green_red, max_green_red : float
+        Supported ratio of the cells' optical density (against the plasma) in the green
+        channel to the red: a Giemsa- or Wright-stained red cell is pink, absorbing green.
+    min_density, max_density : float
+        Supported length of the cells' optical-density vector (all three channels): paler and
+        darker staining than this were not validated.
+    max_fragments : float
+        Fragments (objects far smaller than the median cell) per counted cell above which the
+        field is taken as wrongly cut into pieces.
+    duplicate_correlation : float
+        Two fields of a sample whose 64x64 grey thumbnails correlate at least this much are
+        the same field (a photograph re-saved at JPEG quality 60, or at half size: 0.9999;
+        two fields of one smear: about 0; two drawn fields of cells on the same grid: 0.96).
+    """
+
+    min_colour: float = 8.0
+    min_cell_diameter: float = 20.0
+    max_cell_diameter: float = 300.0
+    min_green_red: float = 1.1
+    max_green_red: float = 6.0
+    min_density: float = 0.2
+    max_density: float = 1.5
+    max_fragments: float = 0.25
+    duplicate_correlation: float = 0.99
+
+    def __post_init__(self):
+        for item in dataclass_fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
+                raise MalariaCellsError(f"applicability limit {item.name} must be a number >= 0, got {value!r}")
+        if self.min_cell_diameter >= self.max_cell_diameter or self.min_green_red >= self.max_green_red \
+                or self.min_density >= self.max_density:
+            raise MalariaCellsError("applicability limits: each minimum must be below its maximum")
+
+
+def assess_field(image: np.ndarray, detection, limits: ApplicabilityLimits | None = None) -> dict:
+    """Measure a field against ``limits``.
+
+    Parameters
+    ----------
+    image : numpy.ndarray
+        The field, uint8 RGB, as the detector saw it.
+    detection : FieldDetection
+        What the detector found in it.
+
+    Returns
+    -------
+    dict
+        ``{"applicable": bool, "reasons": [...], "flags": [...], "measures": {...}}``: a
+        sentence per failed check, a short name per failed check (``grayscale``,
+        ``magnification``, ``no_cells``, ``not_a_smear``, ``stain``, ``fragments``) and every
+        measure.
+    """
+    from ..images import resize
+
+    limits = limits or ApplicabilityLimits()
+    reasons, flags, measures = [], [], {}
+
+    def fail(flag, reason):
+        flags.append(flag)
+        reasons.append(reason)
+
+    spread = _percentile_spread(image)
+    measures["colour"] = round(spread, 1)
+    if spread < limits.min_colour:
+        fail("grayscale", f"grayscale image (no colour to tell the stain by; colour spread {spread:.0f} of 255, "
+                          f"at least {limits.min_colour:.0f} needed): photograph in colour")
+    diameter = float(detection.cell_diameter)
+    measures["cell_diameter"] = round(diameter, 1)
+    if not any(o.kind == "red_cell" for o in detection.objects):
+        pass  # no cell to measure: the diameter is the detector's fallback
+    elif diameter < limits.min_cell_diameter:
+        fail("magnification", f"cells about {diameter:.0f} px across, too small to see parasites (at least "
+                              f"{limits.min_cell_diameter:.0f} px): use a higher magnification or resolution")
+    elif diameter > limits.max_cell_diameter:
+        fail("magnification", f"cells about {diameter:.0f} px across (at most {limits.max_cell_diameter:.0f} px "
+                              "supported): use a lower magnification")
+    cells = [o for o in detection.objects if o.kind == "red_cell"]
+    if not cells:
+        fail("no_cells", "no red cells found: not a blood smear, an empty area, or far out of focus")
+    fragments = sum(o.kind == "fragment" for o in detection.objects)
+    measures["fragments_per_cell"] = round(fragments / max(1, len(cells)), 3)
+    if cells and fragments > limits.max_fragments * len(cells):
+        fail("fragments", f"{fragments} fragments for {len(cells)} cells: the cells were cut into pieces "
+                          "(an unusual cell shape or stain)")
+    labels = detection.labels
+    if cells and "grayscale" not in flags:
+        small = resize(image, (labels.shape[1], labels.shape[0])) if image.shape[:2] != labels.shape else image
+        inside = np.zeros(int(labels.max()) + 1, bool)
+        inside[[o.label for o in cells]] = True
+        cell_pixels = small[inside[labels]]
+        plasma = labels == 0
+        if detection.field_of_view is not None:
+            plasma &= detection.field_of_view
+        density = _density(cell_pixels, small[plasma]) if plasma.any() else None
+        if density is None:
+            fail("not_a_smear", "no plasma between the cells: not a thin blood smear")
+        else:
+            strength = float(np.linalg.norm(density))
+            ratio = float(density[1] / density[0]) if density[0] > 0 else float("inf")
+            measures.update(density=[round(float(v), 3) for v in density], density_strength=round(strength, 3),
+                            green_red=round(ratio, 2) if np.isfinite(ratio) else None)
+            if np.any(density <= 0):
+                fail("not_a_smear", "the objects found are not darker than the background in every colour: "
+                                    "not a stained blood smear")
+            elif not limits.min_green_red <= ratio <= limits.max_green_red:
+                fail("not_a_smear", f"the objects found are not coloured like stained red cells (green/red "
+                                    f"density {ratio:.2f}, {limits.min_green_red}-{limits.max_green_red} expected): "
+                                    "not a Giemsa- or Wright-stained blood smear")
+            elif not limits.min_density <= strength <= limits.max_density:
+                word = "paler" if strength < limits.min_density else "darker"
+                fail("stain", f"staining {word} than validated (cell density {strength:.2f}, "
+                              f"{limits.min_density}-{limits.max_density} validated)")
+    return {"applicable": not flags, "reasons": reasons, "flags": flags, "measures": measures}
+
+
+def _percentile_spread(image: np.ndarray) -> float:
+    """The 99th percentile of each pixel's channel spread, on a subsample of at most ~250k pixels."""
+    step = max(1, int(np.sqrt(image.shape[0] * image.shape[1] / 250_000)))
+    sample = image[::step, ::step].astype(np.int16)
+    spread = (sample.max(axis=2) - sample.min(axis=2)).ravel()
+    return float(np.percentile(spread, 99))
+
+
+def _density(cells: np.ndarray, plasma: np.ndarray) -> np.ndarray:
+    """Median optical density of the cells' pixels against the plasma's median, per channel."""
+    reference = np.maximum(np.median(plasma.reshape(-1, 3), axis=0), 1.0)
+    return -np.log(np.maximum(np.median(cells.reshape(-1, 3), axis=0), 1.0) / reference)
+
+
+def fingerprint(image: np.ndarray) -> np.ndarray:
+    """A field's 64x64 grey thumbnail, zero-mean and unit-length: two photographs of the same
+    field (re-saved, recompressed, rescaled) correlate near 1, two fields of a smear near 0."""
+    from ..images import resize
+
+    grey = resize(image, (64, 64)).astype(np.float64).mean(axis=2).ravel()
+    grey -= grey.mean()
+    norm = np.linalg.norm(grey)
+    return grey / norm if norm > 0 else grey
+
+
+def same_field(print_a: np.ndarray, print_b: np.ndarray, limits: ApplicabilityLimits | None = None) -> bool:
+    """Whether two fingerprints are of the same field."""
+    limits = limits or ApplicabilityLimits()
+    if not np.any(print_a) or not np.any(print_b):
+        return False
+    return float(print_a @ print_b) >= limits.duplicate_correlation
