@@ -26,15 +26,31 @@ def images(tmp_path):
 
 
 def test_predict_csv_to_stdout(trained_run, images, capsys):
-    assert main(["predict", str(images), "--model", trained_run["model_path"], "--format", "csv"]) == 0
+    assert main(["predict", str(images), "--model", trained_run["model_path"], "--format", "csv", "--any-image"]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert [Path(r["path"]).name for r in rows] == ["a.png", "b.jpg"]
     assert all(r["label"] in ("Parasitized", "Uninfected") and 0 <= float(r["probability"]) <= 1 for r in rows)
 
 
+def test_predict_refuses_what_is_not_a_cell_crop_and_says_why(trained_run, images, tmp_path, capsys):
+    from conftest import make_field
+
+    field, _ = make_field(np.random.default_rng(1), size=(700, 500))
+    Image.fromarray(field).save(images / "field.png")
+    Image.new("RGB", (90, 90), (200, 180, 190)).save(images / "blank.png")
+    assert main(["predict", str(images), "--model", trained_run["model_path"], "--format", "csv"]) == 1
+    captured = capsys.readouterr()
+    rows = list(csv.DictReader(io.StringIO(captured.out)))
+    assert [Path(r["path"]).name for r in rows] == ["a.png"]
+    assert "b.jpg: not a single-cell crop (a grayscale image" in captured.err
+    assert "field.png: not a single-cell crop (" in captured.err and "separate objects" in captured.err
+    assert "blank.png: not a single-cell crop (a blank image)" in captured.err
+
+
 def test_predict_json_to_file_and_refuses_to_overwrite(trained_run, images, tmp_path, capsys):
     out = tmp_path / "out.json"
-    args = ["predict", str(images), "--model", trained_run["model_path"], "--format", "json", "--output", str(out)]
+    args = ["predict", str(images), "--model", trained_run["model_path"], "--format", "json", "--output", str(out),
+            "--any-image"]
     assert main(args) == 0
     result = json.loads(out.read_text())
     assert len(result["predictions"]) == 2 and result["skipped"] == []

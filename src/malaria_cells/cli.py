@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--format", choices=("table", "csv", "json"), default="table", help="output format (default: table)")
     predict.add_argument("--output", metavar="FILE", help="write results to FILE instead of stdout")
     predict.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
+    predict.add_argument("--any-image", action="store_true",
+                         help="label every image, even one that does not look like a single red-cell crop "
+                              "(by default such images are skipped with the reason)")
     add_scoring_options(predict)
 
     screen = command("screen", "screen smear photographs: count cells, parasitemia, a call",
@@ -340,7 +343,7 @@ def run_predict(args) -> int:
     def emit(stream):
         writer = _ResultWriter(args.format, stream, model)
         for prediction in predict_files(files, model, model.threshold, batch_size=args.batch_size,
-                                        tta=args.tta, skipped=skipped):
+                                        tta=args.tta, skipped=skipped, check_crop=not args.any_image):
             writer.write(prediction)
             bar.update()
         writer.close(skipped)

@@ -40,6 +40,7 @@ def iter_predictions(
     batch_size: int = 256,
     tta: bool = False,
     skipped: list | None = None,
+    check_crop: bool = True,
 ) -> Iterator[Prediction]:
     """Score image files and folders (recursively), streaming: memory stays flat.
 
@@ -57,19 +58,25 @@ def iter_predictions(
         Average over the 8 rotations/mirrors of each cell.
     skipped : list, optional
         Receives ``(path, reason)`` for every file that could not be scored.
+    check_crop : bool
+        Refuse images that are not single red-cell crops (a field photograph, another
+        picture, a blank image), with the reason in ``skipped``, instead of labelling them.
     """
     model = load_model(model)
     threshold = model.threshold if check_threshold(threshold) is None else threshold
     files, ignored = list_image_files(inputs)
     if skipped is not None:
         skipped += ignored
-    yield from predict_files(files, model, threshold, batch_size=batch_size, tta=tta, skipped=skipped)
+    yield from predict_files(files, model, threshold, batch_size=batch_size, tta=tta, skipped=skipped,
+                             check_crop=check_crop)
 
 
 def predict_files(files: Sequence[str], model: CellClassifier, threshold: float, *,
-                  batch_size: int = 256, tta: bool = False, skipped: list | None = None):
+                  batch_size: int = 256, tta: bool = False, skipped: list | None = None, check_crop: bool = True):
     """Stream predictions for a list of image files (see :func:`iter_predictions`)."""
-    batches = iter_image_batches(files, model.image_size, batch_size)
+    if check_crop:  # a model trained on grayscale cells takes grayscale crops
+        check_crop = "shape" if model.info.get("color") == "gray" else True
+    batches = iter_image_batches(files, model.image_size, batch_size, check_crop=check_crop)
     scored = (_scored_ahead(batches, model, tta) if model.parallel_batches
               else ((paths, model.probability(images, tta=tta), bad) for paths, images, bad in batches))
     for paths, probabilities, bad in scored:
@@ -108,6 +115,7 @@ def predict(
     threshold: float | None = None,
     batch_size: int = 256,
     tta: bool = False,
+    check_crop: bool = True,
 ) -> list[Prediction]:
     """Score image files and folders; unreadable files are left out with a warning.
 
@@ -120,7 +128,7 @@ def predict(
     skipped: list = []
     results = list(
         iter_predictions(inputs, model, threshold=threshold, batch_size=batch_size, tta=tta,
-                         skipped=skipped)
+                         skipped=skipped, check_crop=check_crop)
     )
     warn_skipped(skipped)
     return results

@@ -31,13 +31,13 @@ def _decode_pool():
     return ThreadPoolExecutor(workers(), thread_name_prefix="malaria-cells-decode")
 
 
-def _preprocess_part(items: Sequence, image_size: int, files: bool):
+def _preprocess_part(items: Sequence, image_size: int, files: bool, check_crop: bool | str = False):
     """(images of the items that decoded, in order; [(position, reason)] of the others)."""
     images = np.empty((len(items), image_size, image_size, 3), np.uint8)
     failures: list[tuple[int, str]] = []
     for position, item in enumerate(items):
         try:
-            images[position] = preprocess(read_file(item) if files else bytes(item), image_size)
+            images[position] = preprocess(read_file(item) if files else bytes(item), image_size, check_crop=check_crop)
         except UnreadableImage as error:
             failures.append((position, str(error)))
     if failures:
@@ -49,8 +49,10 @@ def _chunks(items: Sequence, size: int) -> list:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def preprocess_many(contents: Sequence[bytes], image_size: int) -> tuple[np.ndarray, np.ndarray, list]:
-    """Decode and resize encoded images held in memory (what a web request carries), in parallel.
+def preprocess_many(contents: Sequence[bytes], image_size: int, *,
+                    check_crop: bool | str = False) -> tuple[np.ndarray, np.ndarray, list]:
+    """Decode and resize encoded images held in memory (what a web request carries), in parallel;
+    with ``check_crop``, images that are not single-cell crops are refused.
 
     Returns
     -------
@@ -67,7 +69,7 @@ def preprocess_many(contents: Sequence[bytes], image_size: int) -> tuple[np.ndar
     parts = _chunks(list(contents), size)
 
     def run(part):
-        return _preprocess_part(part, image_size, files=False)
+        return _preprocess_part(part, image_size, files=False, check_crop=check_crop)
 
     # One image is decoded here: handing it to a thread would only add latency.
     results = list(_decode_pool().map(run, parts) if len(parts) > 1 else map(run, parts))
@@ -79,20 +81,22 @@ def preprocess_many(contents: Sequence[bytes], image_size: int) -> tuple[np.ndar
     return np.concatenate([part_images for part_images, _ in results]), decoded, reasons
 
 
-def _load_files(paths: Sequence[str], image_size: int):
-    images, failures = _preprocess_part(paths, image_size, files=True)
+def _load_files(paths: Sequence[str], image_size: int, check_crop: bool | str = False):
+    images, failures = _preprocess_part(paths, image_size, files=True, check_crop=check_crop)
     bad = {position for position, _ in failures}
     return ([p for i, p in enumerate(paths) if i not in bad], images,
             [(paths[position], reason) for position, reason in failures])
 
 
-def iter_image_batches(paths: Sequence[str], image_size: int, batch_size: int = 256, *, chunk: int = 32):
+def iter_image_batches(paths: Sequence[str], image_size: int, batch_size: int = 256, *, chunk: int = 32,
+                       check_crop: bool | str = False):
     """Yield ``(paths, images, skipped)`` per batch, streaming over any number of files.
 
     Files are read and decoded on all cores, ``chunk`` files per task, a bounded number
     of tasks ahead, so memory stays flat however many files there are. ``images`` is a
     uint8 array (n, image_size, image_size, 3) in the order of ``paths``; ``skipped``
-    lists the ``(path, reason)`` of files left out since the previous batch.
+    lists the ``(path, reason)`` of files left out since the previous batch (with
+    ``check_crop``, also the images that are not single-cell crops).
     """
     pool = _decode_pool()
     pending: deque = deque()
@@ -101,7 +105,7 @@ def iter_image_batches(paths: Sequence[str], image_size: int, batch_size: int = 
     def submit():
         part = next(tasks, None)
         if part is not None:
-            pending.append(pool.submit(_load_files, part, image_size))
+            pending.append(pool.submit(_load_files, part, image_size, check_crop))
 
     for _ in range(2 * workers() + batch_size // chunk):
         submit()

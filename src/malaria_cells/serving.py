@@ -139,6 +139,7 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
     field_model = load_model(default_model_path(fields=True)) if model is None else None
     model = load_model(model)
     limits = limits or ServeLimits()
+    crop_check = "shape" if model.info.get("color") == "gray" else True
     screener = Screener(field_model or model, max_pixels=limits.max_image_pixels)
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     model_version = model.info.get("trained_at") or os.path.basename(model.path)
@@ -186,7 +187,7 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
             except UploadError as error:
                 entry.update(status=error.status, error=str(error))
             results.append(entry)
-        images, decoded, reasons = preprocess_many(contents, model.image_size)
+        images, decoded, reasons = preprocess_many(contents, model.image_size, check_crop=crop_check)
         for entry, ok, reason in zip(accepted, decoded, reasons):
             if not ok:
                 entry.update(status=422, error=reason)

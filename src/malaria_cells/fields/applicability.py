@@ -61,7 +61,7 @@ class ApplicabilityLimits:
         two fields of one smear: about 0; two drawn fields of cells on the same grid: 0.96).
     """
 
-    min_colour: float = 8.0
+    min_colour: float = 4.0
     min_cell_diameter: float = 20.0
     max_cell_diameter: float = 300.0
     min_green_red: float = 1.1
