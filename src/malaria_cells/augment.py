@@ -16,6 +16,8 @@ def augment_cell(image, seed, mode: str):
     """Randomly transform one uint8 cell, deterministically for a given seed pair."""
     import tensorflow as tf
 
+    if mode == "shifts":
+        return _shift_cell(image, seed)
     seeds = tf.random.experimental.stateless_split(seed, 11)
     image = tf.cast(image, tf.float32) / 255.0
     transpose = tf.random.stateless_uniform([], seeds[0]) < 0.5
@@ -49,6 +51,64 @@ def augment_cell(image, seed, mode: str):
         amount = tf.random.stateless_uniform([], seeds[10], -1.0, 1.0)
         image = image + amount * (image - blurred)
     return tf.clip_by_value(image, 0.0, 1.0) * surround_mask * 255.0
+
+
+def _shift_cell(image, seed):
+    """Flips, then what differs between labs, at the strengths the shift suite tests
+    (:data:`malaria_cells.shifts.RANGES`), each drawn at random: stain density (overall and
+    per channel), hue, saturation, exposure and gamma, defocus (a Gaussian blur up to sigma 3
+    px at a 64 px crop, 1.5 px at the detector's 32 px cell), sensor noise and JPEG
+    compression. The blur runs on the cell against a plasma-coloured surround, as a blurred
+    field is cut, and the surround is black again afterwards."""
+    import tensorflow as tf
+
+    seeds = tf.random.experimental.stateless_split(seed, 22)
+    image = tf.cast(image, tf.float32) / 255.0
+    transpose = tf.random.stateless_uniform([], seeds[0]) < 0.5
+    image = tf.cond(transpose, lambda: tf.transpose(image, [1, 0, 2]), lambda: image)
+    image = tf.image.stateless_random_flip_left_right(image, seeds[1])
+    image = tf.image.stateless_random_flip_up_down(image, seeds[2])
+    inside = tf.cast(tf.reduce_max(image, axis=-1, keepdims=True) > 20 / 255, tf.float32)
+
+    def uniform(k, low, high, shape=()):
+        return tf.random.stateless_uniform(shape, seeds[k], low, high)
+
+    def sometimes(k, transform):  # each shift on half the cells, so that extremes rarely compound
+        return tf.cond(uniform(k, 0.0, 1.0) < 0.5, lambda: transform(image), lambda: image)
+
+    # Stain density (Beer-Lambert: k times the dye, I ** k), 0.6x to 1.6x, a little per channel.
+    density = tf.exp(uniform(3, np.log(0.6), np.log(1.6))) * tf.exp(uniform(4, -0.05, 0.05, [3]))
+    image = sometimes(16, lambda x: tf.pow(tf.clip_by_value(x, 1e-3, 1.0), density))
+    image = sometimes(17, lambda x: tf.image.stateless_random_hue(x, 15 / 360, seeds[5]))
+    image = sometimes(18, lambda x: tf.image.stateless_random_saturation(x, 0.6, 1.4, seeds[6]))
+    image = sometimes(19, lambda x: tf.clip_by_value(x * uniform(7, 0.85, 1.15, [3]), 0.0, 1.0))
+    image = sometimes(20, lambda x: tf.clip_by_value(x * uniform(8, 0.7, 1.4), 0.0, 1.0))
+    image = sometimes(21, lambda x: tf.pow(x + 1e-6, uniform(9, 0.7, 1.4)))
+    # Defocus on half the cells: the surround filled with the cell's brightest colour first.
+    sigma = tf.where(uniform(10, 0.0, 1.0) < 0.5, uniform(11, 0.1, 3.0), 0.0)
+    surround = tf.reduce_max(tf.reshape(image * inside, [-1, 3]), axis=0)
+    filled = image * inside + surround * (1.0 - inside)
+    image = tf.cond(sigma > 0.05, lambda: _variable_blur(filled, sigma), lambda: filled)
+    noise = tf.where(uniform(12, 0.0, 1.0) < 0.5, uniform(13, 0.0, 8 / 255), 0.0)
+    image = image + noise * tf.random.stateless_normal(tf.shape(image), seeds[14])
+    image = tf.clip_by_value(image, 0.0, 1.0)
+    image = tf.cond(uniform(15, 0.0, 1.0) < 0.3,
+                    lambda: tf.image.stateless_random_jpeg_quality(image, 40, 95, seeds[15]), lambda: image)
+    return tf.clip_by_value(image, 0.0, 1.0) * inside * 255.0
+
+
+def _variable_blur(image, sigma):
+    """A Gaussian blur of a (size, size, 3) image with a tensor sigma (up to about 3), 19 taps."""
+    import tensorflow as tf
+
+    offsets = tf.range(-9.0, 10.0)
+    taps = tf.exp(-0.5 * tf.square(offsets / sigma))
+    taps = taps / tf.reduce_sum(taps)
+    rows = tf.tile(tf.reshape(taps, [19, 1, 1, 1]), [1, 1, 3, 1])
+    cols = tf.tile(tf.reshape(taps, [1, 19, 1, 1]), [1, 1, 3, 1])
+    padded = tf.pad(image[tf.newaxis], [[0, 0], [9, 9], [9, 9], [0, 0]], mode="SYMMETRIC")
+    blurred = tf.nn.depthwise_conv2d(padded, rows, [1, 1, 1, 1], "VALID")
+    return tf.nn.depthwise_conv2d(blurred, cols, [1, 1, 1, 1], "VALID")[0]
 
 
 def _gaussian_blur(image, sigma: float):

@@ -146,8 +146,9 @@ def assess_field(image: np.ndarray, detection, limits: ApplicabilityLimits | Non
         else:
             strength = float(np.linalg.norm(density))
             ratio = float(density[1] / density[0]) if density[0] > 0 else float("inf")
-            measures.update(density=[round(float(v), 3) for v in density], density_strength=round(strength, 3),
-                            green_red=round(ratio, 2) if np.isfinite(ratio) else None)
+            measures.update(density=[round(float(v), 4) for v in density], density_strength=round(strength, 3),
+                            green_red=round(ratio, 2) if np.isfinite(ratio) else None,
+                            plasma=[round(float(v), 1) for v in np.median(small[plasma].reshape(-1, 3), axis=0)])
             if np.any(density <= 0):
                 fail("not_a_smear", "the objects found are not darker than the background in every colour: "
                                     "not a stained blood smear")

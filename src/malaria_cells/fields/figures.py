@@ -42,6 +42,10 @@ class FieldFigures:
     nested, nih_healthy, recipe : dict
         The nested cross-validation report, the false alarms on healthy photographs, and the
         recipe that made the model.
+    stain_reference : list of 3 floats, optional
+        The median red cell's optical density (RGB, against the plasma) of the fields the
+        model was validated on; with it, each field's crops are stain-normalised to it
+        (:mod:`.stain`) before scoring.
     extra : dict
         Any further keys a newer version wrote (kept, not interpreted).
     """
@@ -55,6 +59,7 @@ class FieldFigures:
     nested: dict = field(default_factory=dict)
     nih_healthy: dict = field(default_factory=dict)
     recipe: dict = field(default_factory=dict)
+    stain_reference: list | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -63,6 +68,11 @@ class FieldFigures:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1 \
                     or math.isnan(value):
                 raise MalariaCellsError(f"field figures: {name} must be a number in [0, 1], got {value!r}")
+        if self.stain_reference is not None:
+            values = self.stain_reference
+            if not isinstance(values, (list, tuple)) or len(values) != 3 or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 5 for v in values):
+                raise MalariaCellsError(f"field figures: stain_reference must be 3 densities in (0, 5), got {values!r}")
         for name in ("cells", "nested", "nih_healthy", "recipe", "extra"):
             if not isinstance(getattr(self, name), dict):
                 raise MalariaCellsError(f"field figures: {name} must be a mapping")

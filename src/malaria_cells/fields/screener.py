@@ -150,6 +150,11 @@ class Screener:
             quality["reasons"] = list(detection.quality["reasons"]) + check["reasons"]
             detection.objects = [o for o in detection.objects if o.kind != "red_cell"]
         crops = crop_cells(image, detection, self.classifier.image_size)
+        reference = self.figures.stain_reference if self.figures else None
+        if reference is not None and check["applicable"]:
+            from .stain import normalise_crops
+
+            crops = normalise_crops(crops, check["measures"]["plasma"], check["measures"]["density"], reference)
         probabilities = self.score(crops)
 
         def box(b):

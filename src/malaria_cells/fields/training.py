@@ -68,6 +68,10 @@ class Recipe:
         False-positive rate on validation uninfected cells that the threshold allows.
     tta_gate : float
         Cells scoring at least this are scored as the mean of their 8 views (1: never).
+    augment : str
+        Training augmentation (:func:`malaria_cells.augment.augment_cell`): ``"shifts"``, what
+        differs between labs at the shift suite's strengths (stain, hue, saturation,
+        exposure, gamma, defocus, noise, JPEG), or ``"flips+color"``, flips and mild colour.
     blocks : int
         Cross-validation blocks of consecutive fields.
     seed : int
@@ -84,6 +88,7 @@ class Recipe:
     specks: int = 6000
     max_fpr: float = 0.005
     tta_gate: float = 0.1
+    augment: str = "shifts"
     blocks: int = 5
     seed: int = 0
 
@@ -99,6 +104,10 @@ class Recipe:
         for name in ("nih_cells", "nih_healthy_repeat", "specks", "seed"):
             if int(getattr(self, name)) < 0:
                 raise MalariaCellsError(f"recipe: {name} must be at least 0, got {getattr(self, name)}")
+        from ..config import AUGMENTATIONS
+
+        if self.augment not in AUGMENTATIONS:
+            raise MalariaCellsError(f"recipe: augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}")
         if not self.learning_rate > 0:
             raise MalariaCellsError(f"recipe: learning_rate must be positive, got {self.learning_rate}")
 
@@ -307,7 +316,7 @@ def finetune(x: np.ndarray, y: np.ndarray, recipe: Recipe, base=None):
     steps = int(np.ceil(len(y) / 64)) * recipe.epochs
     schedule = keras.optimizers.schedules.CosineDecay(recipe.learning_rate, decay_steps=steps)
     model.compile(optimizer=keras.optimizers.Adam(schedule), loss=keras.losses.BinaryCrossentropy(label_smoothing=0.05))
-    model.fit(training_dataset(x, y, batch_size=64, augment="flips+color", seed=recipe.seed), epochs=recipe.epochs,
+    model.fit(training_dataset(x, y, batch_size=64, augment=recipe.augment, seed=recipe.seed), epochs=recipe.epochs,
               verbose=0)
     return KerasClassifier(model)
 

@@ -1,0 +1,49 @@
+"""Stain normalisation: each field's cells brought to the colour of the cells a model learned.
+
+Slides differ in stain strength and hue far more than in what a parasite looks like. Measured
+against the field's own plasma (optical density, which exposure and white balance do not
+move), a field's median red cell has a colour; :func:`normalise_crops` scales every cell crop's
+optical density, channel by channel, so that median matches the ``reference`` the model
+carries (the median cell of the fields it was validated on). A darker- or paler-stained slide
+is then scored as if stained like those. The gains are bounded (:data:`MAX_GAIN`): a field far
+outside is flagged by the stain check rather than bent into shape.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["normalise_crops", "MAX_GAIN"]
+
+MAX_GAIN = 2.0
+"""Largest factor (and smallest, its inverse) applied to any channel's optical density."""
+
+
+def normalise_crops(crops: np.ndarray, plasma, density, reference) -> np.ndarray:
+    """Cell crops with their optical density scaled so the field's median cell matches ``reference``.
+
+    Parameters
+    ----------
+    crops : numpy.ndarray
+        uint8 ``(n, size, size, 3)``, black outside each cell (as :func:`.crops.crop_cells` cuts them).
+    plasma : sequence of 3 floats
+        The field's plasma colour (RGB, 0-255).
+    density : sequence of 3 floats
+        The field's median cell optical density against its plasma, per channel.
+    reference : sequence of 3 floats
+        The optical density to bring it to.
+
+    Returns
+    -------
+    numpy.ndarray
+        uint8, the same shape; pixels outside the cells stay black.
+    """
+    density, reference = np.asarray(density, np.float64), np.asarray(reference, np.float64)
+    if len(crops) == 0 or np.any(density <= 0) or np.any(reference <= 0):
+        return crops
+    gain = np.clip(reference / density, 1 / MAX_GAIN, MAX_GAIN).astype(np.float32)
+    plasma = np.maximum(np.asarray(plasma, np.float32), 1.0)
+    inside = crops.max(axis=-1, keepdims=True) > 0
+    optical = -np.log(np.maximum(crops.astype(np.float32), 1.0) / plasma)
+    out = plasma * np.exp(-optical * gain)
+    return np.where(inside, np.clip(np.rint(out), 0, 255), 0).astype(np.uint8)
