@@ -169,6 +169,14 @@ class ClassicalDetector:
         cell) if it is convex (area over its convex hull's at least ``pale_centre_solidity``)
         and round (``4 pi area / perimeter**2`` at least ``pale_centre_roundness``); plasma
         enclosed by touching cells is bounded by their curves, so concave.
+    hollow_ratio : float
+        When the cell size measured with every object filled out to its convex hull is this
+        many times the ordinary measure, the cells are seen as rims (over-exposed, or pale
+        with a broken outline) and the filled measure is used.
+    rim_solidity, rim_min_area, rim_max_area : float
+        An object whose area is under ``rim_solidity`` of its convex hull's, the hull being
+        ``rim_min_area`` to ``rim_max_area`` cells, is a cell's broken rim, filled out to its
+        hull.
     seed_spacing, seed_height : float
         Watershed seeds are distance-transform peaks at least ``seed_spacing`` radii apart and
         ``seed_height`` radii high.
@@ -211,6 +219,10 @@ class ClassicalDetector:
     tiny_hole_area: float = 0.1
     pale_centre_solidity: float = 0.9
     pale_centre_roundness: float = 0.7
+    hollow_ratio: float = 2.0
+    rim_solidity: float = 0.6
+    rim_min_area: float = 0.4
+    rim_max_area: float = 1.8
     seed_spacing: float = 0.7
     seed_height: float = 0.35
     split_area: float = 1.7
@@ -484,6 +496,7 @@ def _detect(image: np.ndarray, s: "ClassicalDetector") -> FieldDetection:
     mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN,
                             cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3))) > 0
     mask = _fill_pale_centres(mask, density, threshold, np.pi * (diameter / scale / 2) ** 2, s)
+    mask = _close_rims(mask, np.pi * (diameter / scale / 2) ** 2, s)
     distance = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 5)
     radius = _radius(distance, mask) or s.working_diameter / 2
     labels = _split(distance, mask, radius, s)
@@ -504,10 +517,72 @@ def _cell_diameter(image: np.ndarray, settings) -> float:
     first = _radius(cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 5), mask)
     # Round holes of any size a cell could have are pale centres here: with hollow-looking cells
     # the first radius is the rim's, far too small to bound them.
-    mask = _fill_pale_centres(mask, density, threshold, np.pi * (1.5 * first) ** 2, settings,
-                              largest=mask.size / 50)
-    distance = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 5)
-    return 2 * _radius(distance, mask)
+    filled = _fill_pale_centres(mask, density, threshold, np.pi * (1.5 * first) ** 2, settings,
+                                largest=mask.size / 50)
+    radius = _radius(cv2.distanceTransform(filled.astype(np.uint8), cv2.DIST_L2, 5), filled)
+    # Cells seen as rims only (over-exposed, or pale with a dark outline, their rims broken):
+    # with each object replaced by its convex hull, the radius comes out several times
+    # larger. It is measured per object (the median over the taller half of the objects of
+    # each one's largest inscribed radius), so one large object counts once.
+    solid = _hulls(mask, mask.size / 50)
+    solid_radius = _object_radius(cv2.distanceTransform(solid.astype(np.uint8), cv2.DIST_L2, 5), solid)
+    if solid_radius > settings.hollow_ratio * radius:
+        return 2 * solid_radius
+    return 2 * radius
+
+
+def _close_rims(mask: np.ndarray, cell_area: float, settings) -> np.ndarray:
+    """Fill out each rim of a cell: an object far from convex (solidity under
+    ``rim_solidity``) whose convex hull is about one cell (``rim_min_area`` to
+    ``rim_max_area`` cells) is a cell seen
+    as its outline only, broken open (over-exposed, or pale-centred)."""
+    import cv2
+
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    out = mask.astype(np.uint8).copy()
+    low, high = settings.rim_min_area, settings.rim_max_area
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    for k in np.flatnonzero((areas >= 0.05 * cell_area) & (areas < high * cell_area))[:_MAX_ROUND_HOLES]:
+        x, y, w, h = stats[k + 1, :4]
+        contours, _ = cv2.findContours((labels[y:y + h, x:x + w] == k + 1).astype(np.uint8), cv2.RETR_EXTERNAL,
+                                       cv2.CHAIN_APPROX_SIMPLE)
+        hull = cv2.convexHull(np.concatenate(contours))
+        hull_area = cv2.contourArea(hull)
+        if low * cell_area <= hull_area <= high * cell_area and areas[k] < settings.rim_solidity * hull_area:
+            cv2.fillConvexPoly(out[y:y + h, x:x + w], hull, 1)
+    return out > 0
+
+
+def _object_radius(distance: np.ndarray, mask: np.ndarray) -> float:
+    """The median, over the taller half of the objects of ``mask``, of each one's peak distance."""
+    import cv2
+
+    count, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+    if count < 2:
+        return 0.0
+    peaks = np.zeros(count)
+    np.maximum.at(peaks, labels.ravel(), distance.ravel())
+    peaks = np.sort(peaks[1:][peaks[1:] >= 2.0])
+    return float(np.median(peaks[len(peaks) // 2:])) if len(peaks) else 0.0
+
+
+def _hulls(mask: np.ndarray, largest: float) -> np.ndarray:
+    """``mask`` with each object whose convex hull is smaller than ``largest`` pixels filled out
+    to it (at most :data:`_MAX_ROUND_HOLES` objects, the largest first)."""
+    import cv2
+
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    out = mask.astype(np.uint8).copy()
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    chosen = np.flatnonzero((areas >= 20) & (areas < largest))
+    for k in chosen[np.argsort(-areas[chosen])][:_MAX_ROUND_HOLES]:
+        x, y, w, h = stats[k + 1, :4]
+        contours, _ = cv2.findContours((labels[y:y + h, x:x + w] == k + 1).astype(np.uint8), cv2.RETR_EXTERNAL,
+                                       cv2.CHAIN_APPROX_SIMPLE)
+        hull = cv2.convexHull(np.concatenate(contours))
+        if cv2.contourArea(hull) < largest:  # an arc along the field of view's edge spans it all
+            cv2.fillConvexPoly(out[y:y + h, x:x + w], hull, 1)
+    return out > 0
 
 
 def _fill_pale_centres(mask, density, threshold, cell_area, settings, largest: float | None = None):
