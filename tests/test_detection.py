@@ -110,3 +110,29 @@ def cv2_blur(values):
     import cv2
 
     return cv2.GaussianBlur(values.astype(np.float32), (0, 0), 6)
+
+
+@pytest.mark.parametrize("kind", ["target", "hypochromic", "elliptocyte", "stomatocyte", "platelets", "normal"])
+def test_every_drawn_cell_of_an_unusual_shape_is_counted_exactly_once(kind):
+    # pale-centred cells stay whole, elongated ones are not split, platelets are not counted
+    from malaria_cells.shifts import make_morphology_field
+
+    image, cells = make_morphology_field(kind, np.random.default_rng(7))
+    detection = detect_cells(image)
+    found = np.array([[c.x, c.y] for c in detection.cells]).reshape(-1, 2)
+    inside = np.array([cell.contains(found[:, 0], found[:, 1]) for cell in cells])
+    assert (inside.sum(axis=1) == 1).all(), (kind, np.bincount(inside.sum(axis=1)))
+    assert len(detection.cells) == len(cells), (kind, len(detection.cells), len(cells))
+    if kind != "elliptocyte":  # an elongated cell's measure is its width
+        assert abs(detection.cell_diameter - 2 * np.median([np.sqrt(c.a * c.b) for c in cells])) < 0.15 * 2 * 26
+
+
+def test_a_fragment_far_smaller_than_the_fields_cells_is_not_counted():
+    import cv2
+
+    image, cells = make_field(np.random.default_rng(2))
+    image = image.copy()
+    cv2.circle(image, (40, 40), 6, (214, 150, 160), -1)  # a sliver of a cell in the plasma
+    detection = detect_cells(image)
+    assert len(detection.cells) == len(cells)
+    assert any(o.kind in ("fragment", "platelet") and abs(o.x - 40) < 5 and abs(o.y - 40) < 5 for o in detection.objects)

@@ -63,7 +63,7 @@ def test_crops_round_trip_through_the_work_folder(crops, tmp_path):
 
 
 def test_nested_cross_validation_and_the_final_model_carry_honest_figures(crops, tmp_path):
-    recipe = Recipe(epochs=1, blocks=3, specks=50, max_fpr=0.02, oversample=2)
+    recipe = Recipe(epochs=1, blocks=3, specks=50, max_fpr=0.02, oversample=2, augment="shifts")
     nested = cross_validate(crops, None, recipe, tmp_path, log=lambda line: None)
     report = next(row for row in nested if row["max_fpr"] == recipe.max_fpr)
     assert report["fields"] == 6 and len(report["folds"]) == 3
@@ -73,6 +73,7 @@ def test_nested_cross_validation_and_the_final_model_carry_honest_figures(crops,
     model = final_model(crops, None, recipe, probabilities)
     figures = FieldFigures.from_model(model)
     assert model.threshold == figures.threshold and figures.recipe["blocks"] == 3
+    assert figures.stain_reference == crops.stain_reference and len(crops.stain_reference) == 3
     # the threshold calls at most max_fpr of the out-of-fold uninfected cells
     oof = np.concatenate([p[np.isin(crops.field, [f for f, b in crops.block_of(3).items() if b == k])]
                           for k, p in enumerate(probabilities)])
@@ -88,7 +89,8 @@ def test_nested_cross_validation_and_the_final_model_carry_honest_figures(crops,
 def test_the_command_line_steps_and_their_one_line_errors(fields, tmp_path, capsys):
     assert main(["crops", "--fields", str(fields / "train"), "--check", str(fields / "check"),
                  "--work", str(tmp_path)]) == 0
-    assert (tmp_path / "field_crops.npz").is_file() and len(json.loads((tmp_path / "fields.json").read_text())) == 7
+    assert (tmp_path / "field_crops.npz").is_file()
+    assert len(json.loads((tmp_path / "fields.json").read_text())["fields"]) == 7
     assert main(["final", "--work", str(tmp_path), "--blocks", "3"]) == 2
     assert "run the cv step" in capsys.readouterr().err
     assert main(["cv", "--work", str(tmp_path), "--max-fpr", "2"]) == 2

@@ -9,9 +9,9 @@ limit stated in :class:`ApplicabilityLimits`:
 - **magnification**: the cells must be large enough in the image for a parasite to be seen
   (a ring's chromatin dot is about a tenth of a cell), and small enough for a field to hold
   many;
-- **a stained blood smear**: red cells are darker than the plasma in every channel and absorb
-  green far more than red (pink on a pale background); photographs of anything else, and
-  noise, fail this;
+- **a stained blood smear**: red cells are darker than the plasma in red and green (in blue,
+  about as dark or darker) and absorb green far more than red (pink on a pale background);
+  photographs of anything else, and noise, fail this;
 - **stain**: the cells' colour against the plasma (optical density, which a white-balance or
   exposure change does not move) inside the range validated on;
 - **segmentation**: a field the detector cut into many fragments (cells of a shape it does not
@@ -149,8 +149,8 @@ def assess_field(image: np.ndarray, detection, limits: ApplicabilityLimits | Non
             measures.update(density=[round(float(v), 4) for v in density], density_strength=round(strength, 3),
                             green_red=round(ratio, 2) if np.isfinite(ratio) else None,
                             plasma=[round(float(v), 1) for v in np.median(small[plasma].reshape(-1, 3), axis=0)])
-            if np.any(density <= 0):
-                fail("not_a_smear", "the objects found are not darker than the background in every colour: "
+            if density[0] <= 0 or density[1] <= 0 or density[2] < -0.1:
+                fail("not_a_smear", "the objects found are not darker than the background in red and green: "
                                     "not a stained blood smear")
             elif not limits.min_green_red <= ratio <= limits.max_green_red:
                 fail("not_a_smear", f"the objects found are not coloured like stained red cells (green/red "

@@ -17,6 +17,8 @@ __all__ = ["normalise_crops", "MAX_GAIN"]
 
 MAX_GAIN = 2.0
 """Largest factor (and smallest, its inverse) applied to any channel's optical density."""
+MIN_DENSITY = 0.03
+"""A channel whose median cell density is below this is left as it is."""
 
 
 def normalise_crops(crops: np.ndarray, plasma, density, reference) -> np.ndarray:
@@ -39,9 +41,14 @@ def normalise_crops(crops: np.ndarray, plasma, density, reference) -> np.ndarray
         uint8, the same shape; pixels outside the cells stay black.
     """
     density, reference = np.asarray(density, np.float64), np.asarray(reference, np.float64)
-    if len(crops) == 0 or np.any(density <= 0) or np.any(reference <= 0):
+    if len(crops) == 0:
         return crops
-    gain = np.clip(reference / density, 1 / MAX_GAIN, MAX_GAIN).astype(np.float32)
+    # A channel the cells barely absorb (blue, on some slides) carries no stain to scale.
+    measured = (density > MIN_DENSITY) & (reference > MIN_DENSITY)
+    gain = np.where(measured, np.clip(reference / np.where(measured, density, 1.0), 1 / MAX_GAIN, MAX_GAIN), 1.0)
+    gain = gain.astype(np.float32)
+    if np.allclose(gain, 1.0):
+        return crops
     plasma = np.maximum(np.asarray(plasma, np.float32), 1.0)
     inside = crops.max(axis=-1, keepdims=True) > 0
     optical = -np.log(np.maximum(crops.astype(np.float32), 1.0) / plasma)

@@ -68,6 +68,10 @@ class Recipe:
         False-positive rate on validation uninfected cells that the threshold allows.
     tta_gate : float
         Cells scoring at least this are scored as the mean of their 8 views (1: never).
+    stain_normalise : bool
+        Bring every field's cells to the median training field's stain before training and
+        scoring (:mod:`.stain`); the model then carries that reference and ``screen`` does the
+        same to every field it reads.
     augment : str
         Training augmentation (:func:`malaria_cells.augment.augment_cell`): ``"shifts"``, what
         differs between labs at the shift suite's strengths (stain, hue, saturation,
@@ -88,6 +92,7 @@ class Recipe:
     specks: int = 6000
     max_fpr: float = 0.005
     tta_gate: float = 0.1
+    stain_normalise: bool = True
     augment: str = "shifts"
     blocks: int = 5
     seed: int = 0
@@ -127,7 +132,10 @@ class FieldCrops:
         Index into ``records``.
     records : list of dict
         Per field: ``name``, ``check`` (only checks false alarms), ``n_true``,
-        ``n_true_parasitized``, ``stages_true``.
+        ``n_true_parasitized``, ``stages_true``, and its ``plasma`` and cell ``density``.
+    stain_reference : list of 3 floats or None
+        The median training field's cell density, which every field's crops were brought to
+        (None: the crops are as cut).
     """
 
     crops: np.ndarray
@@ -135,6 +143,7 @@ class FieldCrops:
     stages: np.ndarray
     field: np.ndarray
     records: list
+    stain_reference: list | None = None
 
     def save(self, work: Path) -> None:
         from ..files import atomic_path, write_json
@@ -142,15 +151,16 @@ class FieldCrops:
         with atomic_path(work / "field_crops.npz") as temporary:
             with open(temporary, "wb") as stream:
                 np.savez_compressed(stream, crops=self.crops, labels=self.labels, stages=self.stages, field=self.field)
-        write_json(work / "fields.json", self.records)
+        write_json(work / "fields.json", {"fields": self.records, "stain_reference": self.stain_reference})
 
     @classmethod
     def load(cls, work: Path) -> FieldCrops:
         if not (work / "field_crops.npz").is_file():
             raise MalariaCellsError(f"{work}: no field_crops.npz; run the crops step with --work {work} first")
         data = np.load(work / "field_crops.npz")
-        records = json.loads((work / "fields.json").read_text())
-        return cls(data["crops"], data["labels"], data["stages"], data["field"], records)
+        meta = json.loads((work / "fields.json").read_text())
+        return cls(data["crops"], data["labels"], data["stages"], data["field"], meta["fields"],
+                   meta.get("stain_reference"))
 
     def healthy_fields(self) -> list[int]:
         """The fields that only check false alarms."""
@@ -164,7 +174,7 @@ class FieldCrops:
         return {int(f): b for b, part in enumerate(np.array_split(np.array(ordered), blocks)) for f in part}
 
 
-def cut_crops(paths, check=(), screener=None, *, truth=None, log=print) -> FieldCrops:
+def cut_crops(paths, check=(), screener=None, *, truth=None, stain_normalise: bool = True, log=print) -> FieldCrops:
     """Screen each field image that has ground truth and label its counted cells' crops.
 
     Parameters
@@ -177,6 +187,8 @@ def cut_crops(paths, check=(), screener=None, *, truth=None, log=print) -> Field
         Default: the shipped detector and field model (the crops do not depend on the model).
     truth : path, optional
         An annotations file or folder, as ``screen --truth`` takes (default: beside the images).
+    stain_normalise : bool
+        Bring every field's crops to the median training field's stain (:mod:`.stain`).
     """
     from ..datasets import list_image_files
     from ..images import read_file
@@ -211,15 +223,27 @@ def cut_crops(paths, check=(), screener=None, *, truth=None, log=print) -> Field
         labels.append(label)
         stages += stage
         field_index.append(np.full(len(found), number))
+        checks = result.quality.get("checks", {})
         records.append({"name": Path(path).name, "check": checking, "n_true": len(counted),
+                        "plasma": checks.get("plasma"), "density": checks.get("density"),
                         "n_true_parasitized": sum(c.label == "Parasitized" for c in counted),
                         "stages_true": [c.stage for c in counted if c.stage]})
         log(f"{Path(path).name}: {len(found)} cells")
     if not records:
         raise MalariaCellsError("no field with ground truth was found")
+    reference = None
+    if stain_normalise:
+        from .stain import normalise_crops
+
+        measured = [r["density"] for r in records if not r["check"] and r["density"]]
+        if not measured:
+            raise MalariaCellsError("no training field could be measured for stain normalisation")
+        reference = [round(float(v), 4) for v in np.median(np.array(measured), axis=0)]
+        crops = [normalise_crops(c, r["plasma"], r["density"], reference) if r["density"] else c
+                 for c, r in zip(crops, records)]
     size = screener.classifier.image_size
     return FieldCrops(np.concatenate(crops).reshape(-1, size, size, 3), np.concatenate(labels),
-                      np.array(stages, dtype=str), np.concatenate(field_index), records)
+                      np.array(stages, dtype=str), np.concatenate(field_index), records, reference)
 
 
 def nih_mix(cells: str | os.PathLike, recipe: Recipe, relabels: str | os.PathLike | None = None,
@@ -473,7 +497,7 @@ def final_model(data: FieldCrops, mix, recipe: Recipe, probabilities, *, trained
                   f"at most {recipe.max_fpr:.1%} of their uninfected cells called",
         cells={"infected": int((labels == 1).sum()), "uninfected": int((labels == 0).sum())},
         nested={k: v for k, v in nested_report(data, block_of, probabilities, recipe.max_fpr).items() if k != "folds"},
-        nih_healthy=healthy, recipe=asdict(recipe))
+        nih_healthy=healthy, recipe=asdict(recipe), stain_reference=data.stain_reference)
     figures.attach(model)
     return model
 
@@ -519,8 +543,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--trained", type=Path, help="final: a model this recipe already trained, given new figures")
     parser.add_argument("--to", type=Path, help="ship: a folder instead of the package's pretrained/")
     for item in dataclass_fields(Recipe):
-        parser.add_argument("--" + item.name.replace("_", "-"), type=type(item.default), default=item.default,
-                            help=f"recipe (default: {item.default})")
+        flag = "--" + item.name.replace("_", "-")
+        if isinstance(item.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=item.default,
+                                help=f"recipe (default: {item.default})")
+        else:
+            parser.add_argument(flag, type=type(item.default), default=item.default, help=f"recipe (default: {item.default})")
     return parser
 
 
@@ -533,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.step == "crops":
             if not args.fields:
                 raise MalariaCellsError("crops needs --fields")
-            cut_crops(args.fields, args.check, truth=args.truth).save(args.work)
+            cut_crops(args.fields, args.check, truth=args.truth, stain_normalise=recipe.stain_normalise).save(args.work)
             return 0
         if args.step == "ship":
             if args.cells is None:
