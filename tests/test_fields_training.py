@@ -95,3 +95,5 @@ def test_the_command_line_steps_and_their_one_line_errors(fields, tmp_path, caps
     assert "run the cv step" in capsys.readouterr().err
     assert main(["cv", "--work", str(tmp_path), "--max-fpr", "2"]) == 2
     assert "max_fpr must be in [0, 1]" in capsys.readouterr().err
+    assert main(["all", "--work", str(tmp_path)]) == 2
+    assert "all needs --fields" in capsys.readouterr().err

@@ -5,6 +5,9 @@
     python -m malaria_cells.fields.training final --work W --cells cell_images/
     python -m malaria_cells.fields.training ship  --work W --cells cell_images/
 
+or the first three in one: ``python -m malaria_cells.fields.training all --fields ... --work W
+--cells cell_images/``.
+
 1. **crops**: every field with ground truth (NIH point files or IML-style JSON beside it) is
    screened by the same :class:`~.screener.Screener` as ``malaria-cells screen``; each counted
    cell's crop is labelled by matching it to the truth (unmatched: uninfected, which is what
@@ -531,7 +534,8 @@ def ship(model_path: Path, cells: str | os.PathLike, *, to: Path | None = None) 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m malaria_cells.fields.training", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("step", choices=("crops", "cv", "final", "ship"))
+    parser.add_argument("step", choices=("crops", "cv", "final", "all", "ship"),
+                        help="crops, cv, final, or all three in turn; then ship")
     parser.add_argument("--work", type=Path, required=True, help="folder for crops, fold scores and the model")
     parser.add_argument("--fields", type=Path, nargs="+", help="crops: training field images or folders, with ground truth")
     parser.add_argument("--check", type=Path, nargs="*", default=[],
@@ -558,11 +562,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe = Recipe(**{item.name: getattr(args, item.name) for item in dataclass_fields(Recipe)})
         args.work.mkdir(parents=True, exist_ok=True)
-        if args.step == "crops":
+        if args.step in ("crops", "all"):
             if not args.fields:
-                raise MalariaCellsError("crops needs --fields")
+                raise MalariaCellsError(f"{args.step} needs --fields")
             cut_crops(args.fields, args.check, truth=args.truth, stain_normalise=recipe.stain_normalise).save(args.work)
-            return 0
+            if args.step == "crops":
+                return 0
         if args.step == "ship":
             if args.cells is None:
                 raise MalariaCellsError("ship needs --cells (the parity check scores every cell)")
@@ -574,10 +579,11 @@ def main(argv: list[str] | None = None) -> int:
         mix = None
         if args.cells is not None:
             mix = nih_mix(args.cells, recipe, args.relabels, data.crops.shape[1])
-        if args.step == "cv":
+        if args.step in ("cv", "all"):
             for row in cross_validate(data, mix, recipe, args.work, save_models=args.save_models):
                 print(json.dumps({k: v for k, v in row.items() if k not in ("folds", "stages")}), flush=True)
-            return 0
+            if args.step == "cv":
+                return 0
         model = final_model(data, mix, recipe, _fold_probabilities(args.work, recipe.blocks), trained=args.trained)
         model.save(args.work / "field-model.keras")
         print(json.dumps(model.info["field"], indent=1, default=str))
