@@ -223,6 +223,7 @@ def summarise(results: list, kinds: list[str], model) -> dict:
         sample = pool_fields("iml", iml, model)
         out["iml_call"] = {"call": sample.call, "reasons": sample.reasons}
     out["low_quality_fields"] = sum(not r.quality.get("ok") for r in results)
+    out["unread_fields"] = sum(not r.quality.get("applicable", True) for r in results)
     out["median_cell_diameter"] = float(np.median([r.cell_diameter for r in results])) if results else None
     return out
 
@@ -375,14 +376,14 @@ def field_row(row: dict, worst: dict | None = None) -> str:
     parasitemia = call.get("parasitemia_pct")
     call_text = call.get("call", "-") + (f" ({parasitemia:.2f}%)" if parasitemia is not None else "")
     floor = {True: "PASS", False: "FAIL", None: ""}[row["passed"]]
-    return (f"| {row['name']} | {_f(precision, '.3f')} | {_f(recall, '.3f')} | {cell('F1', '.3f')} | {found_text} | "
+    return (f"| {row['name']} | {row.get('unread_fields', 0)} | {_f(precision, '.3f')} | {_f(recall, '.3f')} | {cell('F1', '.3f')} | {found_text} | "
             f"{cell('FPR', '.2f')} | {cell('MAE', '.2f')} | {cell('count IML', '+.1f')} / {cell('count NIH', '+.1f')} | "
             f"{call_text} | {(floor + ' ' + row['floor_detail']).strip()} |")
 
 
-FIELD_HEADER = ("| condition | P | R | F1 | infected found % (ring, troph., schizont, gametocyte called/annotated) | "
+FIELD_HEADER = ("| condition | fields not read | P | R | F1 | infected found % (ring, troph., schizont, gametocyte called/annotated) | "
                 "FPR % | MAE pts | count % IML / NIH | NIH call (raw parasitemia) | floor |\n"
-                "|---|---|---|---|---|---|---|---|---|---|")
+                "|---|---|---|---|---|---|---|---|---|---|---|")
 MORPH_HEADER = ("| drawn cells | N | counted exactly once | missed | counted 2+ times | fragments (in no cell) | "
                 "cell diameter found, px | floor |\n|---|---|---|---|---|---|---|---|")
 
