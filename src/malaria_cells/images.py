@@ -331,34 +331,24 @@ class pixels_in_flight:
 
 
 def preprocess(contents: bytes, image_size: int, *, max_pixels: int = MAX_IMAGE_PIXELS,
-               check_crop: bool | str = False) -> np.ndarray:
+               check=None) -> np.ndarray:
     """Encoded image bytes -> the model input: uint8 RGB ``(image_size, image_size, 3)``.
 
     The full-size decoded image exists only inside this call, within the process's budget of
-    decoded pixels (:class:`pixels_in_flight`). With ``check_crop``, an image that is not a
-    single red-cell crop (:func:`malaria_cells.crop_check.check_cell_crop`) is refused;
-    ``check_crop="shape"`` leaves out the colour checks (for a grayscale model).
+    decoded pixels (:class:`pixels_in_flight`). ``check``, if given, is called with the
+    decoded image; a reason it returns refuses the image (as
+    :func:`malaria_cells.crop_check.check_cell_crop` refuses what is not a cell crop).
 
     Raises
     ------
     UnreadableImage
-        When the bytes are not a readable image (or, with ``check_crop``, not a cell crop),
-        with the reason.
+        When the bytes are not a readable image (or ``check`` refuses it), with the reason.
     """
     width, height = dimensions(contents)
     _check_size(width, height, max_pixels)
-    if check_crop:
-        from .crop_check import MAX_CROP_SIDE
-
-        if max(width, height) > MAX_CROP_SIDE:  # from the header: a field is refused before decoding
-            raise UnreadableImage(f"not a single-cell crop ({width}x{height} pixels: a field photograph?); "
-                                  "use `malaria-cells screen` for smear photographs")
     with pixels_in_flight(width * height):
         image = decode(contents, max_pixels=max_pixels)
-        if check_crop:
-            from .crop_check import check_cell_crop
-
-            reason = check_cell_crop(image, colour=check_crop != "shape")
-            if reason:
-                raise UnreadableImage(reason)
+        reason = check(image) if check is not None else None
+        if reason:
+            raise UnreadableImage(reason)
         return resize(image, image_size)

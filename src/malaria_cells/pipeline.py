@@ -32,12 +32,28 @@ def _decode_pool():
 
 
 def _preprocess_part(items: Sequence, image_size: int, files: bool, check_crop: bool | str = False):
-    """(images of the items that decoded, in order; [(position, reason)] of the others)."""
+    """(images of the items that decoded, in order; [(position, reason)] of the others).
+
+    With ``check_crop``, images that are not single-cell crops are refused too (a field
+    photograph from its header, before decoding); ``"shape"`` leaves out the colour checks.
+    """
+    from functools import partial
+
+    from .crop_check import MAX_CROP_SIDE, check_cell_crop
+    from .images import dimensions
+
+    check = partial(check_cell_crop, colour=check_crop != "shape") if check_crop else None
     images = np.empty((len(items), image_size, image_size, 3), np.uint8)
     failures: list[tuple[int, str]] = []
     for position, item in enumerate(items):
         try:
-            images[position] = preprocess(read_file(item) if files else bytes(item), image_size, check_crop=check_crop)
+            contents = read_file(item) if files else bytes(item)
+            if check_crop:
+                width, height = dimensions(contents)
+                if max(width, height) > MAX_CROP_SIDE:
+                    raise UnreadableImage(f"not a single-cell crop ({width}x{height} pixels: a field photograph?); "
+                                          "use `malaria-cells screen` for smear photographs")
+            images[position] = preprocess(contents, image_size, check=check)
         except UnreadableImage as error:
             failures.append((position, str(error)))
     if failures:
