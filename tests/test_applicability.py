@@ -109,3 +109,28 @@ def test_limits_are_parameters_and_validated():
     strict = Screener(PurpleDotClassifier(FIGURES), applicability=ApplicabilityLimits(min_cell_diameter=60))
     item = strict.screen_image(_png(_field()))
     assert item.quality["flags"] == ["magnification"] and "at least 60 px" in item.quality["reasons"][-1]
+
+
+def test_two_fields_through_one_fixed_eyepiece_are_not_taken_for_the_same_field(tmp_path):
+    # the black surround and its edge are the same in every photograph from a fixed mount
+    for k in range(2):
+        Image.fromarray(make_field(np.random.default_rng(40 + k), size=(1100, 900), rows=9, cols=12,
+                                   surround=True)[0]).save(tmp_path / f"f{k}.png")
+    result = Screener(PurpleDotClassifier(FIGURES)).screen(tmp_path)
+    assert all("duplicate" not in f.quality.get("flags", []) for f in result.fields)
+
+
+def test_an_under_exposed_field_and_a_tiny_image_are_refused_with_a_reason(tmp_path):
+    dark = (_field().astype(np.float32) * 0.15).astype(np.uint8)
+    item = Screener(PurpleDotClassifier(FIGURES)).screen_image(_png(dark))
+    assert "exposure" in item.quality["flags"] and item.n_cells == 0, item.quality
+    (tmp_path / "tiny.png").write_bytes(_png(np.full((3, 3, 3), 200, np.uint8)))
+    result = Screener(PurpleDotClassifier(FIGURES)).screen(tmp_path / "tiny.png")
+    assert result.fields == [] and "image too small (3x3 pixels" in result.skipped[0][1]
+
+
+def test_a_field_not_read_lists_its_reasons_in_the_table():
+    screener = Screener(PurpleDotClassifier(FIGURES))
+    result = screener.screen_samples([("s", [("gray.png", lambda: _png(_grayscale(_field())))])])
+    table = render(result, "table")
+    assert "gray.png" in table and "grayscale image (no colour" in table

@@ -68,7 +68,10 @@ def test_nested_cross_validation_and_the_final_model_carry_honest_figures(crops,
     report = next(row for row in nested if row["max_fpr"] == recipe.max_fpr)
     assert report["fields"] == 6 and len(report["folds"]) == 3
     assert report["found_of_annotated_infected"][1] == sum(r["n_true_parasitized"] for r in crops.records[:6])
-    assert 0 <= report["false_positive_rate"] <= 1 and report["healthy_fields_false_positive_rate"] is not None
+    # at a threshold chosen to call at most 2% of the other blocks' uninfected cells, each block's own
+    # false alarms stay of that order (a block of about 120 uninfected cells: a few at most)
+    assert report["false_positive_rate"] <= 0.06 and report["healthy_fields_false_positive_rate"] is not None
+    assert sum(fold["threshold"] > 0 for fold in report["folds"]) == 3
     probabilities = [np.load(tmp_path / f"fold{k}-probability.npy") for k in range(3)]
     model = final_model(crops, None, recipe, probabilities)
     figures = FieldFigures.from_model(model)

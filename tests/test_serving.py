@@ -258,3 +258,16 @@ def test_a_request_of_many_huge_images_stays_within_a_memory_bound():
     # 8 decoded images would be 864 MB.
     assert probe["peak"] - probe["before"] < 500, probe
     assert probe["peak"] < 1024, probe
+
+
+def test_uploads_with_one_name_keep_their_own_fields_and_a_repeated_photograph_counts_once(client):
+    from conftest import encode, make_field
+
+    first = encode(make_field(np.random.default_rng(30))[0], "JPEG", quality=90)
+    second = encode(make_field(np.random.default_rng(31), infected=(3,))[0], "JPEG", quality=90)
+    files = [("files", ("image.jpg", data, "image/jpeg")) for data in (first, second, first)]
+    body = client.post("/v1/screen?overlays=true", files=files).json()
+    assert [f["path"] for f in body["fields"]] == ["image.jpg", "image.jpg (2)", "image.jpg (3)"]
+    assert len({f["overlay"] for f in body["fields"]}) == 3
+    assert body["fields"][2]["quality"]["flags"] == ["duplicate"] and body["fields"][2]["n_cells"] == 0
+    assert "the same field as image.jpg" in body["fields"][2]["quality"]["reasons"][-1]

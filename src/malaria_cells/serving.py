@@ -219,8 +219,13 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
             raise HTTPException(413, f"too many images ({len(files)}, limit {limits.max_images})")
         pictures = {}
 
+        seen: dict[str, int] = {}
+
         def field_of(index, upload):
             name = upload.filename or f"field-{index + 1}"
+            seen[name] = seen.get(name, 0) + 1
+            if seen[name] > 1:  # phones name every photograph alike: each keeps its own overlay
+                name = f"{name} ({seen[name]})"
 
             def read():
                 data = upload.file.read()

@@ -3,6 +3,8 @@
 The rooms, one concern each:
 
 - :mod:`.detection`: the :class:`Detector` protocol and the shipped :class:`ClassicalDetector`;
+- :mod:`.applicability`: whether a field can be read at all, and why not;
+- :mod:`.stain`: each field's cells brought to the stain of the model's reference;
 - :mod:`.crops`: cutting each counted cell as the cell model's training crops look;
 - :mod:`.figures`: :class:`FieldFigures`, a classifier's counting threshold and measured figures;
 - :mod:`.call`: the sample call (positive / negative / review) and the corrected parasitemia;

@@ -53,6 +53,9 @@ class ApplicabilityLimits:
         Supported length of the cells' optical-density vector (all three channels): the shared
         fields span 0.39 to 0.79, and the shift suite checks 0.6 to 1.6 times their staining;
         paler and darker staining than that was not validated.
+    min_plasma : float
+        Under-exposed below this: the plasma's brightest channel (0-255), where the stain's
+        colours are lost in the dark and the sensor's noise.
     max_fragments : float
         Fragments (objects far smaller than the median cell) per counted cell above which the
         field is taken as wrongly cut into pieces.
@@ -69,6 +72,7 @@ class ApplicabilityLimits:
     max_green_red: float = 6.0
     min_density: float = 0.2
     max_density: float = 1.5
+    min_plasma: float = 60.0
     max_fragments: float = 0.25
     duplicate_correlation: float = 0.99
 
@@ -97,8 +101,8 @@ def assess_field(image: np.ndarray, detection, limits: ApplicabilityLimits | Non
     dict
         ``{"applicable": bool, "reasons": [...], "flags": [...], "measures": {...}}``: a
         sentence per failed check, a short name per failed check (``grayscale``,
-        ``magnification``, ``no_cells``, ``not_a_smear``, ``stain``, ``fragments``) and every
-        measure.
+        ``magnification``, ``no_cells``, ``exposure``, ``not_a_smear``, ``stain``,
+        ``fragments``) and every measure.
     """
     from ..images import resize
 
@@ -141,6 +145,7 @@ def assess_field(image: np.ndarray, detection, limits: ApplicabilityLimits | Non
         plasma = labels == 0
         if detection.field_of_view is not None:
             plasma &= detection.field_of_view
+        background = np.median(small[plasma].reshape(-1, 3), axis=0) if plasma.any() else None
         density = _density(cell_pixels, small[plasma]) if plasma.any() else None
         if density is None:
             fail("not_a_smear", "no plasma between the cells: not a thin blood smear")
@@ -149,11 +154,15 @@ def assess_field(image: np.ndarray, detection, limits: ApplicabilityLimits | Non
             ratio = float(density[1] / density[0]) if density[0] > 0 else float("inf")
             measures.update(density=[round(float(v), 4) for v in density], density_strength=round(strength, 3),
                             green_red=round(ratio, 2) if np.isfinite(ratio) else None,
-                            plasma=[round(float(v), 1) for v in np.median(small[plasma].reshape(-1, 3), axis=0)])
-            if density[0] <= 0 or density[1] <= 0 or density[2] < -0.1:
+                            plasma=[round(float(v), 1) for v in background])
+            clipped = background >= 250  # a channel blown out in the plasma measures no density
+            if background.max() < limits.min_plasma:
+                fail("exposure", f"under-exposed (the plasma's brightest channel is {background.max():.0f} of 255, "
+                                 f"at least {limits.min_plasma:.0f} needed): more light or a longer exposure")
+            elif (density[0] <= 0 and not clipped[0]) or density[1] <= 0 or density[2] < -0.1:
                 fail("not_a_smear", "the objects found are not darker than the background in red and green: "
                                     "not a stained blood smear")
-            elif not limits.min_green_red <= ratio <= limits.max_green_red:
+            elif not clipped[0] and not limits.min_green_red <= ratio <= limits.max_green_red:
                 fail("not_a_smear", f"the objects found are not coloured like stained red cells (green/red "
                                     f"density {ratio:.2f}, {limits.min_green_red}-{limits.max_green_red} expected): "
                                     "not a Giemsa- or Wright-stained blood smear")
@@ -179,14 +188,23 @@ def _density(cells: np.ndarray, plasma: np.ndarray) -> np.ndarray:
 
 
 def fingerprint(image: np.ndarray) -> np.ndarray:
-    """A field's 64x64 grey thumbnail, zero-mean and unit-length: two photographs of the same
-    field (re-saved, recompressed, rescaled) correlate near 1, two fields of a smear near 0."""
+    """A field's fine detail on a 64x64 thumbnail, zero-mean and unit-length: two photographs
+    of the same field (re-saved, recompressed, rescaled) correlate near 1, two fields of a
+    smear near 0. Only the inside of the lit field of view counts (the black surround of a
+    photograph through a fixed eyepiece, and its edge, are the same in every field), and only
+    detail finer than an eighth of the field (not the lamp's unevenness)."""
+    import cv2
+
     from ..images import resize
 
-    grey = resize(image, (64, 64)).astype(np.float64).mean(axis=2).ravel()
-    grey -= grey.mean()
-    norm = np.linalg.norm(grey)
-    return grey / norm if norm > 0 else grey
+    grey = resize(image, (64, 64)).astype(np.float32).mean(axis=2)
+    coarse = cv2.GaussianBlur(grey, (0, 0), 4)
+    lit = coarse > 0.5 * float(coarse.max())
+    lit = cv2.erode(lit.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+    detail = np.where(lit, grey - coarse, 0.0).astype(np.float64).ravel()
+    detail[lit.ravel()] -= detail[lit.ravel()].mean() if lit.any() else 0.0
+    norm = np.linalg.norm(detail)
+    return detail / norm if norm > 0 else detail
 
 
 def same_field(print_a: np.ndarray, print_b: np.ndarray, limits: ApplicabilityLimits | None = None) -> bool:

@@ -44,7 +44,7 @@ class FieldFigures:
         recipe that made the model.
     stain_reference : list of 3 floats, optional
         The median red cell's optical density (RGB, against the plasma) of the fields the
-        model was validated on; with it, each field's crops are stain-normalised to it
+        model was trained on; with it, each field's crops are stain-normalised to it
         (:mod:`.stain`) before scoring.
     extra : dict
         Any further keys a newer version wrote (kept, not interpreted).

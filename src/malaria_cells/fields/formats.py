@@ -33,6 +33,9 @@ def format_table(result: ScreenResult) -> str:
         quality = "ok" if item.quality.get("ok") else "low"
         lines.append(f"{item.n_cells:>6} {item.n_parasitized:>11} {format_percent(item.parasitemia):>11} "
                      f"{format_interval(item.parasitemia_ci):>15}  {quality:<8} {item.path}")
+        if not item.quality.get("ok"):
+            for reason in item.quality.get("reasons", []):
+                lines.append(f"{'':>6} {reason}")
         if item.truth:
             t = item.truth
             lines.append(f"{'':>6} truth: {t['n_true']} cells, {format_percent(t['true_parasitemia'])} parasitized; "

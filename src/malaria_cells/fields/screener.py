@@ -38,6 +38,8 @@ from .results import CellResult, FieldResult, SampleResult, ScreenResult
 __all__ = ["Screener", "screen", "screen_image", "group_samples", "pool_fields", "counting_probability",
            "DECODE_SIDE"]
 
+MIN_SIDE = 16
+"""Smallest side (pixels) of a field photograph that is read at all."""
 DECODE_SIDE = 2000
 """Photographs are decoded at a reduced size so their longer side is at most about twice this
 (JPEGs scale inside the decoder): a 16 MP phone photograph's cells are then still ~60 px."""
@@ -127,6 +129,9 @@ class Screener:
 
         started = time.perf_counter()
         width, height = dimensions(contents)
+        if min(width, height) < MIN_SIDE:
+            raise UnreadableImage(f"image too small ({width}x{height} pixels; a field photograph is at least "
+                                  f"{MIN_SIDE} pixels on each side)")
         if width * height > self.max_pixels:
             raise UnreadableImage(f"image too large ({width}x{height} pixels, limit {self.max_pixels:,}; "
                                   "decompression bomb?)")
@@ -140,8 +145,13 @@ class Screener:
 
         reduce = max(1, int(max(width, height) // DECODE_SIDE))
         image = decode(contents, max_pixels=self.max_pixels, reduce=reduce)
-        factor_x, factor_y = width / image.shape[1], height / image.shape[0]
         detection = self.detector.detect(image)
+        while reduce > 1 and detection.cell_diameter < 2 * self.applicability.min_cell_diameter:
+            # cells too small once shrunk: the photograph is read at a larger size after all
+            reduce = max(1, reduce // 2)
+            image = decode(contents, max_pixels=self.max_pixels, reduce=reduce)
+            detection = self.detector.detect(image)
+        factor_x, factor_y = width / image.shape[1], height / image.shape[0]
         check = assess_field(image, detection, self.applicability)
         quality = {**detection.quality, "applicable": check["applicable"], "flags": check["flags"],
                    "checks": check["measures"]}
@@ -292,6 +302,7 @@ class Screener:
 
 
 _FLAG_WORDS = {"grayscale": "grayscale", "magnification": "at an unsupported magnification",
+               "exposure": "under-exposed",
                "not_a_smear": "not a stained smear", "stain": "stained outside the validated range",
                "fragments": "cut into fragments", "duplicate": "duplicates", "no_cells": "without red cells"}
 
@@ -302,7 +313,7 @@ def _withhold(result: FieldResult, flag: str, reason: str) -> None:
     quality.update(ok=False, applicable=False, flags=list(quality.get("flags", [])) + [flag],
                    reasons=list(quality.get("reasons", [])) + [reason])
     result.cells, result.n_cells, result.n_parasitized = [], 0, 0
-    result.parasitemia = result.parasitemia_ci = result.corrected = None
+    result.parasitemia = result.parasitemia_ci = result.corrected = result.truth = None
 
 
 def counting_probability(model, crops: np.ndarray, *, tta_gate: float | None = None) -> np.ndarray:

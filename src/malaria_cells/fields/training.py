@@ -2,7 +2,7 @@
 
     python -m malaria_cells.fields.training crops --fields DIR [DIR ...] [--check DIR ...] --work W
     python -m malaria_cells.fields.training cv    --work W --cells cell_images/ [--relabels relabels/]
-    python -m malaria_cells.fields.training final --work W --cells cell_images/
+    python -m malaria_cells.fields.training final --work W --cells cell_images/ [--relabels relabels/]
     python -m malaria_cells.fields.training ship  --work W --cells cell_images/
 
 or the first three in one: ``python -m malaria_cells.fields.training all --fields ... --work W
@@ -187,7 +187,8 @@ def cut_crops(paths, check=(), screener=None, *, truth=None, stain_normalise: bo
     check : iterable of path
         Fields that only check false alarms (never trained on).
     screener : Screener, optional
-        Default: the shipped detector and field model (the crops do not depend on the model).
+        Default: the shipped detector and field model (the crops do not depend on the model:
+        any stain normalisation its figures would apply is left to ``stain_normalise``).
     truth : path, optional
         An annotations file or folder, as ``screen --truth`` takes (default: beside the images).
     stain_normalise : bool
@@ -199,6 +200,10 @@ def cut_crops(paths, check=(), screener=None, *, truth=None, stain_normalise: bo
     from .truth import is_cut, match_cells, read_truth
 
     screener = screener or Screener()
+    if screener.figures is not None and screener.figures.stain_reference is not None:
+        from dataclasses import replace
+
+        screener.figures = replace(screener.figures, stain_reference=None)  # normalised below, once
     train, _ = list_image_files([Path(p) for p in paths])
     checks, _ = list_image_files([Path(p) for p in check]) if check else ([], [])
     crops, labels, stages, field_index, records = [], [], [], [], []
@@ -453,13 +458,25 @@ def cross_validate(data: FieldCrops, mix, recipe: Recipe, work: Path, *, save_mo
         if save_models:
             model.save(work / f"fold{k}.keras")
         log(f"fold {k}: trained on {len(y)} crops")
+    from ..files import write_json
+
+    write_json(work / "recipe.json", asdict(recipe))
     rules = sorted({recipe.max_fpr, 0.6 * recipe.max_fpr, 0.8 * recipe.max_fpr, 1.2 * recipe.max_fpr,
                     1.6 * recipe.max_fpr})
     nested = [nested_report(data, block_of, probabilities, rule) for rule in rules]
-    from ..files import write_json
-
     write_json(work / "nested.json", nested)
     return nested
+
+
+def _check_recipe(work: Path, recipe: Recipe) -> None:
+    """Refuse a final model whose recipe differs from the one its out-of-fold scores came from."""
+    if not (work / "recipe.json").is_file():
+        return
+    used = json.loads((work / "recipe.json").read_text())
+    differ = sorted(key for key, value in asdict(recipe).items() if key in used and used[key] != value)
+    if differ:
+        raise MalariaCellsError(f"{work}: the cv step ran with another recipe ({', '.join(differ)} differ); "
+                                "give final the same settings, or run cv again")
 
 
 def _fold_probabilities(work: Path, blocks: int) -> list[np.ndarray]:
@@ -584,6 +601,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps({k: v for k, v in row.items() if k not in ("folds", "stages")}), flush=True)
             if args.step == "cv":
                 return 0
+        _check_recipe(args.work, recipe)
         model = final_model(data, mix, recipe, _fold_probabilities(args.work, recipe.blocks), trained=args.trained)
         model.save(args.work / "field-model.keras")
         print(json.dumps(model.info["field"], indent=1, default=str))
