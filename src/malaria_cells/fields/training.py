@@ -272,8 +272,9 @@ def nih_mix(cells: str | os.PathLike, recipe: Recipe, relabels: str | os.PathLik
     files = list_cell_images(cells)
     names = [Path(p).name for p in files.paths]
     keep = np.array([name not in disputed for name in names])
-    healthy = np.array(["NThinF" in name and not name.startswith(recipe.holdout_patient + "N") for name in names])
-    keep &= ~healthy
+    held_out = np.array([name.startswith(recipe.holdout_patient + "N") for name in names])
+    healthy = np.array(["NThinF" in name for name in names]) & ~held_out
+    keep &= ~healthy & ~held_out  # the held-out patient's cells check false alarms: never trained on
     rng = np.random.default_rng(recipe.seed)
     chosen = list(np.flatnonzero(healthy)) * recipe.nih_healthy_repeat
     for label, share in ((0, 1 - recipe.nih_parasitized), (1, recipe.nih_parasitized)):
