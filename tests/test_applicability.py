@@ -76,6 +76,21 @@ def test_a_clean_field_is_readable_and_its_measures_are_reported():
     assert item.n_cells > 90 and item.n_parasitized == 3
 
 
+@pytest.mark.parametrize("kind", ["target", "hypochromic"])
+def test_pale_centred_cells_do_not_make_a_normally_stained_field_read_pale(kind):
+    from malaria_cells.shifts import make_morphology_field
+
+    image, cells = make_morphology_field(kind, np.random.default_rng(3))
+    item = Screener(PurpleDotClassifier(FIGURES)).screen_image(_png(image), path="f.png")
+    assert "stain" not in item.quality["flags"], item.quality
+    counted = np.zeros(len(cells), int)
+    for found in item.cells:
+        inside = [cell.distance(found.x, found.y) <= 1.0 for cell in cells]
+        assert any(inside), (found.x, found.y)  # no fragment counted
+        counted[int(np.argmax(inside))] += 1
+    assert (counted == 1).all(), counted
+
+
 def test_a_sample_of_unreadable_fields_is_review_with_the_reasons_everywhere(tmp_path):
     for k, shift in enumerate((_grayscale, _grayscale, _shrunk)):
         Image.fromarray(shift(_field(k))).save(tmp_path / f"f{k}.png")

@@ -50,9 +50,10 @@ class ApplicabilityLimits:
         Supported ratio of the cells' optical density (against the plasma) in the green
         channel to the red: a Giemsa- or Wright-stained red cell is pink, absorbing green.
     min_density, max_density : float
-        Supported length of the cells' optical-density vector (all three channels): the shared
-        fields span 0.39 to 0.79, and the shift suite checks 0.6 to 1.6 times their staining;
-        paler and darker staining than that was not validated.
+        Supported length of the cells' optical-density vector (all three channels), measured
+        on the darker quarter of the cells' pixels so that pale centres do not count: the
+        shared fields span 0.43 to 0.87, and the shift suite checks 0.6 to 1.6 times their
+        staining; paler and darker staining than that was not validated.
     min_plasma : float
         Under-exposed below this: the plasma's brightest channel (0-255), where the stain's
         colours are lost in the dark and the sensor's noise.
@@ -150,7 +151,9 @@ def assess_field(image: np.ndarray, detection, limits: ApplicabilityLimits | Non
         if density is None:
             fail("not_a_smear", "no plasma between the cells: not a thin blood smear")
         else:
-            strength = float(np.linalg.norm(density))
+            # the darker quarter of the cells' pixels: pale centres (target, hypochromic cells)
+            # do not make a normally stained slide read pale
+            strength = float(np.linalg.norm(_density(cell_pixels, small[plasma], percentile=25)))
             ratio = float(density[1] / density[0]) if density[0] > 0 else float("inf")
             measures.update(density=[round(float(v), 4) for v in density], density_strength=round(strength, 3),
                             green_red=round(ratio, 2) if np.isfinite(ratio) else None,
@@ -181,10 +184,11 @@ def _percentile_spread(image: np.ndarray) -> float:
     return float(np.percentile(spread, 99))
 
 
-def _density(cells: np.ndarray, plasma: np.ndarray) -> np.ndarray:
-    """Median optical density of the cells' pixels against the plasma's median, per channel."""
+def _density(cells: np.ndarray, plasma: np.ndarray, percentile: float = 50) -> np.ndarray:
+    """Optical density of the cells' pixels (their ``percentile``-th brightest per channel:
+    the median by default) against the plasma's median, per channel."""
     reference = np.maximum(np.median(plasma.reshape(-1, 3), axis=0), 1.0)
-    return -np.log(np.maximum(np.median(cells.reshape(-1, 3), axis=0), 1.0) / reference)
+    return -np.log(np.maximum(np.percentile(cells.reshape(-1, 3), percentile, axis=0), 1.0) / reference)
 
 
 def fingerprint(image: np.ndarray) -> np.ndarray:

@@ -96,7 +96,7 @@ class Recipe:
     max_fpr: float = 0.005
     tta_gate: float = 0.1
     stain_normalise: bool = True
-    augment: str = "shifts"
+    augment: str = "flips+color"
     blocks: int = 5
     seed: int = 0
 
