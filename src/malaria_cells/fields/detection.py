@@ -18,8 +18,10 @@ The steps, each robust to what varies between labs, cameras and slides:
    which splits touching and overlapping cells; holes are filled first, so pale cells with a
    light centre stay whole (a hole that is still stained, or round and convex like the clear
    centre of a target or hypochromic cell, is a cell's centre; plasma enclosed by touching
-   cells is concave). A region of overlapping cells that kept one peak is cut into cells by
-   k-means where its outline has a notch; a convex one is one elongated cell (an elliptocyte).
+   cells is concave). Touching pieces whose union has no notch are joined again (a long cell
+   has a ridge of peaks, and the watershed cuts it across). A region of overlapping cells that
+   kept one peak is cut into cells by k-means where its outline has a notch; a convex one is
+   one elongated cell (an elliptocyte).
 5. **Sorting objects.** Much smaller than a cell: platelet or debris. Holding part of a large
    very dark (nucleus-stained) blob, or sharing a fifth of its border with such an object: a
    white blood cell, or a piece of one. Largely black (darker than any stain in every channel):
@@ -500,6 +502,7 @@ def _detect(image: np.ndarray, s: "ClassicalDetector") -> FieldDetection:
     distance = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 5)
     radius = _radius(distance, mask) or s.working_diameter / 2
     labels = _split(distance, mask, radius, s)
+    labels = _merge_convex(labels, radius, s)
     labels = _split_clumps(labels, distance, radius, s)
     objects = _sort_objects(labels, density, _black(work, fov & ~mask, s.ink_level), fov, radius, scale,
                             (width, height), s)
@@ -676,6 +679,54 @@ def _split(distance: np.ndarray, mask: np.ndarray, radius: float, settings) -> n
         _, extra = cv2.connectedComponents(unlabelled.astype(np.uint8), connectivity=4)
         labels[unlabelled] = extra[unlabelled] + labels.max()
     return labels.astype(np.int32)
+
+
+def _merge_convex(labels: np.ndarray, radius: float, settings, max_pairs: int = 5000) -> np.ndarray:
+    """Join touching watershed pieces whose union has no notch: a long cell (an elliptocyte)
+    has a ridge of distance peaks and is cut across it, while cells that merely touch or
+    overlap meet in a notch where their outlines cross. Pieces of at least ``platelet_area``
+    cells whose union is at most ``split_area`` + 1 cells are tried, ``max_pairs`` at most
+    (the cost stays bounded on noise)."""
+    horizontal = (labels[:, :-1], labels[:, 1:])
+    vertical = (labels[:-1, :], labels[1:, :])
+    pairs = []
+    for a, b in (horizontal, vertical):
+        touching = (a != b) & (a > 0) & (b > 0)
+        pairs.append(np.column_stack([np.minimum(a[touching], b[touching]), np.maximum(a[touching], b[touching])]))
+    pairs = np.unique(np.concatenate(pairs), axis=0)
+    if not len(pairs):
+        return labels
+    cell_area = np.pi * radius**2
+    areas = np.bincount(labels.ravel())
+    small, union = areas[pairs].min(axis=1), areas[pairs].sum(axis=1)
+    pairs = pairs[(small >= settings.platelet_area * cell_area) & (union <= (settings.split_area + 1) * cell_area)]
+    if not len(pairs) or len(pairs) > max_pairs:
+        return labels
+    slices = _boxes(labels)
+    parent = np.arange(len(areas))
+
+    def root(k):
+        while parent[k] != k:
+            k = parent[k]
+        return k
+
+    labels = labels.copy()
+    for a, b in pairs:
+        a, b = root(a), root(b)
+        if a == b or slices[a - 1] is None or slices[b - 1] is None:
+            continue
+        (ya, xa), (yb, xb) = slices[a - 1], slices[b - 1]
+        window = (slice(min(ya.start, yb.start), max(ya.stop, yb.stop)),
+                  slice(min(xa.start, xb.start), max(xa.stop, xb.stop)))
+        patch = labels[window]
+        region = (patch == a) | (patch == b)
+        if region.sum() > (settings.split_area + 1) * cell_area or _notch(region) >= settings.clump_notch * radius:
+            continue
+        patch[patch == b] = a
+        parent[b] = a
+        slices[a - 1] = window
+        slices[b - 1] = None
+    return labels
 
 
 def _split_clumps(labels: np.ndarray, distance: np.ndarray, radius: float, settings) -> np.ndarray:
