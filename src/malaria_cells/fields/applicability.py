@@ -45,7 +45,10 @@ class ApplicabilityLimits:
         between its brightest and darkest channel (0-255).
     min_cell_diameter, max_cell_diameter : float
         Supported red-cell diameter, in pixels of the image as decoded (the image as stored,
-        or halved, thirded... for photographs over 4,000 pixels wide).
+        or halved, thirded... for photographs over 4,000 pixels wide). The shift suite
+        validates cells of about 30 to 170 px (the shared fields' ~65 px at 0.5x to 2.5x;
+        its smallest measure 29 px); smaller cells are refused with a margin, larger ones
+        are read as they are.
     min_green_red, max_green_red : float
         Supported ratio of the cells' optical density (against the plasma) in the green
         channel to the red: a Giemsa- or Wright-stained red cell is pink, absorbing green.
@@ -67,7 +70,7 @@ class ApplicabilityLimits:
     """
 
     min_colour: float = 4.0
-    min_cell_diameter: float = 20.0
+    min_cell_diameter: float = 25.0
     max_cell_diameter: float = 300.0
     min_green_red: float = 1.1
     max_green_red: float = 6.0

@@ -44,6 +44,10 @@ DECODE_SIDE = 2000
 """Photographs are decoded at a reduced size so their longer side is at most about twice this
 (JPEGs scale inside the decoder): a 16 MP phone photograph's cells are then still ~60 px."""
 
+READ_LARGER_BELOW = 40.0
+"""A reduced photograph whose cells come out narrower than this many pixels is read again at
+twice the size (down to the size as stored)."""
+
 OnField = Callable[[FieldResult, np.ndarray, np.ndarray], None]
 """Called with each field's result, its counted cells' crops and its decoded image."""
 
@@ -146,7 +150,7 @@ class Screener:
         reduce = max(1, int(max(width, height) // DECODE_SIDE))
         image = decode(contents, max_pixels=self.max_pixels, reduce=reduce)
         detection = self.detector.detect(image)
-        while reduce > 1 and detection.cell_diameter < 2 * self.applicability.min_cell_diameter:
+        while reduce > 1 and detection.cell_diameter < READ_LARGER_BELOW:
             # cells too small once shrunk: the photograph is read at a larger size after all
             reduce = max(1, reduce // 2)
             image = decode(contents, max_pixels=self.max_pixels, reduce=reduce)
