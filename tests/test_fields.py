@@ -135,6 +135,36 @@ def test_the_detector_is_swappable_and_described_in_every_result(samples):
         Screener(PurpleDotClassifier(), detector=object())
 
 
+class CountingDetector(ClassicalDetector):
+    """The classical detector, remembering the width of every image it was given."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        object.__setattr__(self, "widths", [])
+
+    def detect(self, image):
+        self.widths.append(image.shape[1])
+        return super().detect(image)
+
+
+def test_a_large_photograph_is_read_larger_only_when_its_cells_could_then_be_read():
+    def png(image):
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
+        return buffer.getvalue()
+
+    # 4,200 px wide: read at half size, where cells 30 px across come out 15 px
+    image, _ = make_field(np.random.default_rng(0), size=(4200, 420), radius=15, rows=4, cols=80)
+    small_cells = CountingDetector()
+    item = Screener(PurpleDotClassifier(FIGURES), small_cells).screen_image(png(image), path="wide.png")
+    assert small_cells.widths == [2100, 4200]
+    assert item.quality["applicable"] and 25 < item.cell_diameter < 40, item.quality
+    noise = np.random.default_rng(0).integers(0, 256, (420, 4200, 3), dtype=np.uint8)
+    once = CountingDetector()
+    item = Screener(PurpleDotClassifier(FIGURES), once).screen_image(png(noise), path="noise.png")
+    assert once.widths == [2100] and not item.quality["applicable"]
+
+
 def test_detector_settings_are_validated_and_change_what_is_counted():
     with pytest.raises(MalariaCellsError, match="clump_cells"):
         ClassicalDetector(clump_cells=-1)

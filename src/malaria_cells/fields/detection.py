@@ -685,8 +685,8 @@ def _merge_convex(labels: np.ndarray, radius: float, settings, max_pairs: int = 
     """Join touching watershed pieces whose union has no notch: a long cell (an elliptocyte)
     has a ridge of distance peaks and is cut across it, while cells that merely touch or
     overlap meet in a notch where their outlines cross. Pieces of at least ``platelet_area``
-    cells whose union is at most ``split_area`` + 1 cells are tried, ``max_pairs`` at most
-    (the cost stays bounded on noise)."""
+    cells whose union is at most ``split_area`` + 1 cells are tried, the first ``max_pairs``
+    of them at most (the cost stays bounded on noise)."""
     horizontal = (labels[:, :-1], labels[:, 1:])
     vertical = (labels[:-1, :], labels[1:, :])
     pairs = []
@@ -700,7 +700,8 @@ def _merge_convex(labels: np.ndarray, radius: float, settings, max_pairs: int = 
     areas = np.bincount(labels.ravel())
     small, union = areas[pairs].min(axis=1), areas[pairs].sum(axis=1)
     pairs = pairs[(small >= settings.platelet_area * cell_area) & (union <= (settings.split_area + 1) * cell_area)]
-    if not len(pairs) or len(pairs) > max_pairs:
+    pairs = pairs[:max_pairs]
+    if not len(pairs):
         return labels
     slices = _boxes(labels)
     parent = np.arange(len(areas))

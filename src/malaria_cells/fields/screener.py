@@ -46,7 +46,7 @@ DECODE_SIDE = 2000
 
 READ_LARGER_BELOW = 40.0
 """A reduced photograph whose cells come out narrower than this many pixels is read again at
-twice the size (down to the size as stored)."""
+twice the size (down to the size as stored), if at that size they would be wide enough to read."""
 
 OnField = Callable[[FieldResult, np.ndarray, np.ndarray], None]
 """Called with each field's result, its counted cells' crops and its decoded image."""
@@ -150,8 +150,10 @@ class Screener:
         reduce = max(1, int(max(width, height) // DECODE_SIDE))
         image = decode(contents, max_pixels=self.max_pixels, reduce=reduce)
         detection = self.detector.detect(image)
-        while reduce > 1 and detection.cell_diameter < READ_LARGER_BELOW:
-            # cells too small once shrunk: the photograph is read at a larger size after all
+        while (reduce > 1 and detection.cell_diameter < READ_LARGER_BELOW
+               and detection.cell_diameter * reduce >= self.applicability.min_cell_diameter):
+            # cells too small once shrunk: read larger, unless even the stored size could not
+            # make them readable (noise and tiny cells are not decoded and detected again)
             reduce = max(1, reduce // 2)
             image = decode(contents, max_pixels=self.max_pixels, reduce=reduce)
             detection = self.detector.detect(image)
