@@ -86,3 +86,14 @@ def test_shipped_model_on_real_cells(shared_data):
     results = predict(parasitized + uninfected)
     called = np.array([r.parasitized for r in results])
     assert called[:100].mean() > 0.9 and called[100:].mean() < 0.2
+
+
+def test_every_real_cell_crop_passes_the_single_cell_check(shared_data):
+    # crops of touching cells hold a neighbour's piece beside their own cell
+    from malaria_cells.crop_check import check_cell_crop
+    from malaria_cells.images import decode
+
+    files = sorted(shared_data.rglob("*.png"))
+    assert len(files) > 15_000
+    refused = {f.name: reason for f in files if (reason := check_cell_crop(decode(f.read_bytes())))}
+    assert not refused, refused

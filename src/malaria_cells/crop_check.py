@@ -20,8 +20,9 @@ MIN_CONTRAST = 4.0
 """A crop whose grey levels spread less than this (standard deviation, 0-255) is blank."""
 MIN_COLOUR = 3
 """Grayscale below this: the 99th percentile of each pixel's channel spread (0-255)."""
-MIN_MAIN_SHARE = 0.6
-"""The largest object holds at least this share of the crop's foreground (one cell)."""
+MIN_MAIN_SHARE = 0.5
+"""The largest object holds at least this share of the crop's foreground (one cell; a crop
+may hold a piece of a neighbour as large as about two thirds of its cell, as some NIH crops do)."""
 MIN_MAIN_AREA = 0.15
 """...and covers at least this share of the crop."""
 MAX_LIT_FRAME = 0.6
