@@ -50,7 +50,12 @@ def normalise_crops(crops: np.ndarray, plasma, density, reference) -> np.ndarray
     if np.allclose(gain, 1.0):
         return crops
     plasma = np.maximum(np.asarray(plasma, np.float32), 1.0)
-    inside = crops.max(axis=-1, keepdims=True) > 0
-    optical = -np.log(np.maximum(crops.astype(np.float32), 1.0) / plasma)
-    out = plasma * np.exp(-optical * gain)
-    return np.where(inside, np.clip(np.rint(out), 0, 255), 0).astype(np.uint8)
+    # Each channel's 256 levels map to 256 levels: a table, not a logarithm per pixel.
+    levels = np.arange(256, dtype=np.float32)[:, None]
+    optical = -np.log(np.maximum(levels, 1.0) / plasma)
+    table = np.clip(np.rint(plasma * np.exp(-optical * gain)), 0, 255).astype(np.uint8)  # (256, 3)
+    out = np.empty_like(crops)
+    for channel in range(3):
+        out[..., channel] = table[crops[..., channel], channel]
+    out[crops.max(axis=-1) == 0] = 0  # outside the cells stays black
+    return out
