@@ -225,3 +225,19 @@ def test_screen_skips_bad_files_with_exit_status_1(fields, tmp_path, capsys):
     assert main(["screen", str(fields / "field0.png"), str(tmp_path / "broken.jpg")]) == 1
     assert "skipped: " in capsys.readouterr().err
     assert main(["screen", str(tmp_path / "broken.jpg")]) == 2
+
+
+def test_screen_writes_its_report_for_long_and_non_utf8_file_names(fields, capsys, tmp_path):
+    import os
+    import shutil
+
+    folder = tmp_path / "odd names"
+    folder.mkdir()
+    shutil.copy(fields / "field0.png", folder / ("a" * 240 + ".png"))
+    shutil.copy(fields / "field1.png", os.fsdecode(os.fsencode(folder) + b"/bad\xff\xfe.png"))
+    assert main(["screen", str(folder), "--out", str(tmp_path / "report")]) == 0
+    overlays = sorted(p.name for p in (tmp_path / "report" / "overlays").iterdir())
+    assert len(overlays) == 2 and all(len(name) < 100 for name in overlays), overlays
+    data = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert len(data["fields"]) == 2
+    assert "bad" in (tmp_path / "report" / "cells.csv").read_text(errors="replace")

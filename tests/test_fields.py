@@ -217,6 +217,41 @@ def test_the_report_folder_holds_overlays_csv_json_and_a_page_naming_the_call(sa
         ReportWriter(tmp_path / "report")
 
 
+def test_the_report_is_never_written_over_a_file_or_through_a_link(tmp_path):
+    from malaria_cells.fields.report import ReportWriter
+
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(MalariaCellsError, match="is a file"):
+            ReportWriter(mine, overwrite=overwrite)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "overlays").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(MalariaCellsError, match="is a link"):
+        ReportWriter(out, overwrite=True)
+    assert mine.read_text() == "mine" and list(elsewhere.iterdir()) == []
+
+
+def test_a_report_written_inside_the_input_folder_is_not_screened_as_fields(samples, tmp_path):
+    import shutil
+
+    from malaria_cells.fields.report import ReportWriter
+
+    folder = tmp_path / "patient"
+    shutil.copytree(samples / "infected", folder)
+    screener = Screener(PurpleDotClassifier(FIGURES))
+    writer = ReportWriter(folder / "report")
+    first = screener.screen(folder, on_field=writer.add)
+    writer.finish(first)
+    assert len(list((folder / "report" / "overlays").iterdir())) == len(first.fields) == 4
+    again = screener.screen(folder)
+    assert [f.path for f in again.fields] == [f.path for f in first.fields]
+    assert again.samples[0].n_cells == first.samples[0].n_cells
+
+
 def test_one_bad_field_is_skipped_and_the_rest_screened(samples, tmp_path):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     screener = Screener(PurpleDotClassifier(FIGURES))

@@ -546,6 +546,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``malaria-cells`` command; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):  # file names that are not UTF-8 print as escapes
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     handler = {"train": run_train, "evaluate": run_evaluate, "predict": run_predict, "screen": run_screen,
                "download": run_download, "info": run_info, "serve": run_serve,
                "export": run_export, "retune": run_retune}[args.command]

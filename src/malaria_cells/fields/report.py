@@ -69,15 +69,24 @@ class ReportWriter:
         from ..errors import MalariaCellsError
 
         self.out = Path(out)
-        if self.out.exists() and (not self.out.is_dir() or (any(self.out.iterdir()) and not overwrite)):
+        if self.out.exists() and not self.out.is_dir():
+            raise MalariaCellsError(f"{self.out}: is a file; --out names a folder for the report (never "
+                                    "written over a file): choose another --out")
+        if self.out.is_dir() and any(self.out.iterdir()) and not overwrite:
             raise MalariaCellsError(f"{self.out}: already exists and is not empty; choose another --out "
                                     "or pass --overwrite")
-        (self.out / "overlays").mkdir(parents=True, exist_ok=True)
+        overlays = self.out / "overlays"
+        if overlays.is_symlink() or (overlays.exists() and not overlays.is_dir()):
+            # overlays are written into it: a link could lead them out of --out
+            raise MalariaCellsError(f"{overlays}: is a link or a file, not a folder; choose another --out")
+        overlays.mkdir(parents=True, exist_ok=True)
         self.overlays: dict[str, str] = {}
         self.gallery: list[tuple[float, str, bytes]] = []
 
     def add(self, item: FieldResult, crops: np.ndarray, image: np.ndarray) -> None:
-        name = f"{len(self.overlays):03d}-{Path(item.path).stem}.jpg"
+        # the field's own name, shortened and made printable (a name may be long, or not UTF-8)
+        stem = Path(item.path).stem.encode("utf-8", "replace").decode("utf-8")[:80]
+        name = f"{len(self.overlays):03d}-{stem}.jpg"
         with atomic_path(self.out / "overlays" / name) as temporary:
             temporary.write_bytes(_encode(draw_overlay(image, item)))
         self.overlays[item.path] = f"overlays/{name}"

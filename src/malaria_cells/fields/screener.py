@@ -346,6 +346,10 @@ def counting_probability(model, crops: np.ndarray, *, tta_gate: float | None = N
     return probabilities
 
 
+def _in_report(path: Path) -> bool:
+    return path.parent.name == "overlays" and (path.parent.parent / "report.json").is_file()
+
+
 def group_samples(inputs: Iterable[str | os.PathLike]) -> tuple[list[tuple[str, list[str]]], list[tuple[str, str]]]:
     """Group inputs into samples: each folder is one (its images, recursively), loose files one more."""
     from ..datasets import list_image_files
@@ -358,6 +362,8 @@ def group_samples(inputs: Iterable[str | os.PathLike]) -> tuple[list[tuple[str, 
             # Ground-truth files beside the images are expected there, not skipped images.
             skipped += [(p, why) for p, why in ignored
                         if not (why == "not an image file" and p.lower().endswith((".txt", ".json")))]
+            # a report written inside the input folder holds overlays, not more fields of the sample
+            files = [p for p in files if not _in_report(Path(p))]
             if files:
                 samples.append((item.name or str(item), files))
             else:
