@@ -139,3 +139,25 @@ def test_a_fragment_far_smaller_than_the_fields_cells_is_not_counted():
     detection = detect_cells(image)
     assert len(detection.cells) == len(cells)
     assert any(o.kind in ("fragment", "platelet") and abs(o.x - 40) < 5 and abs(o.y - 40) < 5 for o in detection.objects)
+
+
+def test_peak_spacing_by_grid_keeps_the_same_peaks_as_by_pairs():
+    # the grid serves a few peaks far apart (a flat image's one huge object), pairs the rest
+    from malaria_cells.fields.detection import _spaced_by_grid, _close_pairs
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        spacing = int(rng.integers(2, 40))
+        points = np.unique(np.column_stack([rng.integers(0, 300, 800), rng.integers(0, 400, 800)]), axis=0)
+        points = points[rng.permutation(len(points))]
+        first, later = _close_pairs(points, (300, 400), spacing)
+        kept = np.ones(len(points), bool)
+        for i in np.argsort(first, kind="stable"):
+            if kept[first[i]]:
+                kept[later[i]] = False
+        assert np.array_equal(_spaced_by_grid(points, spacing), kept)
+
+
+def test_a_flat_image_has_no_cells():
+    detection = detect_cells(np.full((1024, 1024, 3), 200, np.uint8))
+    assert detection.cells == []

@@ -400,6 +400,8 @@ def _spaced(coordinates: np.ndarray, shape: tuple, min_distance: int) -> np.ndar
     if n <= 256:  # few peaks (one object's): compare all pairs
         close = np.abs(coordinates[:, None] - coordinates[None]).max(axis=2) < min_distance
         first, later = np.nonzero(np.triu(close, 1))
+    elif (2 * min_distance - 1) ** 2 > 8 * n:  # a few peaks far apart (a plateau of a huge object)
+        return _spaced_by_grid(coordinates, min_distance)
     else:
         first, later = _close_pairs(coordinates, shape, min_distance)
     kept = np.ones(n, bool)
@@ -411,6 +413,22 @@ def _spaced(coordinates: np.ndarray, shape: tuple, min_distance: int) -> np.ndar
     for start, stop in zip(bounds[:-1], bounds[1:]):
         if kept[first[start]]:
             kept[later[start:stop]] = False
+    return kept
+
+
+def _spaced_by_grid(coordinates: np.ndarray, min_distance: int) -> np.ndarray:
+    """:func:`_spaced` peak by peak, each checked against the kept ones in the 3x3 squares of
+    side ``min_distance`` around it (at most 4 kept peaks fit in a square): linear in the peaks
+    whatever ``min_distance``."""
+    kept = np.zeros(len(coordinates), bool)
+    squares: dict = {}
+    for i, (y, x) in enumerate(coordinates.tolist()):
+        sy, sx = y // min_distance, x // min_distance
+        if not any(abs(py - y) < min_distance and abs(px - x) < min_distance
+                   for ky in (sy - 1, sy, sy + 1) for kx in (sx - 1, sx, sx + 1)
+                   for py, px in squares.get((ky, kx), ())):
+            kept[i] = True
+            squares.setdefault((sy, sx), []).append((y, x))
     return kept
 
 
