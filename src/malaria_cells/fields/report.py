@@ -6,6 +6,7 @@ import base64
 import html
 import io
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -84,8 +85,9 @@ class ReportWriter:
         self.gallery: list[tuple[float, str, bytes]] = []
 
     def add(self, item: FieldResult, crops: np.ndarray, image: np.ndarray) -> None:
-        # the field's own name, shortened and made printable (a name may be long, or not UTF-8)
-        stem = Path(item.path).stem.encode("utf-8", "replace").decode("utf-8")[:80]
+        # the field's own name, shortened, in characters every file system takes (a name may
+        # be long, hold ':' or '?', or not be UTF-8)
+        stem = re.sub(r"[^\w.-]+", "_", Path(item.path).stem)[:80]
         name = f"{len(self.overlays):03d}-{stem}.jpg"
         with atomic_path(self.out / "overlays" / name) as temporary:
             temporary.write_bytes(_encode(draw_overlay(image, item)))
