@@ -3,7 +3,7 @@ import pytest
 
 
 
-@pytest.mark.parametrize("mode", ["flips", "flips+color", "flips+stain", "flips+color+focus"])
+@pytest.mark.parametrize("mode", ["flips", "flips+color", "flips+stain", "flips+color+focus", "flips+color+blur"])
 def test_augmentation_is_reproducible_and_keeps_the_surround_black(mode):
     import tensorflow as tf
 

@@ -3,6 +3,7 @@ on whole synthetic samples, the typed field figures and the output formats."""
 
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -258,3 +259,56 @@ def test_one_bad_field_is_skipped_and_the_rest_screened(samples, tmp_path):
     result = screener.screen_samples([("s", [("good", lambda: (samples / "healthy" / "field0.png").read_bytes()),
                                              ("broken", lambda: (tmp_path / "broken.png").read_bytes())])])
     assert [f.path for f in result.fields] == ["good"] and [p for p, _ in result.skipped] == ["broken"]
+
+
+class TroubleDetector(ClassicalDetector):
+    """The classical detector, slow or failing on images of a given width (as a hostile file
+    might make a detector): the screening loop must report that field and go on."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        object.__setattr__(self, "trouble", {})
+
+    def detect(self, image):
+        kind = self.trouble.get(image.shape[1])
+        if kind == "slow":
+            import time
+
+            time.sleep(3.0)
+        elif kind == "error":
+            raise RuntimeError("OpenCV(4.11) error: (-215:Assertion failed) !ssize.empty()\nmore lines")
+        return super().detect(image)
+
+
+def _field_bytes(width, seed=0):
+    image, _ = make_field(np.random.default_rng(seed))
+    image = np.ascontiguousarray(image[:, :width])
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_a_field_past_its_time_limit_or_failing_inside_a_library_is_reported_and_the_rest_go_on():
+    from malaria_cells.fields import FieldTimeout
+
+    detector = TroubleDetector()
+    detector.trouble.update({800: "slow", 700: "error"})
+    screener = Screener(PurpleDotClassifier(FIGURES), detector, max_field_seconds=2.0)
+    fields = [("slow", lambda: _field_bytes(800)), ("error", lambda: _field_bytes(700)),
+              ("good", lambda: _field_bytes(600))]
+    result = screener.screen_samples([("s", fields)])
+    assert [f.path for f in result.fields] == ["good"] and result.fields[0].n_cells > 0
+    reasons = dict(result.skipped)
+    assert re.fullmatch(r"not screened: its time limit ran out after \d+\.\d s, while finding the cells", reasons["slow"])
+    assert reasons["error"] == "could not be screened (RuntimeError: OpenCV(4.11) error: (-215:Assertion failed) !ssize.empty())"
+    assert issubclass(FieldTimeout, MalariaCellsError)
+    # a limit for the whole loop: the fields after it are reported, the ones before it kept
+    screener = Screener(PurpleDotClassifier(FIGURES), detector)
+    result = screener.screen_samples([("s", [("good", lambda: _field_bytes(600)), ("slow", lambda: _field_bytes(800)),
+                                             ("late", lambda: _field_bytes(600))])], max_seconds=2.0)
+    assert [f.path for f in result.fields] == ["good"]
+    assert "time limit ran out" in dict(result.skipped)["slow"]
+    assert dict(result.skipped)["late"] == "not screened: the time limit of 2 s for all fields was reached first"
+    for bad in (0, -1, float("nan"), "5"):
+        with pytest.raises(MalariaCellsError, match="seconds"):
+            Screener(PurpleDotClassifier(FIGURES), max_field_seconds=bad)

@@ -223,3 +223,71 @@ def test_refusing_corrupt_pngs_leaves_the_interpreter_intact():
             decode(bytes(good))
     gc.collect()
     assert sys.getrefcount(None) >= before - 50
+
+
+def _jpeg_bytes(image, **options):
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, "JPEG", **options)
+    return buffer.getvalue()
+
+
+def test_jpeg_with_thousands_of_scans_or_metadata_segments_is_refused_from_its_structure():
+    from malaria_cells.images import MAX_JPEG_METADATA_SEGMENTS, MAX_JPEG_SCANS, UnreadableImage, decode, dimensions
+
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)
+    progressive = _jpeg_bytes(image, progressive=True)
+    assert 1 < progressive.count(b"\xff\xda") <= MAX_JPEG_SCANS  # an ordinary progressive JPEG is read
+    assert decode(progressive).shape == (64, 64, 3)
+    last = progressive.rfind(b"\xff\xda")
+    many_scans = progressive[:-2] + progressive[last:-2] * (MAX_JPEG_SCANS + 1) + b"\xff\xd9"
+    payload = b"Exif\x00\x00" + bytes(1000)
+    segment = b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload
+    baseline = _jpeg_bytes(image)
+    assert decode(baseline[:2] + segment * 3 + baseline[2:]).shape == (64, 64, 3)  # a few segments are fine
+    many_segments = baseline[:2] + segment * (MAX_JPEG_METADATA_SEGMENTS + 1) + baseline[2:]
+    for data, words in ((many_scans, "scans"), (many_segments, "too much metadata")):
+        for read in (dimensions, decode):
+            with pytest.raises(UnreadableImage, match=words):
+                read(data)
+
+
+def test_a_file_is_refused_from_its_first_bytes_before_the_rest_is_read(tmp_path):
+    import subprocess
+    import sys
+
+    from malaria_cells.images import HEADER_BYTES, UnreadableImage, read_file
+
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)
+    small = _jpeg_bytes(image)
+    assert read_file(_write(tmp_path / "ok.jpg", small)) == small
+    # a 64x64 JPEG followed by 2 GB (sparse: no disk used): more than such an image can hold
+    huge = _write(tmp_path / "huge.jpg", small)
+    with open(huge, "r+b") as handle:
+        handle.truncate(2 * 2**30)
+    with pytest.raises(UnreadableImage, match=r"file too large \(2,048 MB; at most 16 MB"):
+        read_file(huge)
+    # in a fresh process, so that the peak memory is this refusal's alone
+    probe = ("import resource, sys\nfrom malaria_cells.images import read_file, UnreadableImage\n"
+             "try:\n    read_file(sys.argv[1])\nexcept UnreadableImage:\n    pass\n"
+             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    peak_kib = int(subprocess.run([sys.executable, "-c", probe, str(huge)], capture_output=True, text=True,
+                                  check=True).stdout)
+    assert peak_kib < 300 * 1024, peak_kib
+    text = _write(tmp_path / "notes.jpg", b"just some text\n" * 200_000)
+    with pytest.raises(UnreadableImage, match="not an image"):
+        read_file(text)
+    with pytest.raises(UnreadableImage, match="empty file"):
+        read_file(_write(tmp_path / "empty.png", b""))
+    bomb = _write(tmp_path / "bomb.png", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + (50_000).to_bytes(4, "big") * 2
+                  + b"\x08\x02\x00\x00\x00" + bytes(HEADER_BYTES))
+    with pytest.raises(UnreadableImage, match="image too large"):
+        read_file(bomb)
+
+
+def _write(path, data):
+    path.write_bytes(data)
+    return path

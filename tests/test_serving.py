@@ -157,7 +157,7 @@ def test_worker_processes_build_the_same_app(trained_run, monkeypatch):
     assert worker.post("/v1/predict", files=files, headers={"X-API-Key": "k3y"}).json()["summary"]["n"] == 1
 
 
-def test_every_route_needs_the_key_but_the_health_check(trained_run):
+def test_every_route_needs_the_key_but_health_and_readiness(trained_run):
     app = create_app(trained_run["model_path"], api_key="s3cret")
     keyed = TestClient(app)
     paths = {route.path for route in app.routes} | {"/redoc", "/docs/oauth2-redirect", "/no-such-page"}
@@ -165,8 +165,9 @@ def test_every_route_needs_the_key_but_the_health_check(trained_run):
     for path in paths:
         for method in ("GET", "POST"):
             status = keyed.request(method, path).status_code
-            assert status == (401 if path != "/healthz" else status), (method, path, status)
+            assert status == (401 if path not in ("/healthz", "/readyz") else status), (method, path, status)
     assert keyed.get("/healthz").status_code == 200
+    assert keyed.get("/readyz").json() == {"status": "ready", "screening": 0, "waiting": 0, "slots": 2}
     assert keyed.get("/openapi.json", headers={"X-API-Key": "s3cret"}).status_code == 200
     docs = keyed.get("/docs?api_key=s3cret")
     assert docs.status_code == 200 and "/openapi.json?api_key=s3cret" in docs.text
@@ -271,3 +272,51 @@ def test_uploads_with_one_name_keep_their_own_fields_and_a_repeated_photograph_c
     assert len({f["overlay"] for f in body["fields"]}) == 3
     assert body["fields"][2]["quality"]["flags"] == ["duplicate"] and body["fields"][2]["n_cells"] == 0
     assert "the same field as image.jpg" in body["fields"][2]["quality"]["reasons"][-1]
+
+
+def test_health_and_readiness_answer_while_every_screening_slot_is_taken(trained_run, monkeypatch):
+    import threading
+    import time
+
+    from conftest import encode, make_field
+
+    from malaria_cells.fields import Screener
+
+    release, entered = threading.Event(), threading.Semaphore(0)
+    original = Screener.screen_samples
+
+    def held(self, *args, **kwargs):  # screening that waits until the test lets it go
+        entered.release()
+        release.wait(30)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Screener, "screen_samples", held)
+    app = create_app(trained_run["model_path"], limits=ServeLimits(screening_slots=1, max_seconds=3.0))
+    client = TestClient(app)
+    field = [("files", ("f.jpg", encode(make_field(np.random.default_rng(5))[0], "JPEG", quality=90), "image/jpeg"))]
+    answers = {}
+
+    def post(name):
+        answers[name] = client.post("/v1/screen", files=field)
+
+    first = threading.Thread(target=post, args=("first",))
+    first.start()
+    assert entered.acquire(timeout=30)  # the only slot is taken
+    assert client.get("/readyz").json() == {"status": "ready", "screening": 1, "waiting": 0, "slots": 1}
+    second = threading.Thread(target=post, args=("second",))
+    second.start()
+    for _ in range(100):
+        busy = client.get("/readyz")
+        if busy.status_code == 503:
+            break
+        time.sleep(0.02)
+    assert busy.status_code == 503 and busy.json()["waiting"] == 1
+    started = time.perf_counter()
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert time.perf_counter() - started < 1.0
+    second.join(10)  # no slot within its 3 s: told to come back
+    assert answers["second"].status_code == 503 and "server busy" in answers["second"].json()["detail"]
+    release.set()
+    first.join(30)
+    assert answers["first"].status_code == 200 and answers["first"].json()["summary"]["fields"] == 1
+    assert client.get("/readyz").json()["screening"] == 0

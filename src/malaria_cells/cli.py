@@ -50,6 +50,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {text}")
+    return value
+
+
 def add_model_option(parser) -> None:
     parser.add_argument("--model", metavar="PATH",
                         help="model: .keras, .tflite or .onnx file, or a run folder (default: the shipped model)")
@@ -186,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "or an annotations JSON file or folder")
     screen.add_argument("--threshold", type=_fraction,
                         help="counting threshold (default: the one the model carries for fields)")
+    screen.add_argument("--max-field-seconds", type=_positive_seconds, default=120.0, metavar="S",
+                        help="a field still not screened after S seconds is reported as not screened and the "
+                        "rest go on (default: 120; a 40 MP photograph takes a few seconds)")
 
     download = command("download", "fetch the public NIH cell images",
                        "Download (resumable), verify (size, zip CRCs, optional SHA-256) and safely\n"
@@ -197,7 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = command("serve", "run the web page and REST API",
                     "A web page to drop cell images on (GET /), a REST API (POST /v1/predict with\n"
-                    "multipart 'files', GET /v1/model, GET /healthz) and its docs at /docs.\n"
+                    "multipart 'files', POST /v1/screen, GET /v1/model, GET /healthz, GET /readyz) and its\n"
+                    "docs at /docs. Screening runs at most --screening-slots requests at once; health\n"
+                    "and readiness are answered outside them, at once, whatever the load.\n"
                     "Binds to 127.0.0.1: only this computer can reach it. To serve a lab network,\n"
                     "pass --host 0.0.0.0 AND set an API key (--api-key or $MALARIA_CELLS_API_KEY).")
     add_model_option(serve)
@@ -206,6 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", help="require this key (header X-API-Key) on every endpoint but /healthz")
     serve.add_argument("--max-images", type=_positive_int, default=256, help="images per request (default: 256)")
     serve.add_argument("--max-upload-mb", type=_positive_int, default=64, help="request size limit in MiB (default: 64)")
+    serve.add_argument("--max-seconds", type=_positive_seconds, default=120.0, metavar="S",
+                       help="time limit of one /v1/screen request: fields not screened by then are reported as "
+                       "such and the rest of the answer is given (default: 120)")
+    serve.add_argument("--max-field-seconds", type=_positive_seconds, default=30.0, metavar="S",
+                       help="time limit of one field; past it, that field is reported as not screened (default: 30)")
+    serve.add_argument("--screening-slots", type=_positive_int, default=2, metavar="N",
+                       help="screening requests run at once per process, the rest wait (default: 2; each "
+                       "field may take a few hundred MB)")
     serve.add_argument("--workers", type=_positive_int, default=1,
                        help="server processes sharing the port, each with its own copy of the model "
                        "(default: 1; on a machine that only serves, try its number of cores)")
@@ -383,7 +406,7 @@ def run_screen(args) -> int:
     from .fields.report import ReportWriter
     from .files import atomic_path
 
-    screener = Screener(args.model, threshold=args.threshold)
+    screener = Screener(args.model, threshold=args.threshold, max_field_seconds=args.max_field_seconds)
     if args.output and os.path.exists(args.output) and not args.overwrite:
         raise MalariaCellsError(f"{args.output}: already exists; choose another --output or pass --overwrite")
     report = ReportWriter(args.out, overwrite=args.overwrite) if args.out else None
@@ -419,7 +442,9 @@ def run_download(args) -> int:
 def run_serve(args) -> int:
     from .serving import ServeLimits, serve
 
-    limits = ServeLimits(max_images=args.max_images, max_request_bytes=args.max_upload_mb * 2**20)
+    limits = ServeLimits(max_images=args.max_images, max_request_bytes=args.max_upload_mb * 2**20,
+                         max_seconds=args.max_seconds, max_field_seconds=args.max_field_seconds,
+                         screening_slots=args.screening_slots)
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, limits=limits, workers=args.workers)
     return EXIT_OK
 

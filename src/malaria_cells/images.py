@@ -7,10 +7,11 @@ predicts correctly anywhere: inputs are RGB pixels 0-255.
 
 One decoder per format, told from the bytes (never the file name):
 
-- PNG: libspng (through imagecodecs) for grey, RGB, palette and RGBA at 8 bits or fewer and
-  for 16-bit RGBA, the layouts its binding decodes; it is the fastest decoder measured and checks every
-  chunk's CRC. The other layouts (16-bit grey or RGB, grey with alpha) go to libpng through
-  OpenCV. Chosen from the header, never by retrying: each file has exactly one decoder.
+- PNG: libspng (through imagecodecs) for grey, RGB, palette and RGBA at 8 bits or fewer;
+  it is the fastest decoder measured and checks every chunk's CRC. The other layouts (16 bits,
+  grey with alpha) go to libpng through OpenCV, which strips the alpha and the low byte row by
+  row (libspng's binding would hold a 16-bit RGBA image whole: 8 bytes a pixel, 320 MB at
+  40 MP, before it became 8-bit RGB). Chosen from the header, never by retrying: each file has exactly one decoder.
   An APNG gives its default image, the first frame. (Not imagecodecs' libpng binding: it
   drops a reference to ``None`` per refused stream, which aborts Python 3.11.)
 - JPEG, BMP, GIF, TIFF, WebP: Pillow, which checks each header against the file and raises
@@ -34,7 +35,8 @@ from .config import MAX_IMAGE_PIXELS, MAX_PIXELS_IN_FLIGHT
 from .errors import MalariaCellsError
 
 __all__ = ["UnreadableImage", "NOT_AN_IMAGE", "image_format", "dimensions", "decode", "read_file", "resize",
-           "preprocess", "exif_orientation", "pixels_in_flight"]
+           "preprocess", "exif_orientation", "pixels_in_flight", "MAX_JPEG_SCANS", "MAX_JPEG_METADATA_SEGMENTS",
+           "MAX_JPEG_METADATA_BYTES"]
 
 NOT_AN_IMAGE = "not an image (PNG, JPEG, BMP, GIF, WebP or TIFF expected)"
 _FORMATS = {"png": "PNG", "jpeg": "JPEG", "gif": "GIF", "bmp": "BMP", "webp": "WebP", "tiff": "TIFF"}
@@ -73,6 +75,8 @@ def dimensions(contents: bytes) -> tuple[int, int]:
     kind = image_format(contents)
     if kind == "png":
         return _png_dimensions(contents)
+    if kind == "jpeg":
+        _check_jpeg_structure(contents)
     with _opened(contents, kind) as image:
         return image.size
 
@@ -89,6 +93,46 @@ def _check_png_chunks(contents: bytes) -> None:
         if kind == b"IEND":
             return
         position += 12 + length
+
+
+MAX_JPEG_SCANS = 100
+"""Most scans a JPEG may hold: a camera's or encoder's progressive JPEG has about 10 (mozjpeg's
+up to about 20); each scan makes the decoder pass over every coefficient again, so thousands
+of empty scans cost minutes for a file of a few hundred kilobytes."""
+MAX_JPEG_METADATA_SEGMENTS = 64
+"""Most metadata segments (APPn and comments) a JPEG may hold before its image: EXIF, XMP and
+its extensions, an ICC profile in chunks and a phone's multi-picture index use a handful."""
+MAX_JPEG_METADATA_BYTES = 8 * 2**20
+"""Most bytes of metadata segments a JPEG may hold (each is at most 64 KB)."""
+
+
+def _check_jpeg_structure(contents: bytes) -> None:
+    """Refuse a JPEG whose structure costs far more to decode than its size suggests: too many
+    metadata segments (Pillow joins them in quadratic time) or too many scans. Markers are
+    walked from the start to the first scan; scans are counted over the whole stream (inside
+    entropy-coded data a 0xFF byte is always followed by 0x00 or a restart marker, so every
+    0xFFDA pair is a scan header). Both run at memory speed."""
+    position, end, segments, size = 2, len(contents), 0, 0
+    while position + 4 <= end:
+        if contents[position] != 0xFF:  # stray bytes: the decoder judges them
+            break
+        marker = contents[position + 1]
+        if marker == 0xFF:  # fill bytes before a marker
+            position += 1
+            continue
+        if marker == 0xDA or marker == 0xD9:  # start of scan / end of image
+            break
+        length = int.from_bytes(contents[position + 2:position + 4], "big")
+        if 0xE0 <= marker <= 0xEF or marker == 0xFE:
+            segments += 1
+            size += length
+            if segments > MAX_JPEG_METADATA_SEGMENTS or size > MAX_JPEG_METADATA_BYTES:
+                raise UnreadableImage(f"JPEG with too much metadata (over {MAX_JPEG_METADATA_SEGMENTS} segments "
+                                      f"or {MAX_JPEG_METADATA_BYTES // 2**20} MB before the image)")
+        position += 2 + length
+    scans = contents.count(b"\xff\xda")
+    if scans > MAX_JPEG_SCANS:
+        raise UnreadableImage(f"JPEG with {scans} scans (at most {MAX_JPEG_SCANS}; a photograph has about 10)")
 
 
 def _png_dimensions(contents: bytes) -> tuple[int, int]:
@@ -167,6 +211,8 @@ def decode(contents: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS, reduce: int =
         if pixels.shape[:2] != (height, width):
             raise UnreadableImage("corrupt PNG (pixels do not match the header)")
     else:
+        if kind == "jpeg":
+            _check_jpeg_structure(contents)
         pixels, (width, height) = _decode_with_pillow(contents, kind, max_pixels, reduce)
     if reduce > 1:
         target = (-(-width // reduce), -(-height // reduce))
@@ -175,10 +221,10 @@ def decode(contents: bytes, *, max_pixels: int = MAX_IMAGE_PIXELS, reduce: int =
     return pixels
 
 
-# (bit depth, colour type) pairs that libspng's imagecodecs binding decodes: 8-bit and lower
-# grey, RGB, palette and RGBA, and 16-bit RGBA
+# (bit depth, colour type) pairs decoded by libspng's imagecodecs binding: 8-bit and lower grey,
+# RGB, palette and RGBA (it also decodes 16-bit RGBA, but only whole, at 8 bytes a pixel)
 _SPNG_LAYOUTS = {(depth, 0) for depth in (1, 2, 4, 8)} | {(depth, 3) for depth in (1, 2, 4, 8)} | {
-    (8, 2), (8, 6), (16, 6)}
+    (8, 2), (8, 6)}
 
 
 def _decode_png(contents: bytes) -> np.ndarray:
@@ -192,7 +238,7 @@ def _decode_png(contents: bytes) -> np.ndarray:
         except Exception:  # noqa: BLE001 - imagecodecs raises its own error types
             raise UnreadableImage("corrupt or truncated PNG") from None
         return _as_rgb8(pixels)
-    # 16-bit grey and RGB, grey with alpha: alpha dropped, grey repeated, 16 bits to 8
+    # 16-bit grey, RGB and RGBA, grey with alpha: alpha dropped, grey repeated, 16 bits to 8
     cv2 = _cv2()
     pixels = cv2.imdecode(np.frombuffer(contents, np.uint8), cv2.IMREAD_COLOR_RGB)
     if pixels is None:
@@ -250,15 +296,42 @@ def exif_orientation(contents: bytes) -> int:
         return 1
 
 
-def read_file(path: str | os.PathLike) -> bytes:
-    """The bytes of an image file, or UnreadableImage with the operating system's reason."""
+HEADER_BYTES = 2**20
+"""How much of a file is read first, to check its header before the rest is read."""
+MAX_FILE_BYTES = 512 * 2**20
+"""Largest image file read when its header gives no size within its first :data:`HEADER_BYTES`."""
+
+
+def read_file(path: str | os.PathLike, *, max_pixels: int = MAX_IMAGE_PIXELS) -> bytes:
+    """The bytes of an image file, or UnreadableImage with the reason.
+
+    The first :data:`HEADER_BYTES` are read and checked first: a file that is not an image, or
+    whose header declares more than ``max_pixels`` pixels, or that is larger than an image of
+    its declared size could be (uncompressed 16-bit RGBA, plus metadata), is refused before
+    the rest is read.
+    """
     try:
-        with open(path, "rb", buffering=0) as handle:  # unbuffered: one read straight into the result
-            contents = handle.read()
+        with open(path, "rb", buffering=0) as handle:  # unbuffered: reads straight into the result
+            size = os.fstat(handle.fileno()).st_size
+            head = handle.read(HEADER_BYTES)
+            if not head:
+                raise UnreadableImage("empty file")
+            image_format(head)
+            limit = MAX_FILE_BYTES
+            if len(head) < size:
+                try:
+                    width, height = dimensions(head)
+                except UnreadableImage:
+                    pass  # the header runs past the first bytes: the size cap alone applies
+                else:
+                    _check_size(width, height, max_pixels)
+                    limit = 8 * width * height + 16 * 2**20
+            if size > limit:
+                raise UnreadableImage(f"file too large ({size / 2**20:,.0f} MB; at most {limit / 2**20:,.0f} MB "
+                                      "for an image of its size)")
+            contents = head if len(head) >= size else head + handle.read()
     except OSError as error:
         raise UnreadableImage(error.strerror or "cannot be read") from None
-    if not contents:
-        raise UnreadableImage("empty file")
     return contents
 
 

@@ -2,8 +2,15 @@
 
     malaria-cells serve --model runs/first/model.keras        # http://127.0.0.1:8000/
 
-Endpoints: ``GET /`` (drop-images web page), ``POST /v1/predict`` (multipart ``files``),
-``GET /v1/model``, ``GET /healthz``, OpenAPI docs at ``/docs``.
+Endpoints: ``GET /`` (drop-images web page), ``POST /v1/predict`` and ``POST /v1/screen``
+(multipart ``files``), ``GET /v1/model``, ``GET /healthz``, ``GET /readyz``, OpenAPI docs at
+``/docs``.
+
+Screening is bounded per process: at most ``screening_slots`` requests screen at once (the
+rest wait, up to their time limit), each field within ``max_field_seconds`` and each request
+within ``max_seconds``; fields past a limit are reported as not screened and the rest are
+answered. Health and readiness are answered on the event loop by a middleware in front of
+everything else, so no amount of screening delays them.
 """
 
 import hmac
@@ -24,11 +31,95 @@ API_KEY_ENV = "MALARIA_CELLS_API_KEY"
 
 @dataclass
 class ServeLimits:
-    """What one request may carry."""
+    """What one request may carry and cost.
+
+    Parameters
+    ----------
+    max_images, max_request_bytes, max_image_pixels : int
+        Images and bytes per request, pixels per image.
+    max_seconds : float
+        Time limit of one screening request, from its arrival (waiting for a slot included).
+    max_field_seconds : float
+        Time limit of one field.
+    screening_slots : int
+        Screening requests run at once per process; each field may take a few hundred MB
+        while it is screened, so this bounds the process's memory.
+    """
 
     max_images: int = 256
     max_request_bytes: int = 64 * 2**20
     max_image_pixels: int = MAX_IMAGE_PIXELS
+    max_seconds: float = 120.0
+    max_field_seconds: float = 30.0
+    screening_slots: int = 2
+
+    def __post_init__(self):
+        for name in ("max_images", "max_request_bytes", "max_image_pixels", "screening_slots"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise MalariaCellsError(f"serve limit {name} must be a whole number of at least 1, got {value!r}")
+        for name in ("max_seconds", "max_field_seconds"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise MalariaCellsError(f"serve limit {name} must be a number of seconds above 0, got {value!r}")
+
+
+class _Load:
+    """Screening requests running and waiting in this process (what /readyz reports)."""
+
+    def __init__(self, slots: int):
+        import threading
+
+        self.slots, self.active, self.waiting = slots, 0, 0
+        self._free = threading.BoundedSemaphore(slots)
+        self._lock = threading.Lock()
+
+    def enter(self, timeout: float) -> bool:
+        with self._lock:
+            self.waiting += 1
+        got = self._free.acquire(timeout=max(0.0, timeout))
+        with self._lock:
+            self.waiting -= 1
+            self.active += got
+        return got
+
+    def leave(self) -> None:
+        with self._lock:
+            self.active -= 1
+        self._free.release()
+
+
+class HealthEndpoints:
+    """ASGI middleware answering ``GET /healthz`` (alive) and ``GET /readyz`` (ready for more
+    screening: 503 while as many requests wait as there are slots) on the event loop, before
+    any other middleware or the thread pool that runs the endpoints."""
+
+    def __init__(self, app, load: _Load):
+        self.app, self.load = app, load
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] in ("/healthz", "/readyz"):
+            if scope["path"] == "/healthz":
+                body, status = {"status": "ok"}, 200
+            else:
+                load = self.load
+                busy = load.waiting >= load.slots
+                body = {"status": "busy" if busy else "ready", "screening": load.active, "waiting": load.waiting,
+                        "slots": load.slots}
+                status = 503 if busy else 200
+            return await JSONResponse(body, status_code=status)(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+def _give_back_memory() -> None:
+    """Return freed heap memory to the system (glibc keeps it for reuse otherwise, so a server
+    that once screened large fields would stay at its peak size); nothing elsewhere."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class UploadError(ValueError):
@@ -140,7 +231,9 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
     model = load_model(model)
     limits = limits or ServeLimits()
     crop_check = "shape" if model.info.get("color") == "gray" else True
-    screener = Screener(field_model or model, max_pixels=limits.max_image_pixels)
+    screener = Screener(field_model or model, max_pixels=limits.max_image_pixels,
+                        max_field_seconds=limits.max_field_seconds)
+    load = _Load(limits.screening_slots)
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     model_version = model.info.get("trained_at") or os.path.basename(model.path)
     app = FastAPI(title="malaria-cells", version=__version__, docs_url=None, redoc_url=None,
@@ -161,10 +254,16 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
     app.add_middleware(RequestSizeLimit, max_bytes=limits.max_request_bytes)
     if api_key is not None:
         app.add_middleware(ApiKeyRequired, api_key=api_key)
+    app.add_middleware(HealthEndpoints, load=load)
 
+    # Documented here; answered by HealthEndpoints before these routes are reached.
     @app.get("/healthz", summary="Liveness check (no API key needed)")
-    def healthz():
+    async def healthz():
         return {"status": "ok"}
+
+    @app.get("/readyz", summary="Readiness: 503 while the screening slots are all taken and as many wait (no key)")
+    async def readyz():
+        return {"status": "ready"}
 
     @app.get("/v1/model", summary="The model in use")
     def model_info():
@@ -209,9 +308,14 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
         """Counts, parasitemia and the call, as ``malaria-cells screen`` gives them: ``format``
         ``json`` (default; with ``?overlays=true`` each field also carries its overlay as a
         JPEG data URL), ``table`` or ``csv``. Fields are decoded one at a time, within the
-        process's budget of decoded pixels."""
+        process's budget of decoded pixels, at most ``screening_slots`` requests at once; fields
+        past the time limits are listed as not screened."""
+        import time
+
         from .fields import FORMATS
         from .fields.report import draw_overlay, overlay_data_url
+
+        arrived = time.perf_counter()
 
         if format not in FORMATS:
             raise HTTPException(422, f"unknown format {format!r} (choose from {', '.join(FORMATS)})")
@@ -241,8 +345,15 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
             if overlays:
                 pictures[result.path] = overlay_data_url(draw_overlay(image, result))
 
-        result = screener.screen_samples([("upload", [field_of(k, u) for k, u in enumerate(files)])],
-                                         on_field=on_field)
+        if not load.enter(limits.max_seconds):
+            raise HTTPException(503, f"server busy: no screening slot within {limits.max_seconds:g} s; try again later")
+        try:
+            remaining = max(1e-3, limits.max_seconds - (time.perf_counter() - arrived))
+            result = screener.screen_samples([("upload", [field_of(k, u) for k, u in enumerate(files)])],
+                                             on_field=on_field, max_seconds=remaining)
+        finally:
+            load.leave()
+            _give_back_memory()
         if not result.fields:
             raise HTTPException(422, "no field could be screened: " + "; ".join(f"{p}: {r}" for p, r in result.skipped))
         if format != "json":

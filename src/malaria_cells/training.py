@@ -58,11 +58,12 @@ class TrainConfig:
     mixup : float
         Mixup's Beta(alpha, alpha) parameter (0: off): blends each training cell and
         its label with another's, which also tolerates mislabelled cells.
-    augment : {"none", "flips", "flips+color", "flips+stain", "flips+color+focus"}
+    augment : {"none", "flips", "flips+color", "flips+stain", "flips+color+focus", "flips+color+blur"}
         ``flips``: the 8 rotations/mirrors of a cell (it is the same cell);
         ``flips+color`` adds stain colour, saturation, contrast and brightness jitter;
         ``flips+stain`` also varies stain density (optical density scaled 0.5-2x);
-        ``flips+color+focus`` adds random blur or sharpening to ``flips+color``.
+        ``flips+color+focus`` adds random blur or sharpening to ``flips+color``;
+        ``flips+color+blur`` adds defocus (half the cells, sigma up to 3 px at 64 px).
     stain_normalization : bool
         Divide each cell by its own mean colour inside the model (slides differ).
     ema : bool

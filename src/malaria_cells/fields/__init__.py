@@ -23,9 +23,9 @@ from .detection import ClassicalDetector, Detector, FieldDetection, FieldObject,
 from .figures import FieldFigures
 from .formats import FORMATS, render
 from .results import CellResult, FieldResult, SampleResult, ScreenResult
-from .screener import DECODE_SIDE, Screener, counting_probability, group_samples, pool_fields, screen, screen_image
+from .screener import DECODE_SIDE, FieldTimeout, Screener, counting_probability, group_samples, pool_fields, screen, screen_image
 
-__all__ = ["Screener", "screen", "screen_image", "Detector", "ClassicalDetector", "FieldDetection", "FieldObject",
+__all__ = ["Screener", "FieldTimeout", "screen", "screen_image", "Detector", "ClassicalDetector", "FieldDetection", "FieldObject",
            "detect_cells", "FieldFigures", "CellResult", "FieldResult", "SampleResult", "ScreenResult", "FORMATS",
            "render", "call_sample", "counting_probability", "group_samples", "pool_fields", "MIN_CELLS", "POSITIVE_P",
            "NEGATIVE_P", "RULE_OUT", "DECODE_SIDE"]

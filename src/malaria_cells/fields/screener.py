@@ -35,8 +35,8 @@ from .detection import ClassicalDetector, Detector
 from .figures import DEFAULT_FIELD_FPR, FieldFigures
 from .results import CellResult, FieldResult, SampleResult, ScreenResult
 
-__all__ = ["Screener", "screen", "screen_image", "group_samples", "pool_fields", "counting_probability",
-           "DECODE_SIDE"]
+__all__ = ["Screener", "FieldTimeout", "screen", "screen_image", "group_samples", "pool_fields",
+           "counting_probability", "DECODE_SIDE"]
 
 MIN_SIDE = 16
 """Smallest side (pixels) of a field photograph that is read at all."""
@@ -47,6 +47,10 @@ DECODE_SIDE = 2000
 READ_LARGER_BELOW = 40.0
 """A reduced photograph whose cells come out narrower than this many pixels is read again at
 twice the size (down to the size as stored), if at that size they would be wide enough to read."""
+
+class FieldTimeout(MalariaCellsError):
+    """A field (or a request's remaining fields) ran past its time limit: reported, not counted."""
+
 
 OnField = Callable[[FieldResult, np.ndarray, np.ndarray], None]
 """Called with each field's result, its counted cells' crops and its decoded image."""
@@ -71,6 +75,10 @@ class Screener:
     applicability : ApplicabilityLimits, optional
         What a field must look like to be read (default: the stated limits); a field outside
         them is listed with its reasons and not counted.
+    max_field_seconds : float, optional
+        Time limit per field (default: none). It is checked between a field's steps (decoding,
+        detection, the readability checks, classification), each of which is bounded by the
+        image's size; a field past it is reported as not screened and the rest go on.
 
     Examples
     --------
@@ -83,7 +91,7 @@ class Screener:
 
     def __init__(self, classifier=None, detector: Detector | None = None, *, figures: FieldFigures | None = None,
                  threshold: float | None = None, max_pixels: int = MAX_IMAGE_PIXELS,
-                 applicability: ApplicabilityLimits | None = None):
+                 applicability: ApplicabilityLimits | None = None, max_field_seconds: float | None = None):
         from ..runtimes import check_threshold, default_model_path, load_model
 
         self.classifier = load_model(default_model_path(fields=True) if classifier is None else classifier)
@@ -100,6 +108,7 @@ class Screener:
             raise MalariaCellsError(f"max_pixels must be at least 1, got {max_pixels}")
         self.max_pixels = int(max_pixels)
         self.applicability = ApplicabilityLimits() if applicability is None else applicability
+        self.max_field_seconds = _check_seconds(max_field_seconds, "max_field_seconds")
 
     def __repr__(self) -> str:
         return (f"Screener(classifier={os.path.basename(self.classifier.path)!r}, detector={self.detector!r}, "
@@ -117,8 +126,12 @@ class Screener:
         return counting_probability(self.classifier, crops,
                                     tta_gate=self.figures.tta_gate if self.figures else None)
 
-    def screen_image(self, contents: bytes, *, path: str = "<image>", truth_cells=None, keep_crops: bool = False):
+    def screen_image(self, contents: bytes, *, path: str = "<image>", truth_cells=None, keep_crops: bool = False,
+                     deadline: float | None = None):
         """Screen one field photograph held in memory.
+
+        ``deadline`` (a :func:`time.perf_counter` time) ends it sooner than ``max_field_seconds``
+        would (a request's remaining time).
 
         Returns
         -------
@@ -127,11 +140,14 @@ class Screener:
         Raises
         ------
         MalariaCellsError
-            An unreadable image, or one over ``max_pixels``.
+            An unreadable image, or one over ``max_pixels``; :class:`FieldTimeout` past its limit.
         """
         from ..images import UnreadableImage, dimensions, pixels_in_flight
 
         started = time.perf_counter()
+        if self.max_field_seconds is not None:
+            own = started + self.max_field_seconds
+            deadline = own if deadline is None else min(deadline, own)
         width, height = dimensions(contents)
         if min(width, height) < MIN_SIDE:
             raise UnreadableImage(f"image too small ({width}x{height} pixels; a field photograph is at least "
@@ -140,16 +156,19 @@ class Screener:
             raise UnreadableImage(f"image too large ({width}x{height} pixels, limit {self.max_pixels:,}; "
                                   "decompression bomb?)")
         with pixels_in_flight(width * height):
-            result, crops, image = self._screen_decoded(contents, path, truth_cells, started, width, height)
+            _in_time(deadline, "waiting for memory", started)
+            result, crops, image = self._screen_decoded(contents, path, truth_cells, started, width, height, deadline)
         return (result, crops, image) if keep_crops else result
 
-    def _screen_decoded(self, contents, path, truth_cells, started, width, height):
+    def _screen_decoded(self, contents, path, truth_cells, started, width, height, deadline):
         from ..images import decode
         from .crops import crop_cells
 
         reduce = max(1, int(max(width, height) // DECODE_SIDE))
         image = decode(contents, max_pixels=self.max_pixels, reduce=reduce)
+        _in_time(deadline, "decoding", started)
         detection = self.detector.detect(image)
+        _in_time(deadline, "finding the cells", started)
         while (reduce > 1 and detection.cell_diameter < READ_LARGER_BELOW
                and detection.cell_diameter * reduce >= self.applicability.min_cell_diameter):
             # cells too small once shrunk: read larger, unless even the stored size could not
@@ -157,6 +176,7 @@ class Screener:
             reduce = max(1, reduce // 2)
             image = decode(contents, max_pixels=self.max_pixels, reduce=reduce)
             detection = self.detector.detect(image)
+            _in_time(deadline, "finding the cells at a larger size", started)
         factor_x, factor_y = width / image.shape[1], height / image.shape[0]
         check = assess_field(image, detection, self.applicability)
         quality = {**detection.quality, "applicable": check["applicable"], "flags": check["flags"],
@@ -171,6 +191,7 @@ class Screener:
             from .stain import normalise_crops
 
             crops = normalise_crops(crops, check["measures"]["plasma"], check["measures"]["density"], reference)
+        _in_time(deadline, "checking the field and cutting its cells", started)
         probabilities = self.score(crops)
 
         def box(b):
@@ -234,7 +255,7 @@ class Screener:
 
     def screen_samples(self, samples: Iterable[tuple[str, Iterable[tuple]]], *, skipped=(),
                        progress: Callable[[int], None] | None = None, on_field: OnField | None = None,
-                       summary_name: str = "all") -> ScreenResult:
+                       summary_name: str = "all", max_seconds: float | None = None) -> ScreenResult:
         """The one screening loop, over samples of fields from anywhere (files, uploads).
 
         Parameters
@@ -246,19 +267,36 @@ class Screener:
             (reported in ``skipped``), and the rest go on.
         skipped : sequence of ``(path, reason)``
             Inputs already refused (they are reported with the rest).
+        max_seconds : float, optional
+            Time limit for the whole loop (a request's): fields not finished by then are
+            reported as not screened, and the result holds the fields that were.
+
+        A field that fails in any way (an unreadable or hostile file, its time limit, a
+        decoder's or OpenCV's exception, memory) is reported in ``skipped`` with the reason;
+        it never ends the loop.
         """
         skipped = list(skipped)
+        max_seconds = _check_seconds(max_seconds, "max_seconds")
+        deadline = None if max_seconds is None else time.perf_counter() + max_seconds
         fields, pooled = [], []
         for name, items in samples:
             sample_fields, prints = [], []
             for item in items:
                 path, read = item[0], item[1]
                 try:
+                    if deadline is not None and time.perf_counter() > deadline:
+                        raise FieldTimeout(f"not screened: the time limit of {max_seconds:g} s for all fields "
+                                           "was reached first")
                     truth_cells = item[2]() if len(item) > 2 else None
                     result, crops, image = self.screen_image(read(), path=str(path), truth_cells=truth_cells,
-                                                             keep_crops=True)
+                                                             keep_crops=True, deadline=deadline)
                 except MalariaCellsError as error:
                     skipped.append((str(path), str(error)))
+                except MemoryError:
+                    skipped.append((str(path), "not enough memory to screen this field"))
+                except Exception as error:  # noqa: BLE001 - one field's failure must not cost the others
+                    skipped.append((str(path), f"could not be screened ({type(error).__name__}: "
+                                               f"{str(error).splitlines()[0] if str(error) else 'no detail'})"))
                 else:
                     prints.append(fingerprint(image))
                     earlier = next((f for f, p in zip(sample_fields, prints) if same_field(p, prints[-1],
@@ -311,6 +349,22 @@ _FLAG_WORDS = {"grayscale": "grayscale", "magnification": "at an unsupported mag
                "exposure": "under-exposed",
                "not_a_smear": "not a stained smear", "stain": "stained outside the validated range",
                "fragments": "cut into fragments", "duplicate": "duplicates", "no_cells": "without red cells"}
+
+
+def _check_seconds(value, name: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not np.isfinite(value):
+        raise MalariaCellsError(f"{name} must be a number of seconds above 0, got {value!r}")
+    return float(value)
+
+
+def _in_time(deadline: float | None, step: str, started: float | None = None) -> None:
+    """Raise :class:`FieldTimeout` once ``deadline`` has passed (checked between a field's steps)."""
+    now = time.perf_counter()
+    if deadline is not None and now > deadline:
+        after = f" after {now - started:.1f} s" if started is not None else ""
+        raise FieldTimeout(f"not screened: its time limit ran out{after}, while {step}")
 
 
 def _withhold(result: FieldResult, flag: str, reason: str) -> None:
