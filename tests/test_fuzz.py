@@ -76,3 +76,32 @@ def test_mutated_images_decode_or_raise_the_one_error_within_bounds():
     assert grown_mib < 300, f"peak memory grew by {grown_mib:.0f} MiB"
     assert outcomes["decoded"] > 100 and outcomes["refused"] > 100, outcomes
     assert time.monotonic() - start < 60
+
+
+def test_field_sized_tiny_and_mutated_images_of_every_format_through_screening_cost_only_themselves():
+    from malaria_cells.fields import Screener
+    from malaria_cells.synthetic import make_field
+
+    from test_fields import FIGURES, PurpleDotClassifier
+
+    rng = np.random.default_rng(20261207)
+    field = Image.fromarray(make_field(rng, size=(360, 280), radius=16, rows=5, cols=7)[0])
+    inputs = {}
+    for fmt, options in FORMATS:
+        inputs[f"field.{fmt.lower()}"] = encode(field, fmt, **options)
+        for size in ((1, 1), (3, 3), (2, 100), (15, 15)):
+            inputs[f"tiny{size[0]}x{size[1]}.{fmt.lower()}"] = encode(field.resize(size), fmt, **options)
+    seeds = [inputs[f"field.{fmt.lower()}"] for fmt, _ in FORMATS]
+    for index in range(60):
+        inputs[f"mutant{index}"] = _mutate(seeds[index % len(seeds)], rng)
+    screener = Screener(PurpleDotClassifier(FIGURES), max_field_seconds=20)
+    result = screener.screen_samples([("fuzz", [(name, lambda data=data: data) for name, data in inputs.items()])])
+    screened = {f.path for f in result.fields}
+    skipped = dict(result.skipped)
+    assert screened | set(skipped) == set(inputs) and not screened & set(skipped)
+    assert {f"field.{fmt.lower()}" for fmt, _ in FORMATS} <= screened  # every format's field is read...
+    assert all(skipped[name].startswith("image too small") for name in inputs if name.startswith("tiny"))
+    assert all("\n" not in reason and "Traceback" not in reason for reason in skipped.values())
+    # ...the first counted, the others seen to be the same photograph (counted once)
+    copies = [f for f in result.fields if f.path.startswith("field.")]
+    assert copies[0].n_cells == 35 and all(f.quality["flags"] == ["duplicate"] for f in copies[1:])
