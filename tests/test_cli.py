@@ -131,6 +131,10 @@ def test_bad_flag_values_are_rejected_by_the_parser(capsys):
         main(["train", "--out", "x", "--val-fraction", "2"])
     assert exit_info.value.code == 2
     assert "must be between 0 and 1" in capsys.readouterr().err
+    for args in (["screen", "x.png", "--max-field-seconds", "0"], ["serve", "--max-seconds", "inf"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(args)
+        assert exit_info.value.code == 2 and "must be a number of seconds above 0" in capsys.readouterr().err
 
 
 def test_console_script_and_module_run(tmp_path):
