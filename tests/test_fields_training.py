@@ -62,9 +62,21 @@ def test_crops_round_trip_through_the_work_folder(crops, tmp_path):
         FieldCrops.load(tmp_path / "empty")
 
 
-def test_nested_cross_validation_and_the_final_model_carry_honest_figures(crops, tmp_path):
+@pytest.fixture(scope="module")
+def made(crops, tmp_path_factory):
+    """A field model made by the cv and final steps on the synthetic fields: (recipe, nested
+    report rows, fold probabilities, final model, its work folder)."""
+    tmp_path = tmp_path_factory.mktemp("made")
     recipe = Recipe(epochs=1, blocks=3, specks=50, max_fpr=0.02, oversample=2, augment="shifts")
     nested = cross_validate(crops, None, recipe, tmp_path, log=lambda line: None)
+    probabilities = [np.load(tmp_path / f"fold{k}-probability.npy") for k in range(3)]
+    model = final_model(crops, None, recipe, probabilities)
+    model.save(tmp_path / "field-model.keras")
+    return recipe, nested, probabilities, model, tmp_path
+
+
+def test_nested_cross_validation_and_the_final_model_carry_honest_figures(crops, made):
+    recipe, nested, probabilities, model, tmp_path = made
     report = next(row for row in nested if row["max_fpr"] == recipe.max_fpr)
     assert report["fields"] == 6 and len(report["folds"]) == 3
     assert report["found_of_annotated_infected"][1] == sum(r["n_true_parasitized"] for r in crops.records[:6])
@@ -72,8 +84,6 @@ def test_nested_cross_validation_and_the_final_model_carry_honest_figures(crops,
     # false alarms stay of that order (a block of about 120 uninfected cells: a few at most)
     assert report["false_positive_rate"] <= 0.06 and report["healthy_fields_false_positive_rate"] is not None
     assert sum(fold["threshold"] > 0 for fold in report["folds"]) == 3
-    probabilities = [np.load(tmp_path / f"fold{k}-probability.npy") for k in range(3)]
-    model = final_model(crops, None, recipe, probabilities)
     figures = FieldFigures.from_model(model)
     assert model.threshold == figures.threshold and figures.recipe["blocks"] == 3
     assert figures.stain_reference == crops.stain_reference and len(crops.stain_reference) == 3
@@ -84,9 +94,31 @@ def test_nested_cross_validation_and_the_final_model_carry_honest_figures(crops,
                              for k in range(3)])
     assert (oof[labels == 0] >= figures.threshold).mean() <= recipe.max_fpr
     assert figures.specificity == pytest.approx(1 - (oof[labels == 0] >= figures.threshold).mean())
-    model.save(tmp_path / "field-model.keras")
     screener = Screener(load_model(tmp_path / "field-model.keras"))
     assert screener.figures == figures and screener.threshold == figures.threshold
+
+
+def test_a_shipped_field_model_carries_its_shift_suite_figures(made, cell_dataset, tmp_path):
+    pytest.importorskip("tf2onnx")
+    from malaria_cells.fields.training import ship
+
+    made = made[-1] / "field-model.keras"
+    row = {"name": "blur_1.5", "iml": {"infected_found_pct": 40.0}, "all": {"false_positive_rate_pct": 0.1, "f1": 0.9,
+                                                                          "parasitemia_mae_points": 0.5},
+           "nih_call": {"call": "negative"}, "unread_fields": 0, "passed": False}
+    report = {"command": "python benchmarks/shift_suite.py --model field-model.keras", "model": str(made),
+              "fields": {"iml": 6, "nih": 1}, "conditions": [row], "morphology": [], "failed": ["blur_1.5"]}
+    (tmp_path / "suite.json").write_text(json.dumps(report))
+    ship(made, cell_dataset, to=tmp_path / "out", shift_suite=tmp_path / "suite.json")
+    for shipped in ("malaria-cells-fields.keras", "malaria-cells-fields.onnx"):
+        carried = FieldFigures.from_model(load_model(tmp_path / "out" / shipped)).shift_suite
+        assert carried["conditions"]["blur_1.5"] == {
+            "infected_found_pct": 40.0, "false_positive_rate_pct": 0.1, "parasitemia_mae_points": 0.5,
+            "detection_f1": 0.9, "unread_fields": 0, "healthy_call": "negative", "floor": False}
+        assert carried["failed"] == ["blur_1.5"] and carried["fields"] == {"iml": 6, "nih": 1}
+    (tmp_path / "other.json").write_text(json.dumps({**report, "model": "/elsewhere/another.keras"}))
+    with pytest.raises(MalariaCellsError, match="reports model"):
+        ship(made, cell_dataset, to=tmp_path / "out2", shift_suite=tmp_path / "other.json")
 
 
 def test_the_command_line_steps_and_their_one_line_errors(fields, tmp_path, capsys):

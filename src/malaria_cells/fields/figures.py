@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields as dataclass_fields
 
 from ..errors import MalariaCellsError
 
-__all__ = ["FieldFigures", "DEFAULT_FIELD_FPR", "INFO_KEY"]
+__all__ = ["shift_suite_summary", "FieldFigures", "DEFAULT_FIELD_FPR", "INFO_KEY"]
 
 INFO_KEY = "field"
 """Where a model's ``info`` holds its field figures."""
@@ -46,6 +46,10 @@ class FieldFigures:
         The median red cell's optical density (RGB, against the plasma) of the fields the
         model was trained on; with it, each field's crops are stain-normalised to it
         (:mod:`.stain`) before scoring.
+    shift_suite : dict
+        The shift suite's figures for this model (``benchmarks/shift_suite.py``; see
+        :func:`shift_suite_summary`): per condition, infected found, false-positive rate,
+        parasitemia error, detection F1 and the healthy sample's call, and the floors failed.
     extra : dict
         Any further keys a newer version wrote (kept, not interpreted).
     """
@@ -60,6 +64,7 @@ class FieldFigures:
     nih_healthy: dict = field(default_factory=dict)
     recipe: dict = field(default_factory=dict)
     stain_reference: list | None = None
+    shift_suite: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -73,7 +78,7 @@ class FieldFigures:
             if not isinstance(values, (list, tuple)) or len(values) != 3 or not all(
                     isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 5 for v in values):
                 raise MalariaCellsError(f"field figures: stain_reference must be 3 densities in (0, 5), got {values!r}")
-        for name in ("cells", "nested", "nih_healthy", "recipe", "extra"):
+        for name in ("cells", "nested", "nih_healthy", "recipe", "shift_suite", "extra"):
             if not isinstance(getattr(self, name), dict):
                 raise MalariaCellsError(f"field figures: {name} must be a mapping")
 
@@ -124,3 +129,28 @@ class FieldFigures:
             model_info_layer(model.keras_model).info = info
         model.info = info
         model.set_threshold(self.threshold)
+
+
+def shift_suite_summary(report: dict) -> dict:
+    """The part of a shift-suite report (the JSON ``benchmarks/shift_suite.py`` writes) that a
+    model carries: its command, fields and floors, and per condition the pooled figures.
+
+    Raises
+    ------
+    MalariaCellsError
+        When ``report`` is not such a report.
+    """
+    if not isinstance(report, dict) or not isinstance(report.get("conditions"), list) or not report["conditions"]:
+        raise MalariaCellsError("shift suite: not a report of benchmarks/shift_suite.py (no conditions)")
+
+    def pick(row):
+        iml, every = row.get("iml", {}), row.get("all", {})
+        return {"infected_found_pct": iml.get("infected_found_pct"), "false_positive_rate_pct":
+                every.get("false_positive_rate_pct"), "parasitemia_mae_points": every.get("parasitemia_mae_points"),
+                "detection_f1": every.get("f1"), "unread_fields": row.get("unread_fields"),
+                "healthy_call": row.get("nih_call", {}).get("call"), "floor": row.get("passed")}
+
+    return {"command": report.get("command"), "fields": report.get("fields"), "floors": report.get("floors"),
+            "conditions": {row["name"]: pick(row) for row in report["conditions"] if "name" in row},
+            "drawn_cells": {row["name"]: row.get("passed") for row in report.get("morphology", []) if "name" in row},
+            "failed": list(report.get("failed", []))}

@@ -3,7 +3,7 @@
     python -m malaria_cells.fields.training crops --fields DIR [DIR ...] [--check DIR ...] --work W
     python -m malaria_cells.fields.training cv    --work W --cells cell_images/ [--relabels relabels/]
     python -m malaria_cells.fields.training final --work W --cells cell_images/ [--relabels relabels/]
-    python -m malaria_cells.fields.training ship  --work W --cells cell_images/
+    python -m malaria_cells.fields.training ship  --work W --cells cell_images/ [--shift-suite suite.json]
 
 or the first three in one: ``python -m malaria_cells.fields.training all --fields ... --work W
 --cells cell_images/``.
@@ -24,7 +24,8 @@ or the first three in one: ``python -m malaria_cells.fields.training all --field
    ``recipe.max_fpr`` of the out-of-fold uninfected cells are called, and the model carries it
    with the out-of-fold sensitivity and specificity at it (:class:`~.figures.FieldFigures`).
 4. **ship**: copy it into the package with its ONNX copy, kept only if both give the same
-   label on every cell of ``--cells``.
+   label on every cell of ``--cells``; with ``--shift-suite``, the model carries that report's
+   figures (``benchmarks/shift_suite.py --model W/field-model.keras``, run on it before).
 
 Every score is a counting score, as ``screen`` computes it (:func:`~.screener.counting_probability`).
 """
@@ -32,6 +33,7 @@ Every score is a counting score, as ``screen`` computes it (:func:`~.screener.co
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -523,21 +525,37 @@ def final_model(data: FieldCrops, mix, recipe: Recipe, probabilities, *, trained
     return model
 
 
-def ship(model_path: Path, cells: str | os.PathLike, *, to: Path | None = None) -> dict:
+def ship(model_path: Path, cells: str | os.PathLike, *, to: Path | None = None,
+         shift_suite: str | os.PathLike | None = None) -> dict:
     """Put a field model in the package (``malaria-cells-fields.keras``, its metadata JSON and its
-    ONNX copy), the ONNX copy kept only if both give every cell of ``cells`` the same label."""
+    ONNX copy), the ONNX copy kept only if both give every cell of ``cells`` the same label.
+    ``shift_suite`` names a shift-suite report of this model, whose figures it then carries."""
     import shutil
 
     from ..export import check_parity, export_model, sidecar_path
     from ..files import atomic_path, write_json
     from ..runtimes import FIELD_MODEL, load_model
+    from .figures import shift_suite_summary
 
     target = FIELD_MODEL if to is None else Path(to) / FIELD_MODEL.name
     model = load_model(model_path)
-    if FieldFigures.from_model(model) is None:
+    figures = FieldFigures.from_model(model)
+    if figures is None:
         raise MalariaCellsError(f"{model_path}: carries no field figures; make it with the final step")
-    with atomic_path(target) as temporary:
-        shutil.copyfile(model_path, temporary)
+    if shift_suite is not None:
+        try:
+            report = json.loads(Path(shift_suite).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise MalariaCellsError(f"{shift_suite}: cannot read the shift-suite report ({error})") from None
+        if Path(str(report.get("model", ""))).name != Path(model_path).name:
+            raise MalariaCellsError(f"{shift_suite}: reports model {report.get('model')!r}, not {model_path}")
+        figures = dataclasses.replace(figures, shift_suite=shift_suite_summary(report))
+        figures.attach(model)
+    if shift_suite is not None:
+        model.save(target)  # atomically, with the figures it now carries
+    else:
+        with atomic_path(target) as temporary:
+            shutil.copyfile(model_path, temporary)
     write_json(target.with_suffix(".json"), {**model.info, "file": target.name, "threshold": model.threshold})
     onnx_copy = target.with_suffix(".onnx")
     export_model(target, onnx_copy, format="onnx")
@@ -564,6 +582,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--save-models", action="store_true", help="cv: keep each fold's model in --work")
     parser.add_argument("--trained", type=Path, help="final: a model this recipe already trained, given new figures")
     parser.add_argument("--to", type=Path, help="ship: a folder instead of the package's pretrained/")
+    parser.add_argument("--shift-suite", type=Path, help="ship: a shift-suite report of this model, to carry")
     for item in dataclass_fields(Recipe):
         flag = "--" + item.name.replace("_", "-")
         if isinstance(item.default, bool):
@@ -589,7 +608,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.step == "ship":
             if args.cells is None:
                 raise MalariaCellsError("ship needs --cells (the parity check scores every cell)")
-            parity = ship(args.work / "field-model.keras", args.cells, to=args.to)
+            parity = ship(args.work / "field-model.keras", args.cells, to=args.to, shift_suite=args.shift_suite)
             print(f"shipped: same label on all {parity['n']} cells "
                   f"(largest difference {parity['max_probability_difference']:.1e})")
             return 0
