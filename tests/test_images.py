@@ -291,3 +291,28 @@ def test_a_file_is_refused_from_its_first_bytes_before_the_rest_is_read(tmp_path
 def _write(path, data):
     path.write_bytes(data)
     return path
+
+
+def test_a_16_bit_rgba_png_decodes_without_holding_its_16_bit_pixels_whole(tmp_path):
+    import subprocess
+    import sys
+
+    import cv2
+
+    height, width = 4000, 5000  # 160 MB as 16-bit RGBA, 60 MB as 8-bit RGB
+    image = np.empty((height, width, 4), np.uint16)
+    image[..., :3] = np.linspace(0, 65535, width).astype(np.uint16)[None, :, None]
+    image[..., 3] = 65535
+    path = tmp_path / "wide16.png"
+    path.write_bytes(cv2.imencode(".png", image, [cv2.IMWRITE_PNG_COMPRESSION, 1])[1].tobytes())
+    del image
+    # the decoders' libraries imported first, so that the growth measured is the decoding's own
+    probe = ("import resource, sys\nimport cv2, imagecodecs, PIL.Image\nfrom malaria_cells.images import decode\n"
+             "data = open(sys.argv[1], 'rb').read()\n"
+             "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+             "pixels = decode(data)\n"
+             "assert pixels.shape == (4000, 5000, 3) and pixels[0, -1].tolist() == [255, 255, 255]\n"
+             "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)")
+    grown_mib = int(subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True,
+                                   check=True).stdout)
+    assert grown_mib < 160, grown_mib  # at most two 8-bit copies (57 MB each); the 16 bits held whole: 200+
