@@ -274,7 +274,7 @@ class TroubleDetector(ClassicalDetector):
         if kind == "slow":
             import time
 
-            time.sleep(3.0)
+            time.sleep(5.0)
         elif kind == "error":
             raise RuntimeError("OpenCV(4.11) error: (-215:Assertion failed) !ssize.empty()\nmore lines")
         return super().detect(image)
@@ -293,7 +293,7 @@ def test_a_field_past_its_time_limit_or_failing_inside_a_library_is_reported_and
 
     detector = TroubleDetector()
     detector.trouble.update({800: "slow", 700: "error"})
-    screener = Screener(PurpleDotClassifier(FIGURES), detector, max_field_seconds=2.0)
+    screener = Screener(PurpleDotClassifier(FIGURES), detector, max_field_seconds=3.5)
     fields = [("slow", lambda: _field_bytes(800)), ("error", lambda: _field_bytes(700)),
               ("good", lambda: _field_bytes(600))]
     result = screener.screen_samples([("s", fields)])
@@ -305,10 +305,30 @@ def test_a_field_past_its_time_limit_or_failing_inside_a_library_is_reported_and
     # a limit for the whole loop: the fields after it are reported, the ones before it kept
     screener = Screener(PurpleDotClassifier(FIGURES), detector)
     result = screener.screen_samples([("s", [("good", lambda: _field_bytes(600)), ("slow", lambda: _field_bytes(800)),
-                                             ("late", lambda: _field_bytes(600))])], max_seconds=2.0)
+                                             ("late", lambda: _field_bytes(600))])], max_seconds=3.5)
     assert [f.path for f in result.fields] == ["good"]
     assert "time limit ran out" in dict(result.skipped)["slow"]
-    assert dict(result.skipped)["late"] == "not screened: the time limit of 2 s for all fields was reached first"
+    assert dict(result.skipped)["late"] == "not screened: the time limit of 3.5 s for all fields was reached first"
     for bad in (0, -1, float("nan"), "5"):
         with pytest.raises(MalariaCellsError, match="seconds"):
             Screener(PurpleDotClassifier(FIGURES), max_field_seconds=bad)
+
+
+def test_a_sample_out_of_focus_is_not_called_negative_but_a_positive_stands(tmp_path):
+    def sample(name, infected_per_field, blur):
+        folder = tmp_path / name
+        folder.mkdir()
+        for k, n in enumerate(infected_per_field):
+            image, _ = make_field(np.random.default_rng(200 + k), infected=tuple(range(3, 3 + 7 * n, 7)), blur=blur)
+            Image.fromarray(image).save(folder / f"field{k}.png")
+        return folder
+
+    screener = Screener(PurpleDotClassifier(FIGURES))
+    sharp = screener.screen(sample("sharp", [0] * 8, blur=1.0)).summary
+    soft = screener.screen(sample("soft", [0] * 8, blur=2.0)).summary
+    assert sharp.call == "negative"
+    assert soft.call == "review" and soft.n_cells == sharp.n_cells
+    assert soft.reasons[0].startswith("8 of 8 fields out of focus (border sharpness below 0.3")
+    infected = screener.screen(sample("infected", [5] * 4, blur=2.0))
+    assert infected.summary.call == "positive"
+    assert all(f.quality["focus"] < screener.applicability.min_sharpness for f in infected.fields)

@@ -17,7 +17,11 @@ limit stated in :class:`ApplicabilityLimits`:
 - **segmentation**: a field the detector cut into many fragments (cells of a shape it does not
   know) is not counted;
 - **duplicates**: a field identical or nearly identical to an earlier one of the same sample
-  (the same photograph twice, or re-saved) is not counted twice.
+  (the same photograph twice, or re-saved) is not counted twice;
+- **focus**: blur hides ring stages (a chromatin dot a tenth of a cell wide) but adds no false
+  alarm, so a field softer than every field validated on still counts, and what it cannot
+  support is a negative call: a sample whose fields are mostly that soft is ``review``
+  rather than negative (see :meth:`~.screener.Screener.pool`).
 
 A field that fails is listed with its reasons, not counted; a sample without enough readable
 cells is ``review`` (see :mod:`.call`).
@@ -63,6 +67,12 @@ class ApplicabilityLimits:
     max_fragments : float
         Fragments (objects far smaller than the median cell) per counted cell above which the
         field is taken as wrongly cut into pieces.
+    min_sharpness : float
+        Border sharpness (the detector's ``focus``: the steepest steps at cell borders against
+        the plasma-to-cell step, at a 32 px cell) below which a field is softer than every field
+        the field model was validated on (the shared IML fields read 0.35 to 0.55, the NIH
+        phone photographs 0.32 to 0.34). A sample whose good fields are mostly below it is not
+        called negative.
     duplicate_correlation : float
         Two fields of a sample whose 64x64 grey thumbnails correlate at least this much are
         the same field (a photograph re-saved at JPEG quality 60, or at half size: 0.9999;
@@ -78,6 +88,7 @@ class ApplicabilityLimits:
     max_density: float = 1.5
     min_plasma: float = 60.0
     max_fragments: float = 0.25
+    min_sharpness: float = 0.30
     duplicate_correlation: float = 0.99
 
     def __post_init__(self):

@@ -9,7 +9,9 @@
   :data:`NEGATIVE_P`) and the parasitemia's upper 95% bound (corrected for the classifier
   where its figures are known) is below :data:`RULE_OUT`, so an infection at or above that
   level is ruled out;
-- ``review`` otherwise (borderline).
+- ``review`` otherwise (borderline), and in place of ``negative`` when most good fields are
+  out of focus (blur loses infected cells, so their absence proves little; a positive stands,
+  since blur adds no false alarm).
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ def corrected_parasitemia(n_parasitized: int, n_cells: int, figures) -> dict | N
 
 
 def call_sample(n_parasitized: int, n_cells: int, *, false_positive_rate: float, good_fields: int = 1,
-                fields: int = 1, corrected: dict | None = None) -> tuple[str, list[str]]:
+                fields: int = 1, corrected: dict | None = None, soft_fields: int = 0,
+                soft_reason: str = "") -> tuple[str, list[str]]:
     """The sample call and its reasons, by the rule in this module's docstring.
 
     Parameters
@@ -74,6 +77,9 @@ def call_sample(n_parasitized: int, n_cells: int, *, false_positive_rate: float,
     corrected : dict, optional
         :func:`corrected_parasitemia`'s result; its upper bound is the one a negative call
         must clear (else the raw Wilson bound).
+    soft_fields : int
+        Good fields out of focus; when they are half or more, a negative becomes ``review``
+        with ``soft_reason``.
     """
     if n_cells < MIN_CELLS:
         return "review", [f"only {n_cells} cells counted on good fields (at least {MIN_CELLS} needed)"]
@@ -85,6 +91,10 @@ def call_sample(n_parasitized: int, n_cells: int, *, false_positive_rate: float,
         return "positive", [f"{n_parasitized} parasitized cells where false alarms alone would give about "
                             f"{expected:.1f} (chance {chance:.1e})"]
     upper = corrected["parasitemia_ci"][1] if corrected else wilson_interval(n_parasitized, n_cells)[1]
+    if chance >= NEGATIVE_P and upper < RULE_OUT and soft_fields and soft_fields * 2 >= good_fields:
+        return "review", [f"{soft_fields} of {good_fields} fields out of focus{soft_reason}: blur hides ring "
+                          f"stages, so {n_parasitized} parasitized cells cannot rule an infection out; refocus "
+                          "and photograph again"]
     if chance >= NEGATIVE_P and upper < RULE_OUT:
         return "negative", [f"{n_parasitized} parasitized cells, as false alarms alone would give "
                             f"(about {expected:.1f}); parasitemia below {RULE_OUT:.0%} (95% upper bound {upper:.2%})"]

@@ -324,9 +324,12 @@ class Screener:
         n_cells = sum(f.n_cells for f in counted)
         n_parasitized = sum(f.n_parasitized for f in counted)
         corrected = corrected_parasitemia(n_parasitized, n_cells, self.figures)
+        sharpness = self.applicability.min_sharpness
+        soft = [f for f in good if f.quality.get("focus", sharpness) < sharpness]
         call, reasons = call_sample(n_parasitized, sum(f.n_cells for f in good),
                                     false_positive_rate=self.false_positive_rate, good_fields=len(good),
-                                    fields=len(fields), corrected=corrected)
+                                    fields=len(fields), corrected=corrected, soft_fields=len(soft),
+                                    soft_reason=f" (border sharpness below {sharpness:g}, the least sharp validated)")
         unread = [f for f in fields if not f.quality.get("applicable", True)]
         if unread:
             kinds: dict[str, int] = {}
