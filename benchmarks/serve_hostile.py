@@ -11,6 +11,7 @@ wall time, the server's peak and settled memory, and the slowest health answer.
 Inputs (all made here, none from ../shared):
 
 - ``flat_png``: a flat grey 1024x1024 PNG (4.5 KB), eight in one request;
+- ``flood``: 45 requests at once, each one such PNG;
 - ``noise_16mp``: a 4608x3456 JPEG of uniform noise (about 14 MB), four requests at once;
 - ``png16_40mp``: a 7744x5164 16-bit RGBA PNG of a smooth gradient (a few hundred KB), four
   requests at once;
@@ -53,6 +54,10 @@ def flat_png():
     return [("flat.png", _png(np.full((1024, 1024, 3), 200, np.uint8)))] * 8
 
 
+def flood():
+    return [("flat.png", _png(np.full((1024, 1024, 3), 200, np.uint8)))]
+
+
 def noise_16mp():
     rng = np.random.default_rng(0)
     return [("noise.jpg", _jpeg(rng.integers(0, 256, (3456, 4608, 3), np.uint8), quality=90))]
@@ -91,7 +96,7 @@ def tiny_mixed():
     return (good * 4)[:8] + [("tiny.png", _png(np.full((3, 3, 3), 128, np.uint8)))]
 
 
-ATTACKS = {"flat_png": (flat_png, 1), "noise_16mp": (noise_16mp, 4), "png16_40mp": (png16_40mp, 4),
+ATTACKS = {"flat_png": (flat_png, 1), "flood": (flood, 45), "noise_16mp": (noise_16mp, 4), "png16_40mp": (png16_40mp, 4),
            "progressive_scans": (progressive_scans, 1), "app_segments": (app_segments, 1),
            "tiny_mixed": (tiny_mixed, 1)}
 
