@@ -299,7 +299,8 @@ def test_a_field_past_its_time_limit_or_failing_inside_a_library_is_reported_and
     result = screener.screen_samples([("s", fields)])
     assert [f.path for f in result.fields] == ["good"] and result.fields[0].n_cells > 0
     reasons = dict(result.skipped)
-    assert re.fullmatch(r"not screened: its time limit ran out after \d+\.\d s, while finding the cells", reasons["slow"])
+    assert re.fullmatch(r"not screened: its limit of 3.5 s per field ran out after \d+\.\d s, while finding the cells",
+                        reasons["slow"])
     assert reasons["error"] == "could not be screened (RuntimeError: OpenCV(4.11) error: (-215:Assertion failed) !ssize.empty())"
     assert issubclass(FieldTimeout, MalariaCellsError)
     # a limit for the whole loop: the fields after it are reported, the ones before it kept
@@ -307,7 +308,7 @@ def test_a_field_past_its_time_limit_or_failing_inside_a_library_is_reported_and
     result = screener.screen_samples([("s", [("good", lambda: _field_bytes(600)), ("slow", lambda: _field_bytes(800)),
                                              ("late", lambda: _field_bytes(600))])], max_seconds=3.5)
     assert [f.path for f in result.fields] == ["good"]
-    assert "time limit ran out" in dict(result.skipped)["slow"]
+    assert dict(result.skipped)["slow"].startswith("not screened: the time limit for all fields ran out after")
     assert dict(result.skipped)["late"] == "not screened: the time limit of 3.5 s for all fields was reached first"
     for bad in (0, -1, float("nan"), "5"):
         with pytest.raises(MalariaCellsError, match="seconds"):

@@ -119,6 +119,9 @@ def test_a_shipped_field_model_carries_its_shift_suite_figures(made, cell_datase
     (tmp_path / "other.json").write_text(json.dumps({**report, "model": "/elsewhere/another.keras"}))
     with pytest.raises(MalariaCellsError, match="reports model"):
         ship(made, cell_dataset, to=tmp_path / "out2", shift_suite=tmp_path / "other.json")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(MalariaCellsError, match="not a report"):
+        ship(made, cell_dataset, to=tmp_path / "out2", shift_suite=tmp_path / "list.json")
 
 
 def test_the_command_line_steps_and_their_one_line_errors(fields, tmp_path, capsys):

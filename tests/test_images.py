@@ -249,6 +249,9 @@ def test_jpeg_with_thousands_of_scans_or_metadata_segments_is_refused_from_its_s
     baseline = _jpeg_bytes(image)
     assert decode(baseline[:2] + segment * 3 + baseline[2:]).shape == (64, 64, 3)  # a few segments are fine
     many_segments = baseline[:2] + segment * (MAX_JPEG_METADATA_SEGMENTS + 1) + baseline[2:]
+    # a motion photo: a video appended after the end of the image, whose bytes hold 0xFFDA by chance
+    appended = baseline + bytes(np.random.default_rng(1).integers(0, 256, 4 * 2**20, np.uint8)) + b"\xff\xda" * 200
+    assert decode(appended).shape == (64, 64, 3)
     for data, words in ((many_scans, "scans"), (many_segments, "too much metadata")):
         for read in (dimensions, decode):
             with pytest.raises(UnreadableImage, match=words):

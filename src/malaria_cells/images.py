@@ -35,8 +35,7 @@ from .config import MAX_IMAGE_PIXELS, MAX_PIXELS_IN_FLIGHT
 from .errors import MalariaCellsError
 
 __all__ = ["UnreadableImage", "NOT_AN_IMAGE", "image_format", "dimensions", "decode", "read_file", "resize",
-           "preprocess", "exif_orientation", "pixels_in_flight", "MAX_JPEG_SCANS", "MAX_JPEG_METADATA_SEGMENTS",
-           "MAX_JPEG_METADATA_BYTES"]
+           "preprocess", "exif_orientation", "pixels_in_flight", "MAX_JPEG_SCANS", "MAX_JPEG_METADATA_SEGMENTS"]
 
 NOT_AN_IMAGE = "not an image (PNG, JPEG, BMP, GIF, WebP or TIFF expected)"
 _FORMATS = {"png": "PNG", "jpeg": "JPEG", "gif": "GIF", "bmp": "BMP", "webp": "WebP", "tiff": "TIFF"}
@@ -101,18 +100,19 @@ up to about 20); each scan makes the decoder pass over every coefficient again, 
 of empty scans cost minutes for a file of a few hundred kilobytes."""
 MAX_JPEG_METADATA_SEGMENTS = 64
 """Most metadata segments (APPn and comments) a JPEG may hold before its image: EXIF, XMP and
-its extensions, an ICC profile in chunks and a phone's multi-picture index use a handful."""
-MAX_JPEG_METADATA_BYTES = 8 * 2**20
-"""Most bytes of metadata segments a JPEG may hold (each is at most 64 KB)."""
+its extensions, an ICC profile in chunks and a phone's multi-picture index use a handful.
+(Each segment holds at most 64 KB, so this also bounds their bytes, at 4 MB.)"""
 
 
 def _check_jpeg_structure(contents: bytes) -> None:
     """Refuse a JPEG whose structure costs far more to decode than its size suggests: too many
     metadata segments (Pillow joins them in quadratic time) or too many scans. Markers are
-    walked from the start to the first scan; scans are counted over the whole stream (inside
-    entropy-coded data a 0xFF byte is always followed by 0x00 or a restart marker, so every
-    0xFFDA pair is a scan header). Both run at memory speed."""
-    position, end, segments, size = 2, len(contents), 0, 0
+    walked from the start to the first scan; scans are counted from there to the end of the
+    image (inside entropy-coded data a 0xFF byte is always followed by 0x00 or a restart
+    marker, so every 0xFFDA pair is a scan header; whatever a phone appends after the end of
+    the image, a motion photo's video or a second picture, is not looked at). Both run at
+    memory speed."""
+    position, end, segments = 2, len(contents), 0
     while position + 4 <= end:
         if contents[position] != 0xFF:  # stray bytes: the decoder judges them
             break
@@ -125,12 +125,15 @@ def _check_jpeg_structure(contents: bytes) -> None:
         length = int.from_bytes(contents[position + 2:position + 4], "big")
         if 0xE0 <= marker <= 0xEF or marker == 0xFE:
             segments += 1
-            size += length
-            if segments > MAX_JPEG_METADATA_SEGMENTS or size > MAX_JPEG_METADATA_BYTES:
+            if segments > MAX_JPEG_METADATA_SEGMENTS:
                 raise UnreadableImage(f"JPEG with too much metadata (over {MAX_JPEG_METADATA_SEGMENTS} segments "
-                                      f"or {MAX_JPEG_METADATA_BYTES // 2**20} MB before the image)")
+                                      "before the image)")
         position += 2 + length
-    scans = contents.count(b"\xff\xda")
+    first_scan = contents.find(b"\xff\xda", position)
+    if first_scan < 0:
+        return
+    end_of_image = contents.find(b"\xff\xd9", first_scan)
+    scans = contents.count(b"\xff\xda", first_scan, end_of_image if end_of_image >= 0 else end)
     if scans > MAX_JPEG_SCANS:
         raise UnreadableImage(f"JPEG with {scans} scans (at most {MAX_JPEG_SCANS}; a photograph has about 10)")
 
@@ -318,7 +321,7 @@ def read_file(path: str | os.PathLike, *, max_pixels: int = MAX_IMAGE_PIXELS) ->
                 raise UnreadableImage("empty file")
             image_format(head)
             limit = MAX_FILE_BYTES
-            if len(head) < size:
+            if len(head) < size and image_format(head) != "tiff":  # a TIFF may hold many pages
                 try:
                     width, height = dimensions(head)
                 except UnreadableImage:
@@ -329,7 +332,9 @@ def read_file(path: str | os.PathLike, *, max_pixels: int = MAX_IMAGE_PIXELS) ->
             if size > limit:
                 raise UnreadableImage(f"file too large ({size / 2**20:,.0f} MB; at most {limit / 2**20:,.0f} MB "
                                       "for an image of its size)")
-            contents = head if len(head) >= size else head + handle.read()
+            contents = head if len(head) >= size else head + handle.read(limit - len(head) + 1)
+            if len(contents) > limit:  # it grew while being read
+                raise UnreadableImage(f"file too large (over {limit / 2**20:,.0f} MB)")
     except OSError as error:
         raise UnreadableImage(error.strerror or "cannot be read") from None
     return contents
@@ -369,10 +374,11 @@ class _PixelBudget:
         self.limit, self.used = limit, 0
         self._room = threading.Condition()
 
-    def acquire(self, pixels: int) -> int:
+    def acquire(self, pixels: int, timeout: float | None = None) -> int:
         pixels = min(max(1, int(pixels)), self.limit)  # one image alone always fits
         with self._room:
-            self._room.wait_for(lambda: self.used + pixels <= self.limit)
+            if not self._room.wait_for(lambda: self.used + pixels <= self.limit, timeout):
+                raise TimeoutError(f"no room for {pixels:,} decoded pixels within {timeout:.1f} s")
             self.used += pixels
         return pixels
 
@@ -386,17 +392,18 @@ _budget = _PixelBudget(MAX_PIXELS_IN_FLIGHT)
 
 
 class pixels_in_flight:
-    """Hold room for ``pixels`` decoded pixels while the block runs (waits until there is room).
+    """Hold room for ``pixels`` decoded pixels while the block runs (waits until there is room,
+    or raises TimeoutError after ``timeout`` seconds).
 
     Everything that decodes (cell batches, uploads, fields) decodes inside one, so the process
     never holds more than :data:`malaria_cells.config.MAX_PIXELS_IN_FLIGHT` decoded pixels.
     """
 
-    def __init__(self, pixels: int):
-        self.pixels = pixels
+    def __init__(self, pixels: int, timeout: float | None = None):
+        self.pixels, self.timeout = pixels, timeout
 
     def __enter__(self):
-        self.held = _budget.acquire(self.pixels)
+        self.held = _budget.acquire(self.pixels, self.timeout)
         return self
 
     def __exit__(self, *exc):

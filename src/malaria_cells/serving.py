@@ -27,6 +27,8 @@ from .config import CLASS_NAMES, MAX_IMAGE_PIXELS
 from .errors import MalariaCellsError
 
 API_KEY_ENV = "MALARIA_CELLS_API_KEY"
+MIN_SCREEN_SECONDS = 1.0
+"""A screening request whose slot comes with less time than this left is told the server is busy."""
 
 
 @dataclass
@@ -65,27 +67,33 @@ class ServeLimits:
 
 
 class _Load:
-    """Screening requests running and waiting in this process (what /readyz reports)."""
+    """Screening requests running and waiting in this process (what /readyz reports).
+
+    Requests wait for a slot on the event loop, not in the thread pool, so a queue of them
+    never holds the threads the other endpoints run in. Used on the event loop only.
+    """
 
     def __init__(self, slots: int):
-        import threading
-
         self.slots, self.active, self.waiting = slots, 0, 0
-        self._free = threading.BoundedSemaphore(slots)
-        self._lock = threading.Lock()
+        self._free = None  # an asyncio.Semaphore, made on the event loop at first use
 
-    def enter(self, timeout: float) -> bool:
-        with self._lock:
-            self.waiting += 1
-        got = self._free.acquire(timeout=max(0.0, timeout))
-        with self._lock:
+    async def enter(self, timeout: float) -> bool:
+        import asyncio
+
+        if self._free is None:
+            self._free = asyncio.Semaphore(self.slots)
+        self.waiting += 1
+        try:
+            await asyncio.wait_for(self._free.acquire(), max(0.0, timeout))
+        except asyncio.TimeoutError:
+            return False
+        finally:
             self.waiting -= 1
-            self.active += got
-        return got
+        self.active += 1
+        return True
 
     def leave(self) -> None:
-        with self._lock:
-            self.active -= 1
+        self.active -= 1
         self._free.release()
 
 
@@ -303,8 +311,8 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
         return JSONResponse(body, status_code=status)
 
     @app.post("/v1/screen", summary="Screen uploaded smear photographs (one sample)")
-    def screen_fields(files: list[UploadFile] = File(..., description="field photographs of one sample"),
-                      overlays: bool = False, format: str = "json"):
+    async def screen_fields(files: list[UploadFile] = File(..., description="field photographs of one sample"),
+                            overlays: bool = False, format: str = "json"):
         """Counts, parasitemia and the call, as ``malaria-cells screen`` gives them: ``format``
         ``json`` (default; with ``?overlays=true`` each field also carries its overlay as a
         JPEG data URL), ``table`` or ``csv``. Fields are decoded one at a time, within the
@@ -345,17 +353,29 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
             if overlays:
                 pictures[result.path] = overlay_data_url(draw_overlay(image, result))
 
-        if not load.enter(limits.max_seconds):
-            raise HTTPException(503, f"server busy: no screening slot within {limits.max_seconds:g} s; try again later")
+        from starlette.concurrency import run_in_threadpool
+
+        def screen_now(remaining):
+            try:
+                return screener.screen_samples([("upload", [field_of(k, u) for k, u in enumerate(files)])],
+                                               on_field=on_field, max_seconds=remaining)
+            finally:
+                _give_back_memory()
+
+        busy = f"server busy: no screening slot within {limits.max_seconds:g} s; try again later"
+        if not await load.enter(limits.max_seconds):
+            raise HTTPException(503, busy)
         try:
-            remaining = max(1e-3, limits.max_seconds - (time.perf_counter() - arrived))
-            result = screener.screen_samples([("upload", [field_of(k, u) for k, u in enumerate(files)])],
-                                             on_field=on_field, max_seconds=remaining)
+            remaining = limits.max_seconds - (time.perf_counter() - arrived)
+            if remaining < MIN_SCREEN_SECONDS:  # a slot came too late to screen anything in time
+                raise HTTPException(503, busy)
+            result = await run_in_threadpool(screen_now, remaining)
         finally:
             load.leave()
-            _give_back_memory()
         if not result.fields:
-            raise HTTPException(422, "no field could be screened: " + "; ".join(f"{p}: {r}" for p, r in result.skipped))
+            timed_out = result.skipped and all(r.startswith("not screened:") for _, r in result.skipped)
+            raise HTTPException(503 if timed_out else 422,
+                                "no field could be screened: " + "; ".join(f"{p}: {r}" for p, r in result.skipped))
         if format != "json":
             from .fields import render
 

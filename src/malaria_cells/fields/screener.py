@@ -145,9 +145,9 @@ class Screener:
         from ..images import UnreadableImage, dimensions, pixels_in_flight
 
         started = time.perf_counter()
-        if self.max_field_seconds is not None:
-            own = started + self.max_field_seconds
-            deadline = own if deadline is None else min(deadline, own)
+        limit = "the time limit for all fields"
+        if self.max_field_seconds is not None and (deadline is None or started + self.max_field_seconds < deadline):
+            deadline, limit = started + self.max_field_seconds, f"its limit of {self.max_field_seconds:g} s per field"
         width, height = dimensions(contents)
         if min(width, height) < MIN_SIDE:
             raise UnreadableImage(f"image too small ({width}x{height} pixels; a field photograph is at least "
@@ -155,20 +155,23 @@ class Screener:
         if width * height > self.max_pixels:
             raise UnreadableImage(f"image too large ({width}x{height} pixels, limit {self.max_pixels:,}; "
                                   "decompression bomb?)")
-        with pixels_in_flight(width * height):
-            _in_time(deadline, "waiting for memory", started)
-            result, crops, image = self._screen_decoded(contents, path, truth_cells, started, width, height, deadline)
+        try:  # the wait for room in the process's memory budget is within the time limit too
+            with pixels_in_flight(width * height, None if deadline is None else max(0.0, deadline - started)):
+                result, crops, image = self._screen_decoded(contents, path, truth_cells, started, width, height,
+                                                            deadline, limit)
+        except TimeoutError:
+            raise FieldTimeout(f"not screened: {limit} ran out while it waited for memory") from None
         return (result, crops, image) if keep_crops else result
 
-    def _screen_decoded(self, contents, path, truth_cells, started, width, height, deadline):
+    def _screen_decoded(self, contents, path, truth_cells, started, width, height, deadline, limit):
         from ..images import decode
         from .crops import crop_cells
 
         reduce = max(1, int(max(width, height) // DECODE_SIDE))
         image = decode(contents, max_pixels=self.max_pixels, reduce=reduce)
-        _in_time(deadline, "decoding", started)
+        _in_time(deadline, "decoding", started, limit)
         detection = self.detector.detect(image)
-        _in_time(deadline, "finding the cells", started)
+        _in_time(deadline, "finding the cells", started, limit)
         while (reduce > 1 and detection.cell_diameter < READ_LARGER_BELOW
                and detection.cell_diameter * reduce >= self.applicability.min_cell_diameter):
             # cells too small once shrunk: read larger, unless even the stored size could not
@@ -176,7 +179,7 @@ class Screener:
             reduce = max(1, reduce // 2)
             image = decode(contents, max_pixels=self.max_pixels, reduce=reduce)
             detection = self.detector.detect(image)
-            _in_time(deadline, "finding the cells at a larger size", started)
+            _in_time(deadline, "finding the cells at a larger size", started, limit)
         factor_x, factor_y = width / image.shape[1], height / image.shape[0]
         check = assess_field(image, detection, self.applicability)
         quality = {**detection.quality, "applicable": check["applicable"], "flags": check["flags"],
@@ -191,7 +194,7 @@ class Screener:
             from .stain import normalise_crops
 
             crops = normalise_crops(crops, check["measures"]["plasma"], check["measures"]["density"], reference)
-        _in_time(deadline, "checking the field and cutting its cells", started)
+        _in_time(deadline, "checking the field and cutting its cells", started, limit)
         probabilities = self.score(crops)
 
         def box(b):
@@ -249,7 +252,8 @@ class Screener:
 
             return read_truth(path, None if truth is True else truth, indexes)
 
-        samples = [(name, [(str(path), (lambda p=path: read_file(p)), (lambda p=path: truth_for(p)))
+        samples = [(name, [(str(path), (lambda p=path: read_file(p, max_pixels=self.max_pixels)),
+                            (lambda p=path: truth_for(p)))
                            for path in files]) for name, files in groups]
         return self.screen_samples(samples, skipped=skipped, progress=progress, on_field=on_field)
 
@@ -362,12 +366,11 @@ def _check_seconds(value, name: str) -> float | None:
     return float(value)
 
 
-def _in_time(deadline: float | None, step: str, started: float | None = None) -> None:
+def _in_time(deadline: float | None, step: str, started: float, limit: str) -> None:
     """Raise :class:`FieldTimeout` once ``deadline`` has passed (checked between a field's steps)."""
     now = time.perf_counter()
     if deadline is not None and now > deadline:
-        after = f" after {now - started:.1f} s" if started is not None else ""
-        raise FieldTimeout(f"not screened: its time limit ran out{after}, while {step}")
+        raise FieldTimeout(f"not screened: {limit} ran out after {now - started:.1f} s, while {step}")
 
 
 def _withhold(result: FieldResult, flag: str, reason: str) -> None:

@@ -547,11 +547,15 @@ def ship(model_path: Path, cells: str | os.PathLike, *, to: Path | None = None,
             report = json.loads(Path(shift_suite).read_text(encoding="utf-8"))
         except (OSError, ValueError) as error:
             raise MalariaCellsError(f"{shift_suite}: cannot read the shift-suite report ({error})") from None
+        if not isinstance(report, dict):
+            raise MalariaCellsError(f"{shift_suite}: not a report of benchmarks/shift_suite.py")
         reported = Path(str(report.get("model", "")))
-        same = reported.name == Path(model_path).name
-        if not same and reported.is_file():  # another form of the same network (its ONNX copy)
+        if reported.is_file():  # this model, or another form of it (its ONNX copy), by when it was made
             made = model.info.get("trained_at")
-            same = made is not None and load_model(reported).info.get("trained_at") == made
+            same = reported.resolve() == Path(model_path).resolve() or (
+                made is not None and load_model(reported).info.get("trained_at") == made)
+        else:
+            same = reported.name == Path(model_path).name
         if not same:
             raise MalariaCellsError(f"{shift_suite}: reports model {report.get('model')!r}, not {model_path}")
         figures = dataclasses.replace(figures, shift_suite=shift_suite_summary(report))
