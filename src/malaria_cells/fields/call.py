@@ -93,7 +93,8 @@ def call_sample(n_parasitized: int, n_cells: int, *, false_positive_rate: float,
     upper = corrected["parasitemia_ci"][1] if corrected else wilson_interval(n_parasitized, n_cells)[1]
     if chance >= NEGATIVE_P and upper < RULE_OUT and soft_fields and soft_fields * 2 >= good_fields:
         return "review", [f"{soft_fields} of {good_fields} fields out of focus{soft_reason}: blur hides ring "
-                          f"stages, so {n_parasitized} parasitized cells cannot rule an infection out; refocus "
+                          f"stages, so {n_parasitized} parasitized cell{'s' if n_parasitized != 1 else ''} cannot rule an "
+                          f"infection out; refocus "
                           "and photograph again"]
     if chance >= NEGATIVE_P and upper < RULE_OUT:
         return "negative", [f"{n_parasitized} parasitized cells, as false alarms alone would give "
