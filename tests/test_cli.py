@@ -245,3 +245,15 @@ def test_screen_writes_its_report_for_long_and_non_utf8_file_names(fields, capsy
     data = json.loads((tmp_path / "report" / "report.json").read_text())
     assert len(data["fields"]) == 2
     assert "bad" in (tmp_path / "report" / "cells.csv").read_text(errors="replace")
+
+
+def test_screen_refuses_a_missing_truth_file_and_prints_no_table_when_nothing_was_screened(fields, tmp_path, capsys):
+    field = str(next(p for p in sorted(fields.iterdir()) if p.suffix == ".png"))
+    assert main(["screen", field, "--truth", str(tmp_path / "nope.json")]) == 2
+    err = capsys.readouterr().err
+    assert "--truth" in err and "nope.json: no such file or folder" in err and err.count("\n") == 1
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    assert main(["screen", str(tmp_path / "bad")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "skipped:" in err and "no field could be screened" in err and "REVIEW" not in out + err

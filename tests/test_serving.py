@@ -152,7 +152,7 @@ def test_worker_processes_build_the_same_app(trained_run, monkeypatch):
     worker = TestClient(serving.app_from_environment())
     assert worker.get("/v1/model").status_code == 401
     described = worker.get("/v1/model", headers={"X-API-Key": "k3y"}).json()
-    assert described["path"] == str(trained_run["model_path"]) and described["limits"]["max_images"] == 7
+    assert described["path"] == os.path.basename(trained_run["model_path"]) and described["limits"]["max_images"] == 7
     files = [("files", ("a.png", png_bytes(), "image/png"))]
     assert worker.post("/v1/predict", files=files, headers={"X-API-Key": "k3y"}).json()["summary"]["n"] == 1
 
@@ -323,3 +323,20 @@ def test_health_and_readiness_answer_while_every_screening_slot_is_taken(trained
     assert answers["first"].status_code == 200 and answers["first"].json()["summary"]["fields"] == 1
     assert client.get("/readyz").json()["screening"] == 0
     client.__exit__(None, None, None)
+
+
+def test_model_endpoint_describes_both_models_by_file_name_and_an_open_host_is_warned(client, trained_run, monkeypatch,
+                                                                                      capsys):
+    described = client.get("/v1/model").json()
+    assert "/" not in described["path"] and "/" not in described["fields"]["path"]
+    assert described["fields"]["counting_threshold"] == pytest.approx(trained_run["threshold"])
+    import uvicorn
+
+    from malaria_cells import serving
+
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: None)
+    monkeypatch.delenv(serving.API_KEY_ENV, raising=False)
+    serving.serve(trained_run["model_path"], host="0.0.0.0", port=8124)
+    assert "warning: listening on 0.0.0.0 without an API key" in capsys.readouterr().err
+    serving.serve(trained_run["model_path"], host="0.0.0.0", port=8124, api_key="k")
+    assert "warning" not in capsys.readouterr().err

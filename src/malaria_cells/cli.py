@@ -406,6 +406,9 @@ def run_screen(args) -> int:
     from .fields.report import ReportWriter
     from .files import atomic_path
 
+    if isinstance(args.truth, str) and not os.path.exists(args.truth):
+        raise MalariaCellsError(f"--truth {args.truth}: no such file or folder (an annotations JSON file or folder, "
+                                "or --truth alone for NIH point files beside the images)")
     screener = Screener(args.model, threshold=args.threshold, max_field_seconds=args.max_field_seconds)
     if args.output and os.path.exists(args.output) and not args.overwrite:
         raise MalariaCellsError(f"{args.output}: already exists; choose another --output or pass --overwrite")
@@ -414,6 +417,10 @@ def run_screen(args) -> int:
     result = screener.screen(args.paths, truth=args.truth, progress=bar.update,
                              on_field=report.add if report else None)
     bar.close()
+    if not result.fields:  # nothing to tabulate: say why, not an empty table with a call
+        for path, reason in result.skipped:
+            print(f"skipped: {path}: {reason}", file=sys.stderr)
+        raise MalariaCellsError("no field could be screened" + (" (see the skipped files above)" if result.skipped else ""))
     if report is not None:
         page = report.finish(result)
     write = FORMATS[args.format].write
@@ -426,8 +433,6 @@ def run_screen(args) -> int:
         print(f"skipped: {path}: {reason}", file=sys.stderr)
     if report is not None:
         print(f"report: {page}", file=sys.stderr)
-    if not result.fields:
-        raise MalariaCellsError("no field could be screened" + (" (see the skipped files above)" if result.skipped else ""))
     return EXIT_SKIPPED if result.skipped else EXIT_OK
 
 

@@ -273,11 +273,16 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
     async def readyz():
         return {"status": "ready"}
 
-    @app.get("/v1/model", summary="The model in use")
+    @app.get("/v1/model", summary="The models in use: cells (/v1/predict) and fields (/v1/screen)")
     def model_info():
-        return {"path": model.path, "version": model_version, "image_size": model.image_size,
+        # file names only: where the server keeps its files is none of a client's business
+        fields_model = screener.classifier
+        return {"path": os.path.basename(model.path), "version": model_version, "image_size": model.image_size,
                 "threshold": model.threshold, "class_names": list(CLASS_NAMES),
-                "limits": limits.__dict__, "info": model.info}
+                "limits": limits.__dict__, "info": model.info,
+                "fields": {"path": os.path.basename(fields_model.path), "counting_threshold": screener.threshold,
+                           "version": fields_model.info.get("trained_at"),
+                           "figures": screener.figures.to_info() if screener.figures else None}}
 
     @app.post("/v1/predict", summary="Label uploaded cell images")
     def predict(files: list[UploadFile] = File(..., description="cell images")):
@@ -408,6 +413,9 @@ def serve(model=None, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
         raise MalariaCellsError(f"workers must be at least 1, got {workers}")
     message = (f"Serving on http://{host}:{port}/ (API docs at /docs) with {workers} worker"
                f"{'s' if workers > 1 else ''}; Ctrl-C to stop")
+    if host not in ("127.0.0.1", "localhost", "::1") and not (api_key or os.environ.get(API_KEY_ENV)):
+        message += (f"\nwarning: listening on {host} without an API key: anyone who can reach this computer can "
+                    f"use it; set --api-key or ${API_KEY_ENV}")
     if workers == 1:
         app = create_app(model, api_key=api_key, limits=limits)
         print(message, file=sys.stderr, flush=True)
