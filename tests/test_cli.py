@@ -91,7 +91,18 @@ def test_evaluate_text_report(trained_run, cell_dataset, capsys):
 def test_info_shows_the_model(trained_run, capsys):
     assert main(["info", "--model", trained_run["model_path"], "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["image_size"] == 32 and info["info"]["recipe"]["epochs"] == 8
+    assert info["image_size"] == 32 and info["info"]["recipe"]["epochs"] == 8 and "field_model" not in info
+
+
+def test_info_of_the_shipped_models_shows_the_field_model_and_its_figures(capsys):
+    from malaria_cells.fields import Screener
+
+    assert main(["info", "--json"]) == 0
+    fields = json.loads(capsys.readouterr().out)["field_model"]
+    assert fields["counting_threshold"] == pytest.approx(Screener().threshold)
+    assert fields["model"].endswith("malaria-cells-fields.onnx") and "infected cells found" in fields["measured"]
+    assert main(["info"]) == 0
+    assert "\nfield model " in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args, message", [

@@ -507,6 +507,9 @@ def run_info(args) -> int:
                "threshold": model.threshold,
                "parameters": int(keras_model.count_params()) if keras_model is not None else None,
                "file_bytes": os.path.getsize(model.path), "info": model.info}
+    fields = _field_model_summary() if args.model is None else None
+    if fields is not None:
+        summary["field_model"] = fields
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
         return EXIT_OK
@@ -520,7 +523,31 @@ def run_info(args) -> int:
     print(f"size        {parameters}({summary['file_bytes'] / 1e6:.2f} MB on disk)")
     for key, value in model.info.items():
         print(f"{key:<11} {json.dumps(value, default=str) if isinstance(value, (dict, list)) else value}")
+    if fields is not None:
+        print(f"\nfield model {fields['model']}  (screen, /v1/screen)")
+        print(f"counting    threshold {fields['counting_threshold']:.4f}; {fields['measured']}")
+        if fields["shift_suite_failed"] is not None:
+            print(f"shift suite floors failed: {', '.join(fields['shift_suite_failed']) or 'none'}")
     return EXIT_OK
+
+
+def _field_model_summary() -> dict | None:
+    """The shipped field model in brief: its file, counting threshold and measured figures."""
+    from .fields import FieldFigures
+    from .runtimes import default_model_path, load_model
+
+    model = load_model(default_model_path(fields=True))
+    figures = FieldFigures.from_model(model)
+    if figures is None:
+        return None
+    nested = figures.nested
+    found = nested.get("found_of_annotated_infected")
+    measured = (f"by nested cross-validation over blocks of fields: {found[0]} of {found[1]} infected cells found, "
+                f"false-positive rate {nested['false_positive_rate']:.2%}" if found and "false_positive_rate" in nested
+                else f"sensitivity {figures.sensitivity:.1%}, specificity {figures.specificity:.2%}")
+    return {"model": model.path, "counting_threshold": figures.threshold, "measured": measured,
+            "shift_suite_failed": figures.shift_suite.get("failed") if figures.shift_suite else None,
+            "figures": figures.to_info()}
 
 
 def _needs_tensorflow(args: argparse.Namespace) -> bool:
