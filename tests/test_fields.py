@@ -333,3 +333,20 @@ def test_a_sample_out_of_focus_is_not_called_negative_but_a_positive_stands(tmp_
     infected = screener.screen(sample("infected", [5] * 4, blur=2.0))
     assert infected.summary.call == "positive"
     assert all(f.quality["focus"] < screener.applicability.min_sharpness for f in infected.fields)
+
+
+def test_parasites_per_microlitre_carry_the_parasitemia_and_its_interval(samples):
+    screener = Screener(PurpleDotClassifier(FIGURES), rbc_per_ul=4_000_000)
+    result = screener.screen(samples / "infected")
+    sample = result.summary
+    assert sample.density["rbc_per_ul"] == 4_000_000
+    assert sample.density["per_ul"] == pytest.approx(sample.parasitemia * 4_000_000)
+    assert sample.density["per_ul_ci"] == pytest.approx([v * 4_000_000 for v in sample.parasitemia_ci])
+    assert json.loads(render(result, "json"))["summary"]["density"]["per_ul"] == pytest.approx(sample.density["per_ul"])
+    low, high = sample.density["per_ul_ci"]
+    assert f"parasites/uL {sample.density['per_ul']:,.0f} (95% CI {low:,.0f}-{high:,.0f}; 4,000,000 red cells/uL)" \
+        in render(result, "table")
+    assert Screener(PurpleDotClassifier(FIGURES)).rbc_per_ul == 5_000_000  # WHO's thin-film convention
+    for bad in (0, 50, 2e7, True, "5e6"):
+        with pytest.raises(MalariaCellsError, match="rbc_per_ul"):
+            Screener(PurpleDotClassifier(FIGURES), rbc_per_ul=bad)

@@ -196,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "or an annotations JSON file or folder")
     screen.add_argument("--threshold", type=_fraction,
                         help="counting threshold (default: the one the model carries for fields)")
+    screen.add_argument("--rbc-per-ul", type=float, default=5_000_000, metavar="N",
+                        help="the patient's red cells per microlitre, for parasites per microlitre "
+                        "(default: 5,000,000, the WHO thin-film convention)")
     screen.add_argument("--max-field-seconds", type=_positive_seconds, default=120.0, metavar="S",
                         help="a field still not screened after S seconds is reported as not screened and the "
                         "rest go on (default: 120; a 40 MP photograph takes a few seconds)")
@@ -409,7 +412,8 @@ def run_screen(args) -> int:
     if isinstance(args.truth, str) and not os.path.exists(args.truth):
         raise MalariaCellsError(f"--truth {args.truth}: no such file or folder (an annotations JSON file or folder, "
                                 "or --truth alone for NIH point files beside the images)")
-    screener = Screener(args.model, threshold=args.threshold, max_field_seconds=args.max_field_seconds)
+    screener = Screener(args.model, threshold=args.threshold, max_field_seconds=args.max_field_seconds,
+                        rbc_per_ul=args.rbc_per_ul)
     if args.output and os.path.exists(args.output) and not args.overwrite:
         raise MalariaCellsError(f"{args.output}: already exists; choose another --output or pass --overwrite")
     report = ReportWriter(args.out, overwrite=args.overwrite) if args.out else None

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from ..proportions import binomial_tail, rogan_gladen, wilson_interval
 
-__all__ = ["call_sample", "corrected_parasitemia", "parasitemia_interval", "MIN_CELLS", "POSITIVE_P",
-           "NEGATIVE_P", "RULE_OUT"]
+__all__ = ["call_sample", "corrected_parasitemia", "parasitemia_interval", "parasite_density", "MIN_CELLS",
+           "POSITIVE_P", "NEGATIVE_P", "RULE_OUT", "RBC_PER_UL"]
 
 MIN_CELLS = 200
 """Fewest counted cells (on good fields) for a positive or negative call."""
@@ -29,6 +29,27 @@ NEGATIVE_P = 0.05
 """Chance under false alarms alone at or above which a count may be called negative."""
 RULE_OUT = 0.01
 """Parasitemia that a negative call rules out (upper 95% bound of the corrected estimate)."""
+
+
+RBC_PER_UL = 5_000_000
+"""Red cells per microlitre assumed when the patient's own count is not given: the WHO
+thin-film convention (parasites/uL = parasitized red cells / red cells x 5,000,000)."""
+
+
+def parasite_density(n_parasitized: int, n_cells: int, rbc_per_ul: float = RBC_PER_UL) -> dict | None:
+    """Parasites per microlitre of blood, with the parasitemia's 95% Wilson interval carried
+    through: ``{"per_ul", "per_ul_ci", "rbc_per_ul"}`` (None with no cells).
+
+    Parameters
+    ----------
+    rbc_per_ul : float
+        The patient's red-cell count per microlitre (default :data:`RBC_PER_UL`).
+    """
+    if not n_cells:
+        return None
+    low, high = wilson_interval(n_parasitized, n_cells)
+    return {"per_ul": n_parasitized / n_cells * rbc_per_ul, "per_ul_ci": [low * rbc_per_ul, high * rbc_per_ul],
+            "rbc_per_ul": rbc_per_ul}
 
 
 def parasitemia_interval(n_parasitized: int, n_cells: int) -> list[float] | None:
@@ -91,6 +112,8 @@ def call_sample(n_parasitized: int, n_cells: int, *, false_positive_rate: float,
         return "positive", [f"{n_parasitized} parasitized cells where false alarms alone would give about "
                             f"{expected:.1f} (chance {chance:.1e})"]
     upper = corrected["parasitemia_ci"][1] if corrected else wilson_interval(n_parasitized, n_cells)[1]
+    # say which bound: the corrected one differs from the raw interval shown beside it
+    bound = "upper 95% bound, corrected for the model's sensitivity and specificity" if corrected else "upper 95% bound"
     if chance >= NEGATIVE_P and upper < RULE_OUT and soft_fields and soft_fields * 2 >= good_fields:
         return "review", [f"{soft_fields} of {good_fields} fields out of focus{soft_reason}: blur hides ring "
                           f"stages, so {n_parasitized} parasitized cell{'s' if n_parasitized != 1 else ''} cannot rule an "
@@ -98,6 +121,6 @@ def call_sample(n_parasitized: int, n_cells: int, *, false_positive_rate: float,
                           "and photograph again"]
     if chance >= NEGATIVE_P and upper < RULE_OUT:
         return "negative", [f"{n_parasitized} parasitized cells, as false alarms alone would give "
-                            f"(about {expected:.1f}); parasitemia below {RULE_OUT:.0%} (95% upper bound {upper:.2%})"]
+                            f"(about {expected:.1f}); parasitemia below {RULE_OUT:.0%} ({bound} {upper:.2%})"]
     return "review", [f"borderline: {n_parasitized} parasitized cells where false alarms alone would give about "
-                      f"{expected:.1f} (chance {chance:.2g}); upper bound {upper:.2%}"]
+                      f"{expected:.1f} (chance {chance:.2g}); {bound} {upper:.2%}"]

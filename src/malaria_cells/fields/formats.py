@@ -49,9 +49,18 @@ def format_table(result: ScreenResult) -> str:
         lines.append(f"{sample.name[:20]:<20} {sample.fields:>6} {sample.n_cells:>7} {sample.n_parasitized:>11} "
                      f"{format_percent(sample.parasitemia):>11} {format_interval(sample.parasitemia_ci):>15} {corrected:>10}  "
                      f"{sample.call.upper()}")
+        if sample.density:
+            lines.append(f"{'':<20} {format_density(sample.density)}")
         for reason in sample.reasons:
             lines.append(f"{'':<20} {reason}")
     return "\n".join(lines) + "\n"
+
+
+def format_density(density: dict) -> str:
+    """Parasites per microlitre with its interval and the red-cell count it assumes, in words."""
+    low, high = density["per_ul_ci"]
+    return (f"parasites/uL {density['per_ul']:,.0f} (95% CI {low:,.0f}-{high:,.0f}; "
+            f"{density['rbc_per_ul']:,.0f} red cells/uL)")
 
 
 def write_cells_csv(result: ScreenResult, stream) -> None:

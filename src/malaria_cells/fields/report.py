@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..files import atomic_path, write_json, write_text
-from .formats import format_interval, format_percent, write_cells_csv
+from .formats import format_density, format_interval, format_percent, write_cells_csv
 from .results import FieldResult, SampleResult, ScreenResult
 
 __all__ = ["draw_overlay", "overlay_data_url", "ReportWriter", "OVERLAY_SIDE", "GALLERY_SIZE"]
@@ -128,6 +128,8 @@ class ReportWriter:
             f"<figure class=\"cell\"><img src=\"data:image/png;base64,{base64.b64encode(png).decode()}\" "
             f"alt=\"cell\"><figcaption>{probability:.3f}<br>{html.escape(where)}</figcaption></figure>"
             for probability, where, png in self.gallery)
+        density = (f" {html.escape(format_density(summary.density))} (the red-cell count is the WHO thin-film "
+                   "convention unless the patient's own was given)." if summary.density else "")
         corrected = (f" (corrected for the classifier: {format_percent(summary.corrected['parasitemia'])}, 95% CI "
                      f"{format_interval(summary.corrected['parasitemia_ci'])}%)") if summary.corrected else ""
         return f"""<!doctype html>
@@ -146,7 +148,7 @@ figure {{ display: inline-block; margin: 4px; vertical-align: top; }} figure img
 <p class="call">{summary.call.upper()}</p>
 <p>{html.escape('; '.join(summary.reasons))}</p>
 <p>Parasitemia {format_percent(summary.parasitemia)} ({summary.n_parasitized} of {summary.n_cells} red cells), 95% CI
-{format_interval(summary.parasitemia_ci)}%{corrected}. Coordinates are pixels of the images as stored (EXIF orientation not applied).</p>
+{format_interval(summary.parasitemia_ci)}%{corrected}.{density} Coordinates are pixels of the images as stored (EXIF orientation not applied).</p>
 <table><tr><th>sample</th><th>fields</th><th>cells</th><th>parasitized</th><th>parasitemia</th><th>95% CI %</th><th>call</th></tr>{rows}</table>
 <h2>Fields</h2>
 <table><tr><th>field</th><th>cells</th><th>parasitized</th><th>parasitemia</th><th>95% CI %</th><th>quality</th></tr>{fields}</table>

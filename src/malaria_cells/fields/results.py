@@ -58,6 +58,9 @@ class SampleResult:
     call: str
     reasons: list[str]
     truth: dict | None = None
+    density: dict | None = None
+    """Parasites per microlitre of blood: ``{"per_ul", "per_ul_ci", "rbc_per_ul"}``, the
+    parasitemia and its interval times the red-cell count per microlitre."""
 
 
 @dataclass

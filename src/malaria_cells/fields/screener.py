@@ -30,7 +30,7 @@ import numpy as np
 from ..config import CLASS_NAMES, MAX_IMAGE_PIXELS
 from ..errors import MalariaCellsError
 from .applicability import ApplicabilityLimits, assess_field, fingerprint, same_field
-from .call import call_sample, corrected_parasitemia, parasitemia_interval
+from .call import RBC_PER_UL, call_sample, corrected_parasitemia, parasite_density, parasitemia_interval
 from .detection import ClassicalDetector, Detector
 from .figures import DEFAULT_FIELD_FPR, FieldFigures
 from .results import CellResult, FieldResult, SampleResult, ScreenResult
@@ -75,6 +75,9 @@ class Screener:
     applicability : ApplicabilityLimits, optional
         What a field must look like to be read (default: the stated limits); a field outside
         them is listed with its reasons and not counted.
+    rbc_per_ul : float
+        Red cells per microlitre of the patient's blood, for parasites per microlitre (default
+        5,000,000, the WHO thin-film convention; give the patient's own count where known).
     max_field_seconds : float, optional
         Time limit per field (default: none). It is checked between a field's steps (decoding,
         detection, the readability checks, classification), each of which is bounded by the
@@ -91,7 +94,8 @@ class Screener:
 
     def __init__(self, classifier=None, detector: Detector | None = None, *, figures: FieldFigures | None = None,
                  threshold: float | None = None, max_pixels: int = MAX_IMAGE_PIXELS,
-                 applicability: ApplicabilityLimits | None = None, max_field_seconds: float | None = None):
+                 applicability: ApplicabilityLimits | None = None, max_field_seconds: float | None = None,
+                 rbc_per_ul: float = RBC_PER_UL):
         from ..runtimes import check_threshold, default_model_path, load_model
 
         self.classifier = load_model(default_model_path(fields=True) if classifier is None else classifier)
@@ -109,6 +113,11 @@ class Screener:
         self.max_pixels = int(max_pixels)
         self.applicability = ApplicabilityLimits() if applicability is None else applicability
         self.max_field_seconds = _check_seconds(max_field_seconds, "max_field_seconds")
+        if isinstance(rbc_per_ul, bool) or not isinstance(rbc_per_ul, (int, float)) \
+                or not 100_000 <= rbc_per_ul <= 10_000_000:
+            raise MalariaCellsError(f"rbc_per_ul must be red cells per microlitre, 100,000 to 10,000,000, "
+                                    f"got {rbc_per_ul!r}")
+        self.rbc_per_ul = float(rbc_per_ul)
 
     def __repr__(self) -> str:
         return (f"Screener(classifier={os.path.basename(self.classifier.path)!r}, detector={self.detector!r}, "
@@ -343,7 +352,8 @@ class Screener:
             reasons.append(f"{len(unread)} of {len(fields)} fields not read ("
                            + ", ".join(f"{k} {_FLAG_WORDS.get(flag, flag)}" for flag, k in kinds.items()) + ")")
         sample = SampleResult(name, len(fields), n_cells, n_parasitized, n_parasitized / n_cells if n_cells else None,
-                              parasitemia_interval(n_parasitized, n_cells), corrected, call, reasons)
+                              parasitemia_interval(n_parasitized, n_cells), corrected, call, reasons,
+                              density=parasite_density(n_parasitized, n_cells, self.rbc_per_ul))
         scored = [f.truth for f in fields if f.truth]
         if scored:
             from .truth import pool_scores
