@@ -104,6 +104,7 @@ def test_field_mode_screens_photographs_and_shows_the_call(server, tmp_path):
         assert page.inner_text("#call") == "REVIEW"  # 63 readable cells are too few for a call
         summary = page.inner_text("#field-summary")
         assert "Parasitemia" in summary and "1 of 2 fields not read (1 grayscale)" in summary
+        assert "parasites/µL" in summary and "5,000,000 red cells/µL" in summary
         assert "grayscale image" in page.inner_text("[data-field='field1.jpg']")
         rows = page.query_selector_all("#field-table tr")
         assert len(rows) == 3 and rows[1].get_attribute("data-field") == "field0.jpg"
