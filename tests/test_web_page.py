@@ -97,8 +97,10 @@ def test_field_mode_screens_photographs_and_shows_the_call(server, tmp_path):
         browser = _launch(p)
         page = browser.new_page()
         page.goto(server + "/")
+        assert "single red blood cells" in page.inner_text("#intro")
         page.click("#mode-fields")
         assert page.is_visible("#field-drop") and not page.is_visible("#drop")
+        assert "field photographs of one sample" in page.inner_text("#intro")
         page.set_input_files("#field-files", [str(tmp_path / "field0.jpg"), str(tmp_path / "field1.jpg")])
         page.wait_for_selector("#overlays img >> nth=1", timeout=60_000)
         assert page.inner_text("#call") == "REVIEW"  # 63 readable cells are too few for a call
