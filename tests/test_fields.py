@@ -207,6 +207,10 @@ def test_the_report_folder_holds_overlays_csv_json_and_a_page_naming_the_call(sa
     assert "POSITIVE" in page and page.count("<figure class=\"cell\">") == GALLERY_SIZE
     scores = [float(part.split("<br>")[0]) for part in page.split("alt=\"cell\"><figcaption>")[1:]]
     assert scores == sorted(scores, reverse=True) and scores[19] == 1.0 and scores[20] < 0.5  # the 20 infected first
+    # the counting threshold is drawn once, between the 20 counted cells and the near misses
+    assert page.count('<p class="cutoff">counting threshold 0.500') == 1
+    before, after = page.split('<p class="cutoff">')
+    assert before.count('<figure class="cell">') == 20
     overlays = sorted((tmp_path / "report" / "overlays").iterdir())
     assert len(overlays) == 4 and all(f'src="overlays/{p.name}"' in page for p in overlays)
     overlay = np.asarray(Image.open(overlays[0]))

@@ -124,10 +124,17 @@ class ReportWriter:
             f"<figure><img src=\"{html.escape(self.overlays[f.path])}\" alt=\"overlay\"><figcaption>"
             f"{html.escape(Path(f.path).name)}: {f.n_parasitized} of {f.n_cells} cells</figcaption></figure>"
             for f in result.fields if f.path in self.overlays)
-        gallery = "".join(
-            f"<figure class=\"cell\"><img src=\"data:image/png;base64,{base64.b64encode(png).decode()}\" "
-            f"alt=\"cell\"><figcaption>{probability:.3f}<br>{html.escape(where)}</figcaption></figure>"
-            for probability, where, png in self.gallery)
+        threshold = result.model["counting_threshold"]
+        gallery, marked = [], False
+        for probability, where, png in self.gallery:  # highest first: the cut-off is drawn once, where it falls
+            if probability < threshold and not marked:
+                gallery.append(f"<p class=\"cutoff\">counting threshold {threshold:.3f}: the cells above were "
+                               "counted Parasitized; those below are near misses, not counted</p>")
+                marked = True
+            gallery.append(
+                f"<figure class=\"cell\"><img src=\"data:image/png;base64,{base64.b64encode(png).decode()}\" "
+                f"alt=\"cell\"><figcaption>{probability:.3f}<br>{html.escape(where)}</figcaption></figure>")
+        gallery = "".join(gallery)
         density = (f" {html.escape(format_density(summary.density))} (the red-cell count is the WHO thin-film "
                    "convention unless the patient's own was given)." if summary.density else "")
         corrected = (f" (corrected for the classifier: {format_percent(summary.corrected['parasitemia'])}, 95% CI "
@@ -141,6 +148,7 @@ table {{ border-collapse: collapse; margin: 1em 0; }} td, th {{ border: 1px soli
 td:first-child, th:first-child {{ text-align: left; }}
 figure {{ display: inline-block; margin: 4px; vertical-align: top; }} figure img {{ max-width: 100%; }}
 .overlays figure {{ width: 48%; }} .cell img {{ width: 96px; height: 96px; image-rendering: pixelated; }}
+.cutoff {{ border-top: 2px dashed #b00020; color: #b00020; margin: 6px 0; padding-top: 2px; }}
 .cell figcaption {{ font-size: 11px; text-align: center; width: 96px; overflow-wrap: anywhere; }}
 @media print {{ .overlays figure {{ width: 100%; page-break-inside: avoid; }} }}
 </style></head><body>
