@@ -212,7 +212,9 @@ def test_the_report_folder_holds_overlays_csv_json_and_a_page_naming_the_call(sa
     before, after = page.split('<p class="cutoff">')
     assert before.count('<figure class="cell">') == 20
     overlays = sorted((tmp_path / "report" / "overlays").iterdir())
-    assert len(overlays) == 4 and all(f'src="overlays/{p.name}"' in page for p in overlays)
+    assert len(overlays) == 4 and all(f'<a href="overlays/{p.name}"><img src="overlays/{p.name}"' in page
+                                      for p in overlays)  # each opens at full size
+    assert '<div class="overlays">' in page  # 4 fields: two a row; more: thumbnails
     overlay = np.asarray(Image.open(overlays[0]))
     assert max(overlay.shape[:2]) <= 1600 and (overlay[..., 0] > 200).any()
     data = json.loads((tmp_path / "report" / "report.json").read_text())

@@ -120,10 +120,13 @@ class ReportWriter:
             f"<td>{format_percent(f.parasitemia)}</td><td>{format_interval(f.parasitemia_ci)}</td>"
             f"<td>{'ok' if f.quality.get('ok') else html.escape('; '.join(f.quality.get('reasons', [])))}</td></tr>"
             for f in result.fields)
+        # each overlay opens at full size; many fields are shown as thumbnails, so the page stays short
         overlays = "".join(
-            f"<figure><img src=\"{html.escape(self.overlays[f.path])}\" alt=\"overlay\"><figcaption>"
-            f"{html.escape(Path(f.path).name)}: {f.n_parasitized} of {f.n_cells} cells</figcaption></figure>"
+            f"<figure><a href=\"{html.escape(self.overlays[f.path])}\"><img src=\"{html.escape(self.overlays[f.path])}\" "
+            f"alt=\"overlay\"></a><figcaption>{html.escape(Path(f.path).name)}: {f.n_parasitized} of {f.n_cells} "
+            "cells</figcaption></figure>"
             for f in result.fields if f.path in self.overlays)
+        layout = "overlays many" if len(self.overlays) > 4 else "overlays"
         threshold = result.model["counting_threshold"]
         gallery, marked = [], False
         for probability, where, png in self.gallery:  # highest first: the cut-off is drawn once, where it falls
@@ -147,7 +150,7 @@ body {{ font: 14px/1.4 system-ui, sans-serif; margin: 2em; color: #222; }}
 table {{ border-collapse: collapse; margin: 1em 0; }} td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: right; }}
 td:first-child, th:first-child {{ text-align: left; }}
 figure {{ display: inline-block; margin: 4px; vertical-align: top; }} figure img {{ max-width: 100%; }}
-.overlays figure {{ width: 48%; }} .cell img {{ width: 96px; height: 96px; image-rendering: pixelated; }}
+.overlays figure {{ width: 48%; }} .overlays.many figure {{ width: 23%; font-size: 11px; }} .cell img {{ width: 96px; height: 96px; image-rendering: pixelated; }}
 .cutoff {{ border-top: 2px dashed #b00020; color: #b00020; margin: 6px 0; padding-top: 2px; }}
 .cell figcaption {{ font-size: 11px; text-align: center; width: 96px; overflow-wrap: anywhere; }}
 @media print {{ .overlays figure {{ width: 100%; page-break-inside: avoid; }} }}
@@ -162,7 +165,7 @@ figure {{ display: inline-block; margin: 4px; vertical-align: top; }} figure img
 <table><tr><th>field</th><th>cells</th><th>parasitized</th><th>parasitemia</th><th>95% CI %</th><th>quality</th></tr>{fields}</table>
 <h2>Highest-scoring cells</h2><div>{gallery}</div>
 <h2>Overlays</h2><p>Counted cells outlined in green; cells called Parasitized in red with their probability; excluded objects (cut by the edge, clumps of overlapping cells, platelets, white cells, printed marks) crossed in grey.</p>
-<div class="overlays">{overlays}</div>
+<p>Click an overlay to open it at full size.</p><div class="{layout}">{overlays}</div>
 <p><small>malaria-cells, model {html.escape(os.path.basename(result.model['path']))}, counting threshold
 {result.model['counting_threshold']:.4f}. A screening aid: a microscopist confirms every call.</small></p>
 </body></html>
