@@ -319,9 +319,9 @@ def read_file(path: str | os.PathLike, *, max_pixels: int = MAX_IMAGE_PIXELS) ->
             head = handle.read(HEADER_BYTES)
             if not head:
                 raise UnreadableImage("empty file")
-            image_format(head)
+            kind = image_format(head)
             limit = MAX_FILE_BYTES
-            if len(head) < size and image_format(head) != "tiff":  # a TIFF may hold many pages
+            if len(head) < size and kind != "tiff":  # a TIFF may hold many pages
                 try:
                     width, height = dimensions(head)
                 except UnreadableImage:
