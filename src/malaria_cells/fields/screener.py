@@ -48,6 +48,7 @@ READ_LARGER_BELOW = 40.0
 """A reduced photograph whose cells come out narrower than this many pixels is read again at
 twice the size (down to the size as stored), if at that size they would be wide enough to read."""
 
+
 class FieldTimeout(MalariaCellsError):
     """A field (or a request's remaining fields) ran past its time limit: reported, not counted."""
 
