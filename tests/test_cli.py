@@ -114,15 +114,31 @@ def test_info_of_the_shipped_models_shows_the_field_model_and_its_figures(capsys
     (["train", "--data", ".", "--out", "x", "--weight-decay", "-1"], "weight decay must be in [0, 1)"),
     (["retune", "."], "not a training run folder"),
     (["retune", "run"], "not a config.json written by train"),
+    (["serve", "--host", "0.0.0.0"], "no API key is set; set one (--api-key KEY or $MALARIA_CELLS_API_KEY), or pass --no-auth"),
 ])
 def test_user_errors_are_one_line_without_traceback(args, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MALARIA_CELLS_API_KEY", raising=False)
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.json").write_text("{not json")
     (tmp_path / "run" / "model.keras").write_bytes(b"")
     assert main(args) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_serve_on_an_open_address_without_a_key_starts_only_with_no_auth_and_warns(capsys, monkeypatch):
+    import uvicorn
+
+    started = []
+    monkeypatch.delenv("MALARIA_CELLS_API_KEY", raising=False)
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: started.append(options))
+    assert main(["serve", "--host", "0.0.0.0", "--no-auth"]) == 0
+    assert started and started[0]["host"] == "0.0.0.0"
+    assert "without an API key (--no-auth)" in capsys.readouterr().err
+    monkeypatch.setenv("MALARIA_CELLS_API_KEY", "k")
+    assert main(["serve", "--host", "0.0.0.0"]) == 0 and len(started) == 2
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_retune_prints_the_new_threshold_and_test_scores(trained_run, tmp_path, capsys):

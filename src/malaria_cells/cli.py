@@ -217,11 +217,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "docs at /docs. Screening runs at most --screening-slots requests at once; health\n"
                     "and readiness are answered outside them, at once, whatever the load.\n"
                     "Binds to 127.0.0.1: only this computer can reach it. To serve a lab network,\n"
-                    "pass --host 0.0.0.0 AND set an API key (--api-key or $MALARIA_CELLS_API_KEY).")
+                    "pass --host 0.0.0.0 AND set an API key (--api-key or $MALARIA_CELLS_API_KEY);\n"
+                    "without one it refuses to start unless you pass --no-auth.")
     add_model_option(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     serve.add_argument("--api-key", help="require this key (header X-API-Key) on every endpoint but /healthz")
+    serve.add_argument("--no-auth", action="store_true",
+                       help="serve on a non-loopback --host without an API key (a warning is printed)")
     serve.add_argument("--max-images", type=_positive_int, default=256, help="images per request (default: 256)")
     serve.add_argument("--max-upload-mb", type=_positive_int, default=64, help="request size limit in MiB (default: 64)")
     serve.add_argument("--max-seconds", type=_positive_seconds, default=120.0, metavar="S",
@@ -454,7 +457,8 @@ def run_serve(args) -> int:
     limits = ServeLimits(max_images=args.max_images, max_request_bytes=args.max_upload_mb * 2**20,
                          max_seconds=args.max_seconds, max_field_seconds=args.max_field_seconds,
                          screening_slots=args.screening_slots)
-    serve(args.model, host=args.host, port=args.port, api_key=args.api_key, limits=limits, workers=args.workers)
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key, limits=limits, workers=args.workers,
+          no_auth=args.no_auth)
     return EXIT_OK
 
 

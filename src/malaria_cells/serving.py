@@ -27,6 +27,8 @@ from .config import CLASS_NAMES, MAX_IMAGE_PIXELS
 from .errors import MalariaCellsError
 
 API_KEY_ENV = "MALARIA_CELLS_API_KEY"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+"""Addresses only this computer can reach: served without an API key."""
 MIN_SCREEN_SECONDS = 1.0
 """A screening request whose slot comes with less time than this left is told the server is busy."""
 
@@ -398,12 +400,17 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
 
 
 def serve(model=None, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          limits: ServeLimits | None = None, workers: int = 1) -> None:
+          limits: ServeLimits | None = None, workers: int = 1, no_auth: bool = False) -> None:
     """Run the web page and API with uvicorn until interrupted.
 
     With ``workers`` > 1, that many processes share the port (uvicorn's workers), each
     with its own copy of the model: requests are then parsed and answered in parallel
     instead of sharing one Python interpreter.
+
+    On an address other than loopback, an API key is required (``api_key`` or
+    ``$MALARIA_CELLS_API_KEY``): patients' images would otherwise be open to anyone on the
+    network. ``no_auth=True`` serves without one anyway, with a warning (a network that is
+    already closed, or a proxy that checks its own keys).
     """
     import uvicorn
 
@@ -413,9 +420,13 @@ def serve(model=None, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
         raise MalariaCellsError(f"workers must be at least 1, got {workers}")
     message = (f"Serving on http://{host}:{port}/ (API docs at /docs) with {workers} worker"
                f"{'s' if workers > 1 else ''}; Ctrl-C to stop")
-    if host not in ("127.0.0.1", "localhost", "::1") and not (api_key or os.environ.get(API_KEY_ENV)):
-        message += (f"\nwarning: listening on {host} without an API key: anyone who can reach this computer can "
-                    f"use it; set --api-key or ${API_KEY_ENV}")
+    if host not in LOOPBACK and not (api_key or os.environ.get(API_KEY_ENV)):
+        if not no_auth:
+            raise MalariaCellsError(
+                f"--host {host}: other computers could reach this server, and no API key is set; set one "
+                f"(--api-key KEY or ${API_KEY_ENV}), or pass --no-auth to serve without one")
+        message += (f"\nwarning: listening on {host} without an API key (--no-auth): anyone who can reach this "
+                    "computer can use it")
     if workers == 1:
         app = create_app(model, api_key=api_key, limits=limits)
         print(message, file=sys.stderr, flush=True)
