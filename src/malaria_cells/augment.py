@@ -27,7 +27,7 @@ def augment_cell(image, seed, mode: str):
     # The black surround must stay black (contrast jitter would lift it), else it would
     # count as cell in the model's stain normalisation.
     surround_mask = tf.cast(tf.reduce_max(image, axis=-1, keepdims=True) > 20 / 255, tf.float32)
-    if mode in ("flips+color", "flips+stain", "flips+color+focus", "flips+color+blur"):
+    if mode in ("flips+color", "flips+stain", "flips+color+focus", "flips+color+blur", "flips+color+restain"):
         # Stain and illumination differ between slides.
         # Patients' cells range from pink to violet: hue, saturation and per-channel gain.
         image = tf.image.stateless_random_hue(image, 0.08, seeds[3])
@@ -60,7 +60,49 @@ def augment_cell(image, seed, mode: str):
         surround = tf.reduce_max(tf.reshape(image * surround_mask, [-1, 3]), axis=0)
         filled = image * surround_mask + surround * (1.0 - surround_mask)
         image = tf.cond(sigma > 0.05, lambda: _variable_blur(filled, sigma), lambda: filled)
+    if mode == "flips+color+restain":
+        image = _restain(tf.clip_by_value(image, 0.0, 1.0), surround_mask, seeds[8])
     return tf.clip_by_value(image, 0.0, 1.0) * surround_mask * 255.0
+
+
+def _restain(image, inside, seed):
+    """Another lab's stain, then ``screen``'s stain normalisation, on about 60% of the cells.
+
+    A field stained with less eosin, or photographed less saturated, keeps its median cell's
+    colour after :func:`malaria_cells.fields.stain.normalise_crops`, but not the contrast
+    between a parasite and its cell: that is what the model must learn to read. So each cell
+    is restained (haematoxylin and eosin optical densities each x0.5 to x1.6, saturation x0.5
+    to x1.5, hue within 15 degrees), then its mean optical density per channel is brought
+    back to what it was, with the same bounded gains as at screening.
+    """
+    import tensorflow as tf
+    from skimage.color import hed_from_rgb, rgb_from_hed
+
+    seeds = tf.random.experimental.stateless_split(seed, 6)
+    count = tf.maximum(tf.reduce_sum(inside), 1.0)
+    white = tf.maximum(tf.reduce_max(tf.reshape(image * inside, [-1, 3]), axis=0), 0.2)
+
+    def optical(x):
+        return -tf.math.log(tf.clip_by_value(x / white, 1e-3, 1.0))
+
+    def mean_density(x):
+        return tf.reduce_sum(tf.reshape(optical(x) * inside, [-1, 3]), axis=0) / count
+
+    before = mean_density(image)
+    factors = tf.exp(tf.random.stateless_uniform([2], seeds[0], np.log(0.5), np.log(1.6)))
+    factors = tf.concat([factors, [1.0]], axis=0)
+    to_hed = tf.constant(hed_from_rgb, tf.float32)
+    to_rgb = tf.constant(rgb_from_hed, tf.float32)
+    density = tf.reshape(optical(image), [-1, 3])
+    change = tf.matmul(tf.matmul(density, to_hed) * (factors - 1.0), to_rgb)
+    shifted = tf.clip_by_value(image * tf.exp(-tf.reshape(change, tf.shape(image))), 0.0, 1.0)
+    shifted = tf.image.adjust_saturation(shifted, tf.random.stateless_uniform([], seeds[1], 0.5, 1.5))
+    shifted = tf.image.adjust_hue(shifted, tf.random.stateless_uniform([], seeds[2], -15 / 360, 15 / 360))
+    after = mean_density(shifted)
+    measured = (before > 0.03) & (after > 0.03)
+    gain = tf.where(measured, tf.clip_by_value(before / tf.maximum(after, 1e-3), 0.5, 2.0), 1.0)
+    restained = white * tf.exp(-optical(shifted) * gain)
+    return tf.cond(tf.random.stateless_uniform([], seeds[3]) < 0.6, lambda: restained, lambda: image)
 
 
 def _shift_cell(image, seed):

@@ -11,7 +11,7 @@ MODEL_NAMES = ("cellnet-slim", "cellnet-lite", "cellnet", "tutorial", "mobilenet
                "efficientnetv2b0")
 """Architectures ``models.build_model`` knows; the first is the default."""
 COLORS = ("rgb", "gray")
-AUGMENTATIONS = ("none", "flips", "flips+color", "flips+stain", "flips+color+focus", "flips+color+blur", "shifts")
+AUGMENTATIONS = ("none", "flips", "flips+color", "flips+stain", "flips+color+focus", "flips+color+blur", "flips+color+restain", "shifts")
 SPLITS = ("patient", "random")
 SCHEDULES = ("cosine", "constant")
 PRESET_NAMES = ("tutorial",)
