@@ -196,52 +196,6 @@ def test_every_registered_format_renders_the_same_result(samples):
         render(result, "xml")
 
 
-def test_the_report_folder_holds_overlays_csv_json_and_a_page_naming_the_call(samples, tmp_path):
-    from malaria_cells.fields.report import ReportWriter
-
-    writer = ReportWriter(tmp_path / "report")
-    result = Screener(PurpleDotClassifier(FIGURES)).screen(samples / "infected", on_field=writer.add)
-    page = writer.finish(result).read_text()
-    from malaria_cells.fields.report import GALLERY_SIZE
-
-    assert "POSITIVE" in page and page.count("<figure class=\"cell\">") == GALLERY_SIZE
-    scores = [float(part.split("<br>")[0]) for part in page.split("alt=\"cell\"><figcaption>")[1:]]
-    assert scores == sorted(scores, reverse=True) and scores[19] == 1.0 and scores[20] < 0.5  # the 20 infected first
-    # the counting threshold is drawn once, between the 20 counted cells and the near misses
-    assert page.count('<p class="cutoff">counting threshold 0.500') == 1
-    before, after = page.split('<p class="cutoff">')
-    assert before.count('<figure class="cell">') == 20
-    overlays = sorted((tmp_path / "report" / "overlays").iterdir())
-    assert len(overlays) == 4 and all(f'<a href="overlays/{p.name}"><img src="overlays/{p.name}"' in page
-                                      for p in overlays)  # each opens at full size
-    assert '<div class="overlays">' in page  # 4 fields: two a row; more: thumbnails
-    overlay = np.asarray(Image.open(overlays[0]))
-    assert max(overlay.shape[:2]) <= 1600 and (overlay[..., 0] > 200).any()
-    data = json.loads((tmp_path / "report" / "report.json").read_text())
-    assert data["fields"][0]["overlay"].startswith("overlays/")
-    assert (tmp_path / "report" / "cells.csv").read_text().count("Parasitized") == 20
-    with pytest.raises(MalariaCellsError, match="not empty"):
-        ReportWriter(tmp_path / "report")
-
-
-def test_the_report_is_never_written_over_a_file_or_through_a_link(tmp_path):
-    from malaria_cells.fields.report import ReportWriter
-
-    mine = tmp_path / "notes.txt"
-    mine.write_text("mine")
-    for overwrite in (False, True):
-        with pytest.raises(MalariaCellsError, match="is a file"):
-            ReportWriter(mine, overwrite=overwrite)
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    out = tmp_path / "report"
-    out.mkdir()
-    (out / "overlays").symlink_to(elsewhere, target_is_directory=True)
-    with pytest.raises(MalariaCellsError, match="is a link"):
-        ReportWriter(out, overwrite=True)
-    assert mine.read_text() == "mine" and list(elsewhere.iterdir()) == []
-
-
 def test_a_report_written_inside_the_input_folder_is_not_screened_as_fields(samples, tmp_path):
     import shutil
 

@@ -178,12 +178,26 @@ def build_parser() -> argparse.ArgumentParser:
                      "examples:\n"
                      "  malaria-cells screen src/malaria_cells/examples/fields\n"
                      "  malaria-cells screen patient1/ patient2/ --out report/\n"
+                     "  malaria-cells screen slide/ --out report/ --patient P-0193 --operator 'A. Diallo'\n"
+                     "  malaria-cells screen batch/*/ --out reports/ --manifest samples.csv\n"
                      "  malaria-cells screen slide/ --format json --output screen.json\n"
                      "  malaria-cells screen fields/ --truth annotations.json")
     screen.add_argument("paths", nargs="+", metavar="PATH", help="field images or folders (one sample each)")
     add_model_option(screen)
     screen.add_argument("--out", metavar="DIR",
-                        help="also write overlays, cells.csv, report.json and a printable report.html here")
+                        help="also write a report per sample here (report.html and report.pdf for one sample; "
+                        "SAMPLE.html, SAMPLE.pdf and index.html for several), overlays, cells.csv and report.json")
+    screen.add_argument("--no-pdf", action="store_true", help="with --out, write the HTML reports only")
+    screen.add_argument("--pooled", action="store_true",
+                        help="also show the figures of all samples pooled (off: pooling patients describes none)")
+    screen.add_argument("--manifest", metavar="CSV",
+                        help="identifiers per sample: a CSV with a 'sample' column (the folder names) and any of "
+                        "patient, slide, operator, date, site, note")
+    for name, text in (("patient", "patient identifier"), ("slide", "slide identifier"),
+                       ("operator", "who prepared or read the slide"), ("date", "date the blood was taken, YYYY-MM-DD"),
+                       ("site", "laboratory or clinic"), ("note", "free text")):
+        screen.add_argument(f"--{name}", default="", metavar="TEXT",
+                            help=f"{text}, for every sample (a --manifest row takes its place)")
     from .fields.formats import FORMATS
 
     screen.add_argument("--format", choices=tuple(FORMATS), default="table",
@@ -409,17 +423,22 @@ def _progress_bar(total: int, *, unit: str = "cell", minimum: int = 2000):
 
 def run_screen(args) -> int:
     from .fields import FORMATS, Screener, group_samples
+    from .fields.metadata import SampleMetadata, attach_metadata, read_manifest
     from .fields.report import ReportWriter
     from .files import atomic_path
 
     if isinstance(args.truth, str) and not os.path.exists(args.truth):
         raise MalariaCellsError(f"--truth {args.truth}: no such file or folder (an annotations JSON file or folder, "
                                 "or --truth alone for NIH point files beside the images)")
+    defaults = SampleMetadata(**{name: getattr(args, name) for name in
+                                 ("patient", "slide", "operator", "date", "site", "note")})
+    manifest = read_manifest(args.manifest) if args.manifest else None
     screener = Screener(args.model, threshold=args.threshold, max_field_seconds=args.max_field_seconds,
                         rbc_per_ul=args.rbc_per_ul)
     if args.output and os.path.exists(args.output) and not args.overwrite:
         raise MalariaCellsError(f"{args.output}: already exists; choose another --output or pass --overwrite")
-    report = ReportWriter(args.out, overwrite=args.overwrite) if args.out else None
+    report = ReportWriter(args.out, overwrite=args.overwrite, pdf=not args.no_pdf, pooled=args.pooled,
+                          **screener.report_options()) if args.out else None
     bar = _progress_bar(sum(len(files) for _, files in group_samples(args.paths)[0]), unit="field", minimum=2)
     result = screener.screen(args.paths, truth=args.truth, progress=bar.update,
                              on_field=report.add if report else None)
@@ -428,17 +447,21 @@ def run_screen(args) -> int:
         for path, reason in result.skipped:
             print(f"skipped: {path}: {reason}", file=sys.stderr)
         raise MalariaCellsError("no field could be screened" + (" (see the skipped files above)" if result.skipped else ""))
+    for warning in attach_metadata(result, manifest, defaults):
+        print(f"warning: {warning}", file=sys.stderr)
     if report is not None:
         page = report.finish(result)
     write = FORMATS[args.format].write
     if args.output:
         with atomic_path(args.output) as temporary, open(temporary, "w", encoding="utf-8", newline="") as stream:
-            write(result, stream)
+            write(result, stream, pooled=args.pooled)
     else:
-        write(result, sys.stdout)
+        write(result, sys.stdout, pooled=args.pooled)
     for path, reason in result.skipped:
         print(f"skipped: {path}: {reason}", file=sys.stderr)
     if report is not None:
+        for warning in report.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
         print(f"report: {page}", file=sys.stderr)
     return EXIT_SKIPPED if result.skipped else EXIT_OK
 

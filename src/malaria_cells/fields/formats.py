@@ -26,8 +26,9 @@ def format_interval(ci) -> str:
     return "-" if not ci else f"[{100 * ci[0]:.2f}, {100 * ci[1]:.2f}]"
 
 
-def format_table(result: ScreenResult) -> str:
-    """Per field and per sample: counts, parasitemia with its interval, quality; the calls."""
+def format_table(result: ScreenResult, *, pooled: bool = False) -> str:
+    """Per field and per sample: counts, parasitemia with its interval, quality; the calls.
+    ``pooled`` adds the figures of all samples together (when there are several)."""
     lines = [f"{'cells':>6} {'parasitized':>11} {'parasitemia':>11} {'95% CI %':>15}  {'quality':<8} field"]
     for item in result.fields:
         quality = "ok" if item.quality.get("ok") else "low"
@@ -44,11 +45,14 @@ def format_table(result: ScreenResult) -> str:
     samples = result.samples if len(result.samples) > 1 else [result.summary]
     lines.append(f"{'sample':<20} {'fields':>6} {'cells':>7} {'parasitized':>11} {'parasitemia':>11} "
                  f"{'95% CI %':>15} {'corrected':>10}  call")
-    for sample in samples + ([result.summary] if len(result.samples) > 1 else []):
+    for sample in samples + ([result.summary] if pooled and len(result.samples) > 1 else []):
         corrected = format_percent(sample.corrected["parasitemia"]) if sample.corrected else "-"
         lines.append(f"{sample.name[:20]:<20} {sample.fields:>6} {sample.n_cells:>7} {sample.n_parasitized:>11} "
                      f"{format_percent(sample.parasitemia):>11} {format_interval(sample.parasitemia_ci):>15} {corrected:>10}  "
                      f"{sample.call.upper()}")
+        if sample.metadata:
+            lines.append(f"{'':<20} " + ", ".join(f"{key} {value}" for key, value in sample.metadata.items()
+                                                  if key != "note"))
         if sample.density:
             lines.append(f"{'':<20} {format_density(sample.density)}")
         for reason in sample.reasons:
@@ -63,7 +67,7 @@ def format_density(density: dict) -> str:
             f"{density['rbc_per_ul']:,.0f} red cells/uL)")
 
 
-def write_cells_csv(result: ScreenResult, stream) -> None:
+def write_cells_csv(result: ScreenResult, stream, **options) -> None:
     """One row per counted cell: field, centre, box, probability, label."""
     writer = csv.writer(stream, lineterminator="\n")
     writer.writerow(["field", "frame", "x", "y", "x0", "y0", "x1", "y1", "probability", "label"])
@@ -72,11 +76,11 @@ def write_cells_csv(result: ScreenResult, stream) -> None:
             writer.writerow([item.path, item.frame, cell.x, cell.y, *cell.bbox, f"{cell.probability:.6f}", cell.label])
 
 
-def _write_table(result: ScreenResult, stream: TextIO) -> None:
-    stream.write(format_table(result))
+def _write_table(result: ScreenResult, stream: TextIO, *, pooled: bool = False) -> None:
+    stream.write(format_table(result, pooled=pooled))
 
 
-def _write_json(result: ScreenResult, stream: TextIO) -> None:
+def _write_json(result: ScreenResult, stream: TextIO, **options) -> None:
     stream.write(dumps(result) + "\n")
 
 
@@ -84,7 +88,8 @@ def _write_json(result: ScreenResult, stream: TextIO) -> None:
 class OutputFormat:
     """One output format: how to write it, and what it is as a download."""
 
-    write: Callable[[ScreenResult, TextIO], None]
+    write: Callable[..., None]
+    """``write(result, stream, **options)``; options a format does not use are ignored."""
     media_type: str
     suffix: str
     description: str

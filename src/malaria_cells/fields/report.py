@@ -1,13 +1,26 @@
-"""A screen's report folder: overlays, cell CSV, JSON and a printable HTML report."""
+"""A screen's report folder: one report per sample (HTML and PDF), an index, overlays, CSV, JSON.
+
+What a microscopist signs is one sample: its report opens with the sample's identifiers, the
+call and its reasons, the parasitemia (raw and corrected, each with its interval), parasites
+per microlitre and the life stages; then the cells that drove the call, each at the field's own
+resolution beside a heat map of what the classifier looked at, with the counting threshold
+drawn between counted cells and near misses; then the fields and their overlays. Several
+samples get an index. A pooled figure over samples is shown only when asked for
+(``pooled=True``): pooling a healthy and an infected patient describes neither.
+"""
 
 from __future__ import annotations
 
 import base64
+import datetime
+import heapq
 import html
 import io
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -15,20 +28,33 @@ from ..files import atomic_path, write_json, write_text
 from .formats import format_density, format_interval, format_percent, write_cells_csv
 from .results import FieldResult, SampleResult, ScreenResult
 
-__all__ = ["draw_overlay", "overlay_data_url", "ReportWriter", "OVERLAY_SIDE", "GALLERY_SIZE"]
+__all__ = ["draw_overlay", "overlay_data_url", "ReportWriter", "OVERLAY_SIDE", "THUMBNAIL_SIDE", "GALLERY_SIZE",
+           "NEAR_MISSES", "PDF_OVERLAYS", "write_pdf"]
 
-OVERLAY_SIDE = 1600
-"""Longer side of the overlay images: enough to see each cell, light enough to print."""
+OVERLAY_SIDE = 4096
+"""Longer side of the overlay files: the field's own resolution up to this, to zoom into a cell."""
+THUMBNAIL_SIDE = 640
+"""Longer side of the overlay pictures shown in the report (each links to its full overlay)."""
 GALLERY_SIZE = 24
-"""Highest-scoring cells shown as crops in the report, for a microscopist to confirm."""
+"""Highest-scoring counted cells of each sample shown in its gallery, for a microscopist to confirm."""
+NEAR_MISSES = 8
+"""Highest-scoring cells below the counting threshold shown after them."""
+PDF_OVERLAYS = 6
+"""Overlays in a PDF (the fields with most Parasitized cells first); the HTML report has all."""
+_CROP_MARGIN = 0.3
+"""Context around a gallery cell, as a share of its box."""
 
 
-def _encode(image: np.ndarray, fmt: str = ".jpg") -> bytes:
+def _encode(image: np.ndarray, fmt: str = ".jpg", quality: int = 85) -> bytes:
     import cv2
 
-    options = [cv2.IMWRITE_JPEG_QUALITY, 85] if fmt == ".jpg" else []
+    options = [cv2.IMWRITE_JPEG_QUALITY, quality] if fmt == ".jpg" else []
     ok, buffer = cv2.imencode(fmt, np.ascontiguousarray(image[..., ::-1]), options)
     return buffer.tobytes()
+
+
+def _png_url(image: np.ndarray) -> str:
+    return "data:image/png;base64," + base64.b64encode(_encode(image, ".png")).decode()
 
 
 def overlay_data_url(overlay: np.ndarray) -> str:
@@ -36,14 +62,14 @@ def overlay_data_url(overlay: np.ndarray) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(_encode(overlay)).decode()
 
 
-def draw_overlay(image: np.ndarray, item: FieldResult) -> np.ndarray:
+def draw_overlay(image: np.ndarray, item: FieldResult, *, side: int = OVERLAY_SIDE) -> np.ndarray:
     """The field with every counted cell outlined (Parasitized in red with its probability) and
-    excluded objects marked; returned at most :data:`OVERLAY_SIDE` pixels on its longer side."""
+    excluded objects marked; returned at most ``side`` pixels on its longer side."""
     import cv2
 
     from ..images import resize
 
-    scale = min(1.0, OVERLAY_SIDE / max(image.shape[:2]))
+    scale = min(1.0, side / max(image.shape[:2]))
     canvas = resize(image, (round(image.shape[1] * scale), round(image.shape[0] * scale))).copy()
     factor = canvas.shape[1] / item.width
     thickness = max(1, round(canvas.shape[1] / 800))
@@ -62,11 +88,80 @@ def draw_overlay(image: np.ndarray, item: FieldResult) -> np.ndarray:
     return canvas
 
 
-class ReportWriter:
-    """Writes a screen's report folder as fields arrive: ``overlays/``, then ``cells.csv``,
-    ``report.json`` and ``report.html`` once all are done. Every file is written atomically."""
+def _native_crop(image: np.ndarray, item: FieldResult, bbox) -> np.ndarray:
+    """The cell as the photograph shows it (its own resolution), with some context around it."""
+    factor = image.shape[1] / item.width
+    x0, y0, x1, y1 = (v * factor for v in bbox)
+    margin = _CROP_MARGIN * max(x1 - x0, y1 - y0)
+    x0, y0 = max(0, int(x0 - margin)), max(0, int(y0 - margin))
+    x1, y1 = min(image.shape[1], int(np.ceil(x1 + margin))), min(image.shape[0], int(np.ceil(y1 + margin)))
+    return np.ascontiguousarray(image[y0:y1, x0:x1])
 
-    def __init__(self, out: str | os.PathLike, *, overwrite: bool = False):
+
+@dataclass
+class _GalleryCell:
+    probability: float
+    counted: bool
+    field: str
+    x: float
+    y: float
+    stage: str | None
+    stage_probability: float | None
+    native: np.ndarray
+    crop: np.ndarray
+
+    def __lt__(self, other):  # heapq keeps the highest-scoring cells
+        return self.probability < other.probability
+
+
+def write_pdf(page: str, target: str | os.PathLike, *, base_url: str | os.PathLike) -> None:
+    """Render an HTML page to a PDF file with WeasyPrint (atomically).
+
+    Raises
+    ------
+    OSError
+        When WeasyPrint's libraries (Pango) cannot be loaded on this computer.
+    """
+    from weasyprint import HTML
+
+    with atomic_path(target) as temporary:
+        HTML(string=page, base_url=str(base_url)).write_pdf(str(temporary))
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^\w.-]+", "_", name).strip("._")[:80] or "sample"
+
+
+class ReportWriter:
+    """Writes a screen's report folder as fields arrive, then the reports once all are done.
+
+    The folder holds ``overlays/`` (each field at up to :data:`OVERLAY_SIDE` pixels, and a
+    thumbnail), ``cells.csv``, ``report.json`` and, for one sample, ``report.html`` and
+    ``report.pdf``; for several, ``index.html`` and each sample's ``<sample>.html`` and
+    ``<sample>.pdf``. Every file is written atomically; a non-empty folder is written into
+    only with ``overwrite``, never through a link.
+
+    Parameters
+    ----------
+    out : path
+        The report folder.
+    overwrite : bool
+        Write into a non-empty folder.
+    pdf : bool
+        Write each sample's report as PDF too (WeasyPrint); where it cannot be loaded, the
+        HTML is written and :attr:`warnings` says why there is no PDF.
+    pooled : bool
+        Show the pooled figures of all samples in the index.
+    explain : callable, optional
+        ``explain(crops) -> heat`` (``(n, size, size)`` in [0, 1]) for the classifier's crops
+        of the gallery cells, e.g. :func:`malaria_cells.explain.explain` bound to the model;
+        without it the gallery has no heat maps.
+    stage_figures : dict, optional
+        The stage model's measured figures, shown beside the stage counts.
+    """
+
+    def __init__(self, out: str | os.PathLike, *, overwrite: bool = False, pdf: bool = True, pooled: bool = False,
+                 explain: Callable[[np.ndarray], np.ndarray] | None = None, stage_figures: dict | None = None):
         from ..errors import MalariaCellsError
 
         self.out = Path(out)
@@ -77,103 +172,298 @@ class ReportWriter:
             raise MalariaCellsError(f"{self.out}: already exists and is not empty; choose another --out "
                                     "or pass --overwrite")
         overlays = self.out / "overlays"
-        if overlays.is_symlink() or (overlays.exists() and not overlays.is_dir()):
-            # overlays are written into it: a link could lead them out of --out
-            raise MalariaCellsError(f"{overlays}: is a link or a file, not a folder; choose another --out")
-        overlays.mkdir(parents=True, exist_ok=True)
-        self.overlays: dict[str, str] = {}
-        self.gallery: list[tuple[float, str, bytes]] = []
+        for folder in (overlays, overlays / "small"):
+            if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+                # files are written into it: a link could lead them out of --out
+                raise MalariaCellsError(f"{folder}: is a link or a file, not a folder; choose another --out")
+        (overlays / "small").mkdir(parents=True, exist_ok=True)
+        self.pdf, self.pooled, self.explain, self.stage_figures = pdf, pooled, explain, stage_figures
+        self.overlays: dict[str, tuple[str, str]] = {}
+        self.counted: dict[str, list[_GalleryCell]] = {}
+        self.near: dict[str, list[_GalleryCell]] = {}
+        self.warnings: list[str] = []
+        self.started = datetime.datetime.now(datetime.timezone.utc).astimezone()
 
     def add(self, item: FieldResult, crops: np.ndarray, image: np.ndarray) -> None:
+        """Write a field's overlay and keep its best cells for its sample's gallery."""
         # the field's own name, shortened, in characters every file system takes (a name may
         # be long, hold ':' or '?', or not be UTF-8)
         stem = re.sub(r"[^\w.-]+", "_", Path(item.path).stem)[:80]
         name = f"{len(self.overlays):03d}-{stem}.jpg"
+        overlay = draw_overlay(image, item)
         with atomic_path(self.out / "overlays" / name) as temporary:
-            temporary.write_bytes(_encode(draw_overlay(image, item)))
-        self.overlays[item.path] = f"overlays/{name}"
+            temporary.write_bytes(_encode(overlay))
+        scale = min(1.0, THUMBNAIL_SIDE / max(overlay.shape[:2]))
+        if scale < 1:
+            from ..images import resize
+
+            overlay = resize(overlay, (round(overlay.shape[1] * scale), round(overlay.shape[0] * scale)))
+        with atomic_path(self.out / "overlays" / "small" / name) as temporary:
+            temporary.write_bytes(_encode(overlay, quality=80))
+        self.overlays[item.path] = (f"overlays/{name}", f"overlays/small/{name}")
         for cell, crop in zip(item.cells, crops):
-            if len(self.gallery) < GALLERY_SIZE or cell.probability > self.gallery[-1][0]:
-                self.gallery.append((cell.probability, f"{Path(item.path).name} ({cell.x:.0f}, {cell.y:.0f})",
-                                     _encode(crop, ".png")))
-                self.gallery.sort(key=lambda entry: -entry[0])
-                del self.gallery[GALLERY_SIZE:]
+            counted = cell.label == "Parasitized"
+            heap, size = ((self.counted, GALLERY_SIZE) if counted else (self.near, NEAR_MISSES))
+            heap = heap.setdefault(item.sample, [])
+            if len(heap) < size or cell.probability > heap[0].probability:
+                entry = _GalleryCell(cell.probability, counted, Path(item.path).name, cell.x, cell.y,
+                                     getattr(cell, "stage", None), getattr(cell, "stage_probability", None),
+                                     _native_crop(image, item, cell.bbox), np.array(crop))
+                (heapq.heappush if len(heap) < size else heapq.heapreplace)(heap, entry)
 
     def finish(self, result: ScreenResult) -> Path:
+        """Write ``report.json``, ``cells.csv`` and the reports; returns the page to open first."""
         data = result.to_dict()
         for entry in data["fields"]:
-            entry["overlay"] = self.overlays.get(entry["path"])
+            entry["overlay"] = self.overlays.get(entry["path"], (None,))[0]
         write_json(self.out / "report.json", data)
         buffer = io.StringIO()
         write_cells_csv(result, buffer)
         write_text(self.out / "cells.csv", buffer.getvalue())
-        write_text(self.out / "report.html", self._html(result))
-        return self.out / "report.html"
+        single = len(result.samples) <= 1
+        samples = result.samples or [result.summary]
+        names = self._file_names(samples, single)
+        for sample in samples:
+            fields = [f for f in result.fields if f.sample == sample.name or single]
+            gallery = self._gallery(sample.name if not single else None)
+            self._write_sample(result, sample, fields, gallery, names[sample.name])
+        if single:
+            return self.out / f"{names[samples[0].name]}.html"
+        write_text(self.out / "index.html", self._index_html(result, names))
+        return self.out / "index.html"
 
-    def _html(self, result: ScreenResult) -> str:
-        summary = result.summary
-        colour = {"positive": "#b00020", "negative": "#1b7f3b", "review": "#a15c00"}[summary.call]
-        samples = result.samples if len(result.samples) > 1 else [summary]
-        rows = "".join(self._sample_row(s) for s in samples)
-        fields = "".join(
+    @staticmethod
+    def _file_names(samples, single: bool) -> dict[str, str]:
+        if single:
+            return {samples[0].name: "report"}
+        names, taken = {}, {"index", "report", "cells"}
+        for sample in samples:
+            slug = base = _slug(sample.name)
+            k = 2
+            while slug.lower() in taken:
+                slug, k = f"{base}-{k}", k + 1
+            taken.add(slug.lower())
+            names[sample.name] = slug
+        return names
+
+    def _gallery(self, sample: str | None) -> list[dict]:
+        """The sample's gallery, highest first, each cell with its pictures."""
+        def cells(pool):
+            return [c for key, heap in pool.items() if sample is None or key == sample for c in heap]
+
+        counted = sorted(cells(self.counted), key=lambda c: -c.probability)[:GALLERY_SIZE]
+        near = sorted(cells(self.near), key=lambda c: -c.probability)[:NEAR_MISSES]
+        entries = counted + near
+        heat = None
+        if self.explain is not None and entries:
+            try:
+                heat = self.explain(np.stack([c.crop for c in entries]))
+            except Exception as error:  # noqa: BLE001 - the report stands without its heat maps
+                self.warnings.append(f"heat maps not drawn ({type(error).__name__}: {error})")
+        out = []
+        for k, cell in enumerate(entries):
+            picture = {"cell": cell, "native": _png_url(cell.native), "heat": None}
+            if heat is not None:
+                from ..explain import heat_overlay
+
+                picture["heat"] = _png_url(heat_overlay(cell.crop, heat[k]))
+            out.append(picture)
+        return out
+
+    def _write_sample(self, result, sample, fields, gallery, name: str) -> None:
+        write_text(self.out / f"{name}.html", self._sample_html(result, sample, fields, gallery))
+        if not self.pdf:
+            return
+        try:
+            write_pdf(self._sample_html(result, sample, fields, gallery, printed=True), self.out / f"{name}.pdf",
+                      base_url=self.out)
+        except (OSError, ImportError) as error:  # Pango missing: the HTML report stands, and says how to print
+            self.warnings.append(f"{name}.pdf not written: WeasyPrint cannot run here ({str(error).splitlines()[0]}); "
+                                 f"print {name}.html from a browser instead")
+
+    def _sample_html(self, result: ScreenResult, sample: SampleResult, fields, gallery, *, printed: bool = False) -> str:
+        colour = {"positive": "#b00020", "negative": "#1b7f3b", "review": "#a15c00"}[sample.call]
+        model = result.model
+        figures = model.get("field_figures") or {}
+        identity = "".join(f"<tr><th>{html.escape(key)}</th><td>{html.escape(value)}</td></tr>"
+                           for key, value in _identity(sample, self.started).items())
+        overlays = [f for f in fields if f.path in self.overlays]
+        if printed:
+            overlays = sorted(overlays, key=lambda f: -f.n_parasitized)[:PDF_OVERLAYS]
+        overlay_html = "".join(
+            f"<figure><a href=\"{html.escape(self.overlays[f.path][0])}\"><img src=\"{html.escape(self.overlays[f.path][1])}\" "
+            f"alt=\"overlay\"></a><figcaption>{html.escape(Path(f.path).name)}: {f.n_parasitized} of {f.n_cells} "
+            "cells</figcaption></figure>" for f in overlays)
+        more = (f"<p>{len(overlays)} of {len([f for f in fields if f.path in self.overlays])} overlays (those with the "
+                "most Parasitized cells); the HTML report has every field.</p>"
+                if printed and len(overlays) < len([f for f in fields if f.path in self.overlays]) else "")
+        field_rows = "".join(
             f"<tr><td>{html.escape(Path(f.path).name)}</td><td>{f.n_cells}</td><td>{f.n_parasitized}</td>"
             f"<td>{format_percent(f.parasitemia)}</td><td>{format_interval(f.parasitemia_ci)}</td>"
             f"<td>{'ok' if f.quality.get('ok') else html.escape('; '.join(f.quality.get('reasons', [])))}</td></tr>"
-            for f in result.fields)
-        # each overlay opens at full size; many fields are shown as thumbnails, so the page stays short
-        overlays = "".join(
-            f"<figure><a href=\"{html.escape(self.overlays[f.path])}\"><img src=\"{html.escape(self.overlays[f.path])}\" "
-            f"alt=\"overlay\"></a><figcaption>{html.escape(Path(f.path).name)}: {f.n_parasitized} of {f.n_cells} "
-            "cells</figcaption></figure>"
-            for f in result.fields if f.path in self.overlays)
-        layout = "overlays many" if len(self.overlays) > 4 else "overlays"
-        threshold = result.model["counting_threshold"]
-        gallery, marked = [], False
-        for probability, where, png in self.gallery:  # highest first: the cut-off is drawn once, where it falls
-            if probability < threshold and not marked:
-                gallery.append(f"<p class=\"cutoff\">counting threshold {threshold:.3f}: the cells above were "
-                               "counted Parasitized; those below are near misses, not counted</p>")
-                marked = True
-            gallery.append(
-                f"<figure class=\"cell\"><img src=\"data:image/png;base64,{base64.b64encode(png).decode()}\" "
-                f"alt=\"cell\"><figcaption>{probability:.3f}<br>{html.escape(where)}</figcaption></figure>")
-        gallery = "".join(gallery)
-        density = (f" {html.escape(format_density(summary.density))} (the red-cell count is the WHO thin-film "
-                   "convention unless the patient's own was given)." if summary.density else "")
-        corrected = (f" (corrected for the classifier: {format_percent(summary.corrected['parasitemia'])}, 95% CI "
-                     f"{format_interval(summary.corrected['parasitemia_ci'])}%)") if summary.corrected else ""
+            for f in fields)
         return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>malaria-cells screen: {html.escape(summary.name)}</title>
-<style>
-body {{ font: 14px/1.4 system-ui, sans-serif; margin: 2em; color: #222; }}
-.call {{ font-size: 2em; font-weight: bold; color: {colour}; }}
-table {{ border-collapse: collapse; margin: 1em 0; }} td, th {{ border: 1px solid #ccc; padding: 3px 8px; text-align: right; }}
-td:first-child, th:first-child {{ text-align: left; }}
-figure {{ display: inline-block; margin: 4px; vertical-align: top; }} figure img {{ max-width: 100%; }}
-.overlays figure {{ width: 48%; }} .overlays.many figure {{ width: 23%; font-size: 11px; }} .cell img {{ width: 96px; height: 96px; image-rendering: pixelated; }}
-.cutoff {{ border-top: 2px dashed #b00020; color: #b00020; margin: 6px 0; padding-top: 2px; }}
-.cell figcaption {{ font-size: 11px; text-align: center; width: 96px; overflow-wrap: anywhere; }}
-@media print {{ .overlays figure {{ width: 100%; page-break-inside: avoid; }} }}
-</style></head><body>
-<h1>Thin-smear screen: {html.escape(summary.name)}</h1>
-<p class="call">{summary.call.upper()}</p>
-<p>{html.escape('; '.join(summary.reasons))}</p>
-<p>Parasitemia {format_percent(summary.parasitemia)} ({summary.n_parasitized} of {summary.n_cells} red cells), 95% CI
-{format_interval(summary.parasitemia_ci)}%{corrected}.{density} Coordinates are pixels of the images as stored (EXIF orientation not applied).</p>
-<table><tr><th>sample</th><th>fields</th><th>cells</th><th>parasitized</th><th>parasitemia</th><th>95% CI %</th><th>call</th></tr>{rows}</table>
-<h2>Fields</h2>
-<table><tr><th>field</th><th>cells</th><th>parasitized</th><th>parasitemia</th><th>95% CI %</th><th>quality</th></tr>{fields}</table>
-<h2>Highest-scoring cells</h2><div>{gallery}</div>
-<h2>Overlays</h2><p>Counted cells outlined in green; cells called Parasitized in red with their probability; excluded objects (cut by the edge, clumps of overlapping cells, platelets, white cells, printed marks) crossed in grey.</p>
-<p>Click an overlay to open it at full size.</p><div class="{layout}">{overlays}</div>
-<p><small>malaria-cells, model {html.escape(os.path.basename(result.model['path']))}, counting threshold
-{result.model['counting_threshold']:.4f}. A screening aid: a microscopist confirms every call.</small></p>
+<html lang="en"><head><meta charset="utf-8"><title>malaria-cells: {html.escape(sample.name)} {sample.call.upper()}</title>
+<style>{_CSS}
+.call {{ color: {colour}; }}</style></head><body>
+<header><h1>Thin-smear malaria screen: {html.escape(sample.name)}</h1>
+<table class="identity">{identity}</table></header>
+<p class="call">{sample.call.upper()}</p>
+<ul class="reasons">{''.join(f'<li>{html.escape(r)}</li>' for r in sample.reasons)}</ul>
+{_figures_table(sample)}
+{self._stages_html(sample)}
+<h2>Cells that drove the call</h2>
+{_gallery_html(gallery, model['counting_threshold'])}
+<h2>Fields ({sample.fields})</h2>
+<table class="fields"><tr><th>field</th><th>cells</th><th>parasitized</th><th>parasitemia</th><th>95% CI % (raw)</th><th>quality</th></tr>{field_rows}</table>
+<h2>Overlays</h2><p>Counted red cells outlined in green; cells called Parasitized in red with their probability;
+excluded objects (cut by the edge, clumps of overlapping cells, platelets, white cells, printed marks) crossed in grey.
+{'Click an overlay to open it at the photograph&#39;s resolution.' if not printed else ''}</p>
+{more}<div class="overlays{' many' if len(overlays) > 4 else ''}">{overlay_html}</div>
+{_model_html(model, figures, result)}
 </body></html>
 """
 
-    @staticmethod
-    def _sample_row(sample: SampleResult) -> str:
-        return (f"<tr><td>{html.escape(sample.name)}</td><td>{sample.fields}</td><td>{sample.n_cells}</td>"
-                f"<td>{sample.n_parasitized}</td><td>{format_percent(sample.parasitemia)}</td>"
-                f"<td>{format_interval(sample.parasitemia_ci)}</td><td>{sample.call}</td></tr>")
+    def _stages_html(self, sample: SampleResult) -> str:
+        stages = getattr(sample, "stages", None)
+        if not stages:
+            return ""
+        figures = self.stage_figures or {}
+        rare = set(figures.get("rare", []))
+        per_stage = figures.get("per_stage", {})
+        rows = []
+        for stage, count in stages.items():
+            measured = per_stage.get(stage, {})
+            recall, precision = measured.get("recall"), measured.get("precision")
+            quality = (f"leave-slide-out recall {recall:.0%}, precision {precision:.0%}"
+                       if recall is not None and precision is not None else "")
+            if stage in rare:
+                quality = (quality + "; " if quality else "") + "rarely seen in training: treat as unconfirmed"
+            rows.append(f"<tr><td>{html.escape(stage)}</td><td>{count}</td><td>{html.escape(quality)}</td></tr>")
+        gametocytes = stages.get("gametocyte", 0)
+        line = (f"<p class=\"gametocytes\">Gametocytes seen: {gametocytes} (the patient can infect mosquitoes).</p>"
+                if gametocytes else "<p class=\"gametocytes\">No gametocytes among the counted cells.</p>")
+        return (f"<h2>Life stages of the Parasitized cells</h2><table class=\"stages\"><tr><th>stage</th><th>cells</th>"
+                f"<th>how well the stage model tells it</th></tr>{''.join(rows)}</table>{line}"
+                "<p class=\"small\">Species is not claimed: no data this model was trained on tells species apart.</p>")
 
+    def _index_html(self, result: ScreenResult, names: dict[str, str]) -> str:
+        rows = []
+        samples = list(result.samples) + ([result.summary] if self.pooled else [])
+        for sample in samples:
+            name = names.get(sample.name)
+            link = (f"<a href=\"{html.escape(name)}.html\">{html.escape(sample.name)}</a>"
+                    + (f" (<a href=\"{html.escape(name)}.pdf\">PDF</a>)"
+                       if self.pdf and (self.out / f"{name}.pdf").exists() else "")) if name else \
+                f"{html.escape(sample.name)} (pooled, all samples)"
+            meta = "; ".join(f"{k} {v}" for k, v in (sample.metadata or {}).items() if k in ("patient", "slide"))
+            density = format_density(sample.density) if sample.density else "-"
+            rows.append(f"<tr><td>{link}</td><td>{html.escape(meta)}</td><td class=\"c-{sample.call}\">"
+                        f"{sample.call.upper()}</td><td>{format_percent(sample.parasitemia)}</td>"
+                        f"<td>{format_interval(sample.parasitemia_ci)}</td><td>{html.escape(density)}</td>"
+                        f"<td>{sample.n_cells}</td><td>{sample.fields}</td></tr>")
+        skipped = "".join(f"<li>{html.escape(p)}: {html.escape(r)}</li>" for p, r in result.skipped)
+        return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>malaria-cells: {len(result.samples)} samples</title>
+<style>{_CSS}</style></head><body>
+<h1>Thin-smear malaria screen: {len(result.samples)} samples</h1>
+<p>Screened {self.started:%Y-%m-%d %H:%M %Z}. Each sample has its own report; open it to see the cells behind its call.</p>
+<table><tr><th>sample</th><th>identifiers</th><th>call</th><th>parasitemia</th><th>95% CI % (raw)</th>
+<th>parasites per microlitre</th><th>cells</th><th>fields</th></tr>{''.join(rows)}</table>
+{f'<h2>Not screened</h2><ul>{skipped}</ul>' if skipped else ''}
+{_model_html(result.model, result.model.get('field_figures') or {}, result)}
+</body></html>
+"""
+
+
+def _identity(sample: SampleResult, started: datetime.datetime) -> dict:
+    metadata = sample.metadata or {}
+    labels = {"patient": "patient", "slide": "slide", "date": "blood taken", "operator": "operator", "site": "site",
+              "note": "note"}
+    out = {"sample": sample.name}
+    out.update({labels[key]: value for key, value in metadata.items() if key in labels})
+    out["screened"] = f"{started:%Y-%m-%d %H:%M %Z}"
+    return out
+
+
+def _figures_table(sample: SampleResult) -> str:
+    rows = [("parasitemia (raw)", f"{format_percent(sample.parasitemia)} ({sample.n_parasitized} of {sample.n_cells} "
+             f"red cells)", f"{format_interval(sample.parasitemia_ci)}%")]
+    if sample.corrected:
+        rows.append(("parasitemia corrected for the classifier's measured sensitivity and false positives",
+                     format_percent(sample.corrected["parasitemia"]), f"{format_interval(sample.corrected['parasitemia_ci'])}%"))
+    if sample.density:
+        low, high = sample.density["per_ul_ci"]
+        rows.append(("parasites per microlitre", f"{sample.density['per_ul']:,.0f}", f"{low:,.0f} to {high:,.0f}"))
+    body = "".join(f"<tr><td>{html.escape(a)}</td><td>{html.escape(b)}</td><td>{html.escape(c)}</td></tr>"
+                   for a, b, c in rows)
+    note = (f"<p class=\"small\">Parasites per microlitre: the raw parasitemia and its interval times "
+            f"{sample.density['rbc_per_ul']:,.0f} red cells per microlitre (WHO's thin-film convention of 5,000,000 "
+            "unless the patient's own count was given).</p>") if sample.density else ""
+    return (f"<table class=\"figures\"><tr><th></th><th>estimate</th><th>95% interval</th></tr>{body}</table>{note}"
+            "<p class=\"small\">Coordinates are pixels of the images as stored (EXIF orientation not applied).</p>")
+
+
+def _gallery_html(gallery: list[dict], threshold: float) -> str:
+    if not gallery:
+        return "<p>No cell scored high enough to show.</p>"
+    parts, marked = [], False
+    for entry in gallery:  # highest first: the cut-off is drawn once, where it falls
+        cell = entry["cell"]
+        if not cell.counted and not marked:
+            parts.append(f"<p class=\"cutoff\">counting threshold {threshold:.3f}: the cells above were counted "
+                         "Parasitized; those below are near misses, not counted</p>")
+            marked = True
+        stage = (f"<br>{html.escape(cell.stage)} {cell.stage_probability:.2f}"
+                 if cell.counted and cell.stage and cell.stage_probability is not None else "")
+        heat = f"<img class=\"heat\" src=\"{entry['heat']}\" alt=\"heat map\">" if entry["heat"] else ""
+        parts.append(f"<figure class=\"cell\"><img src=\"{entry['native']}\" alt=\"cell\">{heat}"
+                     f"<figcaption>{cell.probability:.3f}{stage}<br>{html.escape(cell.field)} "
+                     f"({cell.x:.0f}, {cell.y:.0f})</figcaption></figure>")
+    if any(entry["heat"] for entry in gallery):
+        parts.insert(0, "<p class=\"small\">Each cell as photographed, and beside it a heat map of the parts of the "
+                        "cell that raised its score most (red: most).</p>")
+    return f"<div class=\"gallery\">{''.join(parts)}</div>"
+
+
+def _model_html(model: dict, figures: dict, result: ScreenResult) -> str:
+    from .. import __version__
+
+    nested = figures.get("nested") or {}
+    found = nested.get("found_of_annotated_infected")
+    measured = ""
+    if nested:
+        measured = (f" Measured by leave-slide-out cross-validation on {nested.get('fields', '?')} fields of the "
+                    f"shared IML P. vivax slides: {found[0]} of {found[1]} infected cells found, "
+                    if found else " Measured by leave-slide-out cross-validation: ")
+        measured += (f"{100 * nested.get('false_positive_rate', 0):.2f}% of uninfected cells called Parasitized, "
+                     f"parasitemia off by {nested.get('parasitemia_mae_points', 0):.2f} points per field on average.")
+    trained = f", trained {html.escape(str(model['trained_at'])[:10])}" if model.get("trained_at") else ""
+    return (f"<footer><p class=\"small\">malaria-cells {html.escape(__version__)}; field model "
+            f"{html.escape(str(model.get('path')))}{trained}, counting threshold {model['counting_threshold']:.4f}."
+            f"{html.escape(measured)} Slides unlike those may score lower: the reasons above say when a field could not "
+            "be read. A screening aid: a microscopist confirms every call.</p></footer>")
+
+
+_CSS = """
+body { font: 13px/1.4 system-ui, sans-serif; margin: 2em; color: #222; }
+h1 { font-size: 1.5em; margin: 0 0 .3em; } h2 { font-size: 1.15em; margin: 1.2em 0 .4em; }
+.call { font-size: 2.2em; font-weight: bold; margin: .2em 0; }
+.reasons { margin: 0 0 .6em; padding-left: 1.2em; }
+table { border-collapse: collapse; margin: .5em 0; } td, th { border: 1px solid #ccc; padding: 2px 8px; text-align: right; }
+td:first-child, th:first-child { text-align: left; } .identity th { text-align: left; background: #f4f4f4; }
+.identity td { text-align: left; } .figures td:first-child { max-width: 28em; }
+.small { font-size: 11px; color: #555; }
+.c-positive { color: #b00020; font-weight: bold; } .c-negative { color: #1b7f3b; font-weight: bold; }
+.c-review { color: #a15c00; font-weight: bold; }
+figure { display: inline-block; margin: 4px; vertical-align: top; } figure img { max-width: 100%; }
+.overlays figure { width: 48%; } .overlays.many figure { width: 23%; font-size: 11px; }
+.cell img { width: 96px; height: 96px; object-fit: contain; background: #000; }
+.cell img.heat { margin-left: 2px; }
+.cell figcaption { font-size: 11px; text-align: center; width: 196px; overflow-wrap: anywhere; }
+.cutoff { border-top: 2px dashed #b00020; color: #b00020; margin: 6px 0; padding-top: 2px; }
+footer { margin-top: 2em; border-top: 1px solid #ccc; }
+@page { size: A4; margin: 14mm 12mm; @bottom-right { content: "page " counter(page) " of " counter(pages); font-size: 9px; } }
+@media print { body { margin: 0; } .overlays figure { width: 48%; page-break-inside: avoid; }
+  .cell { page-break-inside: avoid; } }
+"""

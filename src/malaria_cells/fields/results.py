@@ -42,6 +42,8 @@ class FieldResult:
     excluded: list[dict] = field(default_factory=list)
     truth: dict | None = None
     seconds: float = 0.0
+    sample: str = ""
+    """The sample the field belongs to."""
 
 
 @dataclass
@@ -61,6 +63,9 @@ class SampleResult:
     density: dict | None = None
     """Parasites per microlitre of blood: ``{"per_ul", "per_ul_ci", "rbc_per_ul"}``, the
     parasitemia and its interval times the red-cell count per microlitre."""
+    metadata: dict | None = None
+    """The lab's identifiers (patient, slide, operator, date, site, note; see
+    :mod:`.metadata`), where given."""
 
 
 @dataclass

@@ -127,9 +127,18 @@ class Screener:
     def describe(self) -> dict:
         """The ``model`` block of every result: file name, counting threshold, field figures,
         the false-positive rate the call uses, and the detector."""
-        return {"path": os.path.basename(self.classifier.path), "counting_threshold": self.threshold,
+        return {"path": os.path.basename(self.classifier.path),
+                "trained_at": (getattr(self.classifier, "info", None) or {}).get("trained_at"),
+                "counting_threshold": self.threshold,
                 "field_figures": self.figures.to_info() if self.figures else None,
                 "false_positive_rate_for_call": self.false_positive_rate, "detector": self.detector.describe()}
+
+    def report_options(self) -> dict:
+        """What a :class:`~.report.ReportWriter` needs from this screener: ``explain``, heat maps
+        of the classifier on cell crops (:func:`malaria_cells.explain.explain`)."""
+        from ..explain import explain
+
+        return {"explain": lambda crops: explain(self.classifier, crops)}
 
     def score(self, crops: np.ndarray) -> np.ndarray:
         """Counting probabilities of cell crops (see :func:`counting_probability`)."""
@@ -318,6 +327,7 @@ class Screener:
                     if earlier is not None:
                         _withhold(result, "duplicate", f"the same field as {Path(earlier.path).name}: counted once")
                         crops = crops[:0]
+                    result.sample = name
                     sample_fields.append(result)
                     if on_field is not None:
                         on_field(result, crops, image)

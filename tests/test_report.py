@@ -1,0 +1,162 @@
+"""The report folder: one report per sample (HTML and PDF), an index, overlays, identifiers."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from malaria_cells.errors import MalariaCellsError
+from malaria_cells.fields import Screener
+from malaria_cells.fields.metadata import SampleMetadata, attach_metadata, read_manifest
+from malaria_cells.fields.report import GALLERY_SIZE, NEAR_MISSES, ReportWriter
+
+from test_fields import FIGURES, PurpleDotClassifier, _write_sample
+
+
+@pytest.fixture(scope="module")
+def two_samples(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report-samples")
+    _write_sample(root / "P-infected", 4, [5, 5, 5, 5], 100)  # 20 of ~250 cells
+    _write_sample(root / "P-healthy", 8, [0] * 8, 200)
+    return root
+
+
+def _pdf_text(path) -> str:
+    from pypdf import PdfReader
+
+    return "\n".join(page.extract_text() for page in PdfReader(path).pages)
+
+
+def test_one_sample_gets_an_html_and_a_pdf_report_with_its_call_figures_and_identifiers(two_samples, tmp_path):
+    writer = ReportWriter(tmp_path / "report")
+    result = Screener(PurpleDotClassifier(FIGURES)).screen(two_samples / "P-infected", on_field=writer.add)
+    attach_metadata(result, defaults=SampleMetadata(patient="PT-0193", operator="A. Diallo", date="2026-11-30"))
+    page = writer.finish(result)
+    assert page.name == "report.html"
+    assert {p.name for p in page.parent.iterdir()} == {"overlays", "cells.csv", "report.json", "report.html",
+                                                       "report.pdf"}
+    text = page.read_text()
+    assert "POSITIVE" in text and "PT-0193" in text and "A. Diallo" in text and "2026-11-30" in text
+    assert "parasitemia (raw)" in text and "parasitemia corrected" in text and "parasites per microlitre" in text
+    # the 20 counted cells, highest first, then the near misses below the threshold line, drawn once
+    captions = text.split('<figure class="cell">')[1:]
+    scores = [float(c.split("<figcaption>")[1].split("<")[0]) for c in captions]
+    assert len(scores) == 20 + NEAR_MISSES and scores == sorted(scores, reverse=True)
+    assert text.count('<p class="cutoff">counting threshold 0.500') == 1
+    assert text.split('<p class="cutoff">')[0].count('<figure class="cell">') == 20
+    # each overlay is shown small and opens at the photograph's own resolution
+    overlays = sorted((page.parent / "overlays").glob("*.jpg"))
+    assert len(overlays) == 4
+    for overlay in overlays:
+        assert f'<a href="overlays/{overlay.name}"><img src="overlays/small/{overlay.name}"' in text
+        full = Image.open(overlay)
+        assert full.size == Image.open(two_samples / "P-infected" / "field0.png").size
+        assert max(Image.open(page.parent / "overlays" / "small" / overlay.name).size) <= 640
+    pdf = _pdf_text(page.parent / "report.pdf")
+    for words in ("P-infected", "POSITIVE", "PT-0193", "A. Diallo", "parasites per microlitre", "parasitemia (raw)",
+                  "Cells that drove the call"):
+        assert words in pdf, words
+    data = json.loads((page.parent / "report.json").read_text())
+    assert data["summary"]["metadata"] == {"patient": "PT-0193", "operator": "A. Diallo", "date": "2026-11-30"}
+    assert data["fields"][0]["overlay"].startswith("overlays/") and data["fields"][0]["sample"] == "P-infected"
+
+
+def test_several_samples_get_a_report_each_and_an_index_without_a_pooled_call_unless_asked(two_samples, tmp_path):
+    screener = Screener(PurpleDotClassifier(FIGURES))
+    writer = ReportWriter(tmp_path / "report", pdf=False)
+    result = screener.screen([two_samples / "P-infected", two_samples / "P-healthy"], on_field=writer.add)
+    page = writer.finish(result)
+    assert page.name == "index.html"
+    names = {p.name for p in page.parent.iterdir()}
+    assert {"index.html", "P-infected.html", "P-healthy.html"} <= names and not any(n.endswith(".pdf") for n in names)
+    index = page.read_text()
+    assert '<a href="P-infected.html">P-infected</a>' in index and '<a href="P-healthy.html">P-healthy</a>' in index
+    assert "pooled" not in index
+    infected, healthy = (page.parent / "P-infected.html").read_text(), (page.parent / "P-healthy.html").read_text()
+    assert "POSITIVE" in infected and "NEGATIVE" not in infected
+    assert "NEGATIVE" in healthy and "POSITIVE" not in healthy
+    # a sample's gallery and overlays are its own: no counted cell in the healthy one
+    assert healthy.count('<figure class="cell">') <= NEAR_MISSES and "field0.png: 0 of" in healthy
+    assert healthy.split('<p class="cutoff">')[0].count('<figure class="cell">') == 0
+    pooled = ReportWriter(tmp_path / "pooled", pdf=False, pooled=True)
+    result = screener.screen([two_samples / "P-infected", two_samples / "P-healthy"], on_field=pooled.add)
+    assert "(pooled, all samples)" in pooled.finish(result).read_text()
+
+
+def test_a_gallery_keeps_the_highest_scoring_cells_of_a_large_sample(tmp_path):
+    folder = tmp_path / "heavy"
+    _write_sample(folder, 3, [12, 12, 12], 7)  # 36 infected: more than the gallery holds
+    writer = ReportWriter(tmp_path / "report", pdf=False)
+    result = Screener(PurpleDotClassifier(FIGURES)).screen(folder, on_field=writer.add)
+    text = writer.finish(result).read_text()
+    assert result.summary.n_parasitized > GALLERY_SIZE
+    assert text.split('<p class="cutoff">')[0].count('<figure class="cell">') == GALLERY_SIZE
+
+
+def test_the_report_is_never_written_over_a_file_or_through_a_link(tmp_path):
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(MalariaCellsError, match="is a file"):
+            ReportWriter(mine, overwrite=overwrite)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for link in ("overlays", "overlays/small"):
+        out = tmp_path / link.replace("/", "-")
+        (out / link).parent.mkdir(parents=True, exist_ok=True)
+        (out / link).symlink_to(elsewhere, target_is_directory=True)
+        with pytest.raises(MalariaCellsError, match="is a link"):
+            ReportWriter(out, overwrite=True)
+    assert mine.read_text() == "mine" and list(elsewhere.iterdir()) == []
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x").write_text("x")
+    with pytest.raises(MalariaCellsError, match="not empty"):
+        ReportWriter(full)
+
+
+def test_a_manifest_gives_each_sample_its_identifiers(two_samples, tmp_path):
+    manifest = tmp_path / "samples.csv"
+    manifest.write_text("\ufeffsample,patient,slide,date,note\nP-infected,PT-1,S-9,2026-11-30,\"febrile, 3 days\"\n"
+                        "P-other,PT-3,,,\n", encoding="utf-8")
+    rows = read_manifest(manifest)
+    assert rows["P-infected"] == SampleMetadata(patient="PT-1", slide="S-9", date="2026-11-30", note="febrile, 3 days")
+    result = Screener(PurpleDotClassifier(FIGURES)).screen([two_samples / "P-infected", two_samples / "P-healthy"])
+    warnings = attach_metadata(result, rows, SampleMetadata(operator="A. Diallo", slide="default"))
+    by_name = {s.name: s.metadata for s in result.samples}
+    assert by_name["P-infected"] == {"patient": "PT-1", "slide": "S-9", "operator": "A. Diallo", "date": "2026-11-30",
+                                     "note": "febrile, 3 days"}
+    assert by_name["P-healthy"] == {"slide": "default", "operator": "A. Diallo"}
+    assert sorted(warnings) == ["manifest: no row for sample 'P-healthy'",
+                                "manifest: sample 'P-other' was not screened (no folder of that name)"]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("patient\nPT-1\n", "needs a header row with a 'sample' column"),
+    ("sample,ward\nA,3\n", "unknown column 'ward'"),
+    ("sample,patient\nA,1\nA,2\n", "line 3: sample 'A' is listed twice"),
+    ("sample,date\nA,30/11/2026\n", "line 2: date: expected YYYY-MM-DD"),
+    ("sample,patient\nA,1,extra\n", "line 2: more values than columns"),
+    ("sample,patient\nA,x\x07y\n", "control characters"),
+    ("sample,patient\nA," + "x" * 201 + "\n", "at most 200 characters"),
+])
+def test_a_bad_manifest_is_refused_with_the_file_and_line(content, message, tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text(content)
+    with pytest.raises(MalariaCellsError, match="m.csv") as error:
+        read_manifest(path)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_manifest_that_is_not_text_or_too_large_is_refused(tmp_path):
+    binary = tmp_path / "b.csv"
+    binary.write_bytes(b"sample\n\xff\xfe\x00")
+    with pytest.raises(MalariaCellsError, match="not UTF-8"):
+        read_manifest(binary)
+    with pytest.raises(MalariaCellsError, match="cannot read the manifest"):
+        read_manifest(tmp_path / "missing.csv")
+    big = tmp_path / "big.csv"
+    big.write_bytes(b"sample\n" + b"a" * (4 * 2**20 + 10))
+    with pytest.raises(MalariaCellsError, match="larger than 4 MB"):
+        read_manifest(big)
