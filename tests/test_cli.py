@@ -239,16 +239,40 @@ def test_screen_json_is_one_object_and_csv_one_row_per_cell(fields, capsys, tmp_
 
 def test_screen_writes_a_report_folder_and_never_into_a_full_one(fields, tmp_path, capsys):
     out = tmp_path / "report"
-    assert main(["screen", str(fields), "--out", str(out)]) == 0
-    assert {p.name for p in out.iterdir()} == {"overlays", "cells.csv", "report.json", "report.html"}
+    assert main(["screen", str(fields), "--out", str(out), "--patient", "PT-1", "--date", "2026-11-30"]) == 0
+    assert {p.name for p in out.iterdir()} == {"overlays", "cells.csv", "report.json", "report.html", "report.pdf"}
     assert len(list((out / "overlays").glob("*.jpg"))) == 2
     page = (out / "report.html").read_text()
-    assert "Highest-scoring cells" in page and "overlays/" in page and "data:image/png;base64," in page
+    assert "Cells that drove the call" in page and "overlays/" in page and "data:image/png;base64," in page
+    assert "PT-1" in page and "2026-11-30" in page
     report = json.loads((out / "report.json").read_text())
     assert all(entry["overlay"].startswith("overlays/") for entry in report["fields"])
     capsys.readouterr()
     assert main(["screen", str(fields), "--out", str(out)]) == 2
     assert "not empty" in capsys.readouterr().err
+    assert main(["screen", str(fields), "--date", "yesterday"]) == 2
+    assert "date: expected YYYY-MM-DD, got 'yesterday'" in capsys.readouterr().err
+
+
+def test_screen_of_several_samples_writes_an_index_and_a_report_each_labelled_from_a_manifest(fields, tmp_path,
+                                                                                                capsys):
+    import shutil
+
+    for name in ("alpha", "beta"):
+        shutil.copytree(fields, tmp_path / name)
+    (tmp_path / "m.csv").write_text("sample,patient,site\nalpha,PT-A,Kisumu\nbeta,PT-B,Kisumu\n")
+    out = tmp_path / "reports"
+    assert main(["screen", str(tmp_path / "alpha"), str(tmp_path / "beta"), "--out", str(out), "--no-pdf",
+                 "--manifest", str(tmp_path / "m.csv"), "--operator", "A. Diallo"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.strip().endswith(f"report: {out / 'index.html'}")
+    assert {p.name for p in out.glob("*.html")} == {"index.html", "alpha.html", "beta.html"}
+    assert "PT-A" in (out / "alpha.html").read_text() and "PT-B" in (out / "beta.html").read_text()
+    assert "A. Diallo" in (out / "beta.html").read_text()
+    assert "patient PT-A, operator A. Diallo, site Kisumu" in captured.out
+    assert "all" not in [line.split()[0] for line in captured.out.splitlines() if line.strip()]  # no pooled row
+    assert main(["screen", str(tmp_path / "alpha"), str(tmp_path / "beta"), "--pooled"]) == 0
+    assert any(line.startswith("all ") for line in capsys.readouterr().out.splitlines())
 
 
 def test_screen_skips_bad_files_with_exit_status_1(fields, tmp_path, capsys):
@@ -267,11 +291,12 @@ def test_screen_writes_its_report_for_long_and_non_utf8_file_names(fields, capsy
     shutil.copy(fields / "field0.png", folder / ("a" * 240 + ".png"))
     shutil.copy(fields / "field1.png", os.fsdecode(os.fsencode(folder) + b"/bad\xff\xfe.png"))
     assert main(["screen", str(folder), "--out", str(tmp_path / "report")]) == 0
-    overlays = sorted(p.name for p in (tmp_path / "report" / "overlays").iterdir())
+    overlays = sorted(p.name for p in (tmp_path / "report" / "overlays").glob("*.jpg"))
     assert len(overlays) == 2 and all(len(name) < 100 for name in overlays), overlays
     data = json.loads((tmp_path / "report" / "report.json").read_text())
     assert len(data["fields"]) == 2
     assert "bad" in (tmp_path / "report" / "cells.csv").read_text(errors="replace")
+    assert "bad" in _pdf_text(tmp_path / "report" / "report.pdf")  # undecodable bytes shown, not a crash
 
 
 def test_screen_refuses_a_missing_truth_file_and_prints_no_table_when_nothing_was_screened(fields, tmp_path, capsys):
@@ -284,3 +309,9 @@ def test_screen_refuses_a_missing_truth_file_and_prints_no_table_when_nothing_wa
     assert main(["screen", str(tmp_path / "bad")]) == 2
     out, err = capsys.readouterr()
     assert out == "" and "skipped:" in err and "no field could be screened" in err and "REVIEW" not in out + err
+
+
+def _pdf_text(path) -> str:
+    from pypdf import PdfReader
+
+    return "\n".join(page.extract_text() for page in PdfReader(path).pages)

@@ -207,7 +207,7 @@ def test_a_report_written_inside_the_input_folder_is_not_screened_as_fields(samp
     writer = ReportWriter(folder / "report")
     first = screener.screen(folder, on_field=writer.add)
     writer.finish(first)
-    assert len(list((folder / "report" / "overlays").iterdir())) == len(first.fields) == 4
+    assert len(list((folder / "report" / "overlays").glob("*.jpg"))) == len(first.fields) == 4
     again = screener.screen(folder)
     assert [f.path for f in again.fields] == [f.path for f in first.fields]
     assert again.samples[0].n_cells == first.samples[0].n_cells

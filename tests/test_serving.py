@@ -12,6 +12,7 @@ from conftest import make_cell
 fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
+from malaria_cells.errors import MalariaCellsError  # noqa: E402
 from malaria_cells.serving import ServeLimits, create_app  # noqa: E402
 
 
@@ -204,12 +205,37 @@ def test_screen_endpoint_gives_what_the_python_api_gives(client, trained_run, tm
     local = json.loads(json.dumps(screen(tmp_path, trained_run["model_path"]).to_dict(), default=float))
     for entry in served["fields"] + local["fields"]:
         entry["path"] = os.path.basename(entry["path"])
-        entry.pop("seconds"), entry.pop("overlay", None)
+        entry.pop("seconds"), entry.pop("overlay", None), entry.pop("sample")
     served["summary"].pop("name"), local["summary"].pop("name")
     assert served == local
     table = client.post("/v1/screen?format=table", files=files)
     assert table.headers["content-type"].startswith("text/plain") and "REVIEW" in table.text
     assert client.post("/v1/screen?format=xml", files=files).status_code == 422
+
+
+def test_screen_endpoint_gives_the_sample_report_as_pdf_html_or_inside_the_json(client):
+    from conftest import encode, make_field
+
+    image, _ = make_field(np.random.default_rng(4), infected=(3, 11, 30))
+    files = [("files", ("f.jpg", encode(image, "JPEG", quality=92), "image/jpeg"))]
+    pdf = client.post("/v1/screen?format=pdf&patient=PT-7&site=Kisumu", files=files)
+    assert pdf.status_code == 200 and pdf.headers["content-type"] == "application/pdf"
+    from pypdf import PdfReader
+
+    text = "".join(sheet.extract_text() for sheet in PdfReader(io.BytesIO(pdf.content)).pages)
+    assert "PT-7" in text and "Kisumu" in text and "REVIEW" in text
+    page = client.post("/v1/screen?format=html&patient=PT-7", files=files)
+    assert page.headers["content-type"].startswith("text/html") and "PT-7" in page.text
+    assert "overlays/" not in page.text and "data:image/jpeg;base64," in page.text  # self-contained
+    body = client.post("/v1/screen?report=true&slide=S-1", files=files).json()
+    assert body["summary"]["metadata"] == {"slide": "S-1"}
+    gallery = body["report"]["gallery"]
+    assert gallery and all(c["image"].startswith("data:image/png") and c["heat"].startswith("data:image/png")
+                           for c in gallery)
+    assert [c["probability"] for c in gallery] == sorted((c["probability"] for c in gallery), reverse=True)
+    assert body["report"]["pdf"] and "S-1" in body["report"]["html"]
+    bad = client.post("/v1/screen?date=30/11/2026", files=files)
+    assert bad.status_code == 422 and "YYYY-MM-DD" in bad.json()["detail"]
 
 
 MEMORY_PROBE = r"""
@@ -325,8 +351,8 @@ def test_health_and_readiness_answer_while_every_screening_slot_is_taken(trained
     client.__exit__(None, None, None)
 
 
-def test_model_endpoint_describes_both_models_by_file_name_and_an_open_host_is_warned(client, trained_run, monkeypatch,
-                                                                                      capsys):
+def test_model_endpoint_describes_both_models_by_file_name_and_an_open_host_needs_a_key(client, trained_run,
+                                                                                        monkeypatch, capsys):
     described = client.get("/v1/model").json()
     assert "/" not in described["path"] and "/" not in described["fields"]["path"]
     assert described["fields"]["counting_threshold"] == pytest.approx(trained_run["threshold"])
@@ -336,7 +362,9 @@ def test_model_endpoint_describes_both_models_by_file_name_and_an_open_host_is_w
 
     monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: None)
     monkeypatch.delenv(serving.API_KEY_ENV, raising=False)
-    serving.serve(trained_run["model_path"], host="0.0.0.0", port=8124)
-    assert "warning: listening on 0.0.0.0 without an API key" in capsys.readouterr().err
+    with pytest.raises(MalariaCellsError, match="no API key is set"):
+        serving.serve(trained_run["model_path"], host="0.0.0.0", port=8124)
+    serving.serve(trained_run["model_path"], host="0.0.0.0", port=8124, no_auth=True)
+    assert "warning: listening on 0.0.0.0 without an API key (--no-auth)" in capsys.readouterr().err
     serving.serve(trained_run["model_path"], host="0.0.0.0", port=8124, api_key="k")
     assert "warning" not in capsys.readouterr().err

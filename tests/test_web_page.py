@@ -101,19 +101,38 @@ def test_field_mode_screens_photographs_and_shows_the_call(server, tmp_path):
         page.click("#mode-fields")
         assert page.is_visible("#field-drop") and not page.is_visible("#drop")
         assert "field photographs of one sample" in page.inner_text("#intro")
+        page.click("#identifiers summary")
+        page.fill("#identifiers input[name=patient]", "PT-0193")
+        page.fill("#identifiers input[name=operator]", "A. Diallo")
         page.set_input_files("#field-files", [str(tmp_path / "field0.jpg"), str(tmp_path / "field1.jpg")])
         page.wait_for_selector("#overlays img >> nth=1", timeout=60_000)
         assert page.inner_text("#call") == "REVIEW"  # 63 readable cells are too few for a call
+        assert "1 of 2 fields not read (1 grayscale)" in page.inner_text("#reasons")
         summary = page.inner_text("#field-summary")
-        assert "Parasitemia" in summary and "1 of 2 fields not read (1 grayscale)" in summary
-        assert "parasites/µL" in summary and "5,000,000 red cells/µL" in summary
+        assert "Parasitemia (raw)" in summary and "parasites/µL" in summary and "5,000,000 red cells/µL" in summary
         assert "grayscale image" in page.inner_text("[data-field='field1.jpg']")
         rows = page.query_selector_all("#field-table tr")
         assert len(rows) == 3 and rows[1].get_attribute("data-field") == "field0.jpg"
-        with page.expect_download() as download:
-            page.click("#report")
+        # the gallery: each cell as photographed beside its heat map, highest first, the threshold between
+        cells = page.query_selector_all("#gallery figure")
+        assert cells and all(len(c.query_selector_all("img")) == 2 for c in cells)
+        scores = [float(c.inner_text().split()[0]) for c in cells]
+        assert scores == sorted(scores, reverse=True)
         import json
 
-        report = json.load(open(download.value.path()))
-        assert len(report["fields"]) == 2 and "overlay" not in report["fields"][0]
+        downloads = {}
+        for button in ("#report", "#download-csv", "#download-html", "#download-pdf"):
+            with page.expect_download() as download:
+                page.click(button)
+            downloads[button] = download.value.path()
+        report = json.load(open(downloads["#report"]))
+        assert len(report["fields"]) == 2 and "overlay" not in report["fields"][0] and "report" not in report
+        assert report["summary"]["metadata"] == {"patient": "PT-0193", "operator": "A. Diallo"}
+        rows = open(downloads["#download-csv"]).read().splitlines()
+        assert rows[0].startswith("field,frame,x,y") and len(rows) == 1 + sum(f["n_cells"] for f in report["fields"])
+        assert "PT-0193" in open(downloads["#download-html"]).read()
+        from pypdf import PdfReader
+
+        text = "".join(sheet.extract_text() for sheet in PdfReader(downloads["#download-pdf"]).pages)
+        assert "PT-0193" in text and "REVIEW" in text and "parasites per microlitre" in text
         browser.close()

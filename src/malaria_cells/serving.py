@@ -13,6 +13,7 @@ answered. Health and readiness are answered on the event loop by a middleware in
 everything else, so no amount of screening delays them.
 """
 
+import base64
 import hmac
 import json
 import os
@@ -319,21 +320,34 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
 
     @app.post("/v1/screen", summary="Screen uploaded smear photographs (one sample)")
     async def screen_fields(files: list[UploadFile] = File(..., description="field photographs of one sample"),
-                            overlays: bool = False, format: str = "json"):
+                            overlays: bool = False, format: str = "json", report: bool = False,
+                            patient: str = "", slide: str = "", operator: str = "", date: str = "", site: str = "",
+                            note: str = ""):
         """Counts, parasitemia and the call, as ``malaria-cells screen`` gives them: ``format``
         ``json`` (default; with ``?overlays=true`` each field also carries its overlay as a
-        JPEG data URL), ``table`` or ``csv``. Fields are decoded one at a time, within the
-        process's budget of decoded pixels, at most ``screening_slots`` requests at once; fields
-        past the time limits are listed as not screened."""
+        JPEG data URL, and with ``?report=true`` the answer carries ``report``: the sample's
+        report as self-contained ``html``, ``pdf`` (base64) and its ``gallery`` of cells with heat
+        maps), ``table``, ``csv``, or the report alone as ``html`` or ``pdf``. ``patient``,
+        ``slide``, ``operator``, ``date`` (YYYY-MM-DD), ``site`` and ``note`` label the sample.
+        Fields are decoded one at a time, within the process's budget of decoded pixels, at
+        most ``screening_slots`` requests at once; fields past the time limits are listed as
+        not screened."""
         import time
 
         from .fields import FORMATS
-        from .fields.report import draw_overlay, overlay_data_url
+        from .fields.metadata import SampleMetadata, attach_metadata
+        from .fields.report import ReportWriter, draw_overlay, overlay_data_url
 
         arrived = time.perf_counter()
 
-        if format not in FORMATS:
-            raise HTTPException(422, f"unknown format {format!r} (choose from {', '.join(FORMATS)})")
+        if format not in (*FORMATS, "html", "pdf"):
+            raise HTTPException(422, f"unknown format {format!r} (choose from {', '.join(FORMATS)}, html, pdf)")
+        try:
+            metadata = SampleMetadata(patient=patient, slide=slide, operator=operator, date=date, site=site, note=note)
+        except MalariaCellsError as error:
+            raise HTTPException(422, str(error)) from None
+        writer = ReportWriter(None, pdf=format == "pdf" or (report and format == "json"),
+                              **screener.report_options()) if report or format in ("html", "pdf") else None
         if len(files) > limits.max_images:
             raise HTTPException(413, f"too many images ({len(files)}, limit {limits.max_images})")
         pictures = {}
@@ -358,14 +372,19 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
 
         def on_field(result, crops, image):
             if overlays:
-                pictures[result.path] = overlay_data_url(draw_overlay(image, result))
+                pictures[result.path] = overlay_data_url(draw_overlay(image, result, side=1600))
+            if writer is not None:
+                writer.add(result, crops, image)
 
         from starlette.concurrency import run_in_threadpool
 
         def screen_now(remaining):
             try:
-                return screener.screen_samples([("upload", [field_of(k, u) for k, u in enumerate(files)])],
-                                               on_field=on_field, max_seconds=remaining)
+                result = screener.screen_samples([("upload", [field_of(k, u) for k, u in enumerate(files)])],
+                                                 on_field=on_field, max_seconds=remaining)
+                attach_metadata(result, defaults=metadata)
+                built = writer.build(result) if writer is not None and result.fields else None
+                return result, built
             finally:
                 _give_back_memory()
 
@@ -376,13 +395,20 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
             remaining = limits.max_seconds - (time.perf_counter() - arrived)
             if remaining < MIN_SCREEN_SECONDS:  # a slot came too late to screen anything in time
                 raise HTTPException(503, busy)
-            result = await run_in_threadpool(screen_now, remaining)
+            result, built = await run_in_threadpool(screen_now, remaining)
         finally:
             load.leave()
         if not result.fields:
             timed_out = result.skipped and all(r.startswith("not screened:") for _, r in result.skipped)
             raise HTTPException(503 if timed_out else 422,
                                 "no field could be screened: " + "; ".join(f"{p}: {r}" for p, r in result.skipped))
+        if format == "html":
+            return HTMLResponse(built["html"])
+        if format == "pdf":
+            if built["pdf"] is None:
+                raise HTTPException(501, "; ".join(writer.warnings) or "no PDF")
+            return Response(built["pdf"], media_type="application/pdf",
+                            headers={"Content-Disposition": 'attachment; filename="report.pdf"'})
         if format != "json":
             from .fields import render
 
@@ -390,6 +416,10 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
         body = result.to_dict()
         for entry in body["fields"]:
             entry["overlay"] = pictures.get(entry["path"])
+        if built is not None:
+            body["report"] = {"html": built["html"], "gallery": built["gallery"],
+                              "pdf": base64.b64encode(built["pdf"]).decode() if built["pdf"] else None,
+                              "warnings": writer.warnings}
         return JSONResponse(json.loads(json.dumps(body, default=float)))
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)

@@ -33,6 +33,8 @@ __all__ = ["draw_overlay", "overlay_data_url", "ReportWriter", "OVERLAY_SIDE", "
 
 OVERLAY_SIDE = 4096
 """Longer side of the overlay files: the field's own resolution up to this, to zoom into a cell."""
+INLINE_OVERLAY_SIDE = 1600
+"""Longer side of the overlays a report held in memory carries (a server's answer)."""
 THUMBNAIL_SIDE = 640
 """Longer side of the overlay pictures shown in the report (each links to its full overlay)."""
 GALLERY_SIZE = 24
@@ -125,7 +127,12 @@ def write_pdf(page: str, target: str | os.PathLike, *, base_url: str | os.PathLi
     from weasyprint import HTML
 
     with atomic_path(target) as temporary:
-        HTML(string=page, base_url=str(base_url)).write_pdf(str(temporary))
+        HTML(string=_printable(page), base_url=str(base_url)).write_pdf(str(temporary))
+
+
+def _printable(page: str) -> str:
+    """The page with any undecodable file-name bytes (surrogates) shown as U+FFFD, as a PDF needs."""
+    return page.encode("utf-8", "replace").decode("utf-8")
 
 
 def _slug(name: str) -> str:
@@ -160,11 +167,20 @@ class ReportWriter:
         The stage model's measured figures, shown beside the stage counts.
     """
 
-    def __init__(self, out: str | os.PathLike, *, overwrite: bool = False, pdf: bool = True, pooled: bool = False,
-                 explain: Callable[[np.ndarray], np.ndarray] | None = None, stage_figures: dict | None = None):
+    def __init__(self, out: str | os.PathLike | None, *, overwrite: bool = False, pdf: bool = True,
+                 pooled: bool = False, explain: Callable[[np.ndarray], np.ndarray] | None = None,
+                 stage_figures: dict | None = None):
         from ..errors import MalariaCellsError
 
-        self.out = Path(out)
+        self.pdf, self.pooled, self.explain, self.stage_figures = pdf, pooled, explain, stage_figures
+        self.overlays: dict[str, tuple[str, str]] = {}
+        self.counted: dict[str, list[_GalleryCell]] = {}
+        self.near: dict[str, list[_GalleryCell]] = {}
+        self.warnings: list[str] = []
+        self.started = datetime.datetime.now(datetime.timezone.utc).astimezone()
+        self.out = None if out is None else Path(out)
+        if self.out is None:  # in memory (a server's answer): pictures become data URLs
+            return
         if self.out.exists() and not self.out.is_dir():
             raise MalariaCellsError(f"{self.out}: is a file; --out names a folder for the report (never "
                                     "written over a file): choose another --out")
@@ -177,30 +193,29 @@ class ReportWriter:
                 # files are written into it: a link could lead them out of --out
                 raise MalariaCellsError(f"{folder}: is a link or a file, not a folder; choose another --out")
         (overlays / "small").mkdir(parents=True, exist_ok=True)
-        self.pdf, self.pooled, self.explain, self.stage_figures = pdf, pooled, explain, stage_figures
-        self.overlays: dict[str, tuple[str, str]] = {}
-        self.counted: dict[str, list[_GalleryCell]] = {}
-        self.near: dict[str, list[_GalleryCell]] = {}
-        self.warnings: list[str] = []
-        self.started = datetime.datetime.now(datetime.timezone.utc).astimezone()
 
     def add(self, item: FieldResult, crops: np.ndarray, image: np.ndarray) -> None:
         """Write a field's overlay and keep its best cells for its sample's gallery."""
         # the field's own name, shortened, in characters every file system takes (a name may
         # be long, hold ':' or '?', or not be UTF-8)
-        stem = re.sub(r"[^\w.-]+", "_", Path(item.path).stem)[:80]
-        name = f"{len(self.overlays):03d}-{stem}.jpg"
-        overlay = draw_overlay(image, item)
-        with atomic_path(self.out / "overlays" / name) as temporary:
-            temporary.write_bytes(_encode(overlay))
-        scale = min(1.0, THUMBNAIL_SIDE / max(overlay.shape[:2]))
-        if scale < 1:
-            from ..images import resize
+        from ..images import resize
 
-            overlay = resize(overlay, (round(overlay.shape[1] * scale), round(overlay.shape[0] * scale)))
-        with atomic_path(self.out / "overlays" / "small" / name) as temporary:
-            temporary.write_bytes(_encode(overlay, quality=80))
-        self.overlays[item.path] = (f"overlays/{name}", f"overlays/small/{name}")
+        overlay = draw_overlay(image, item, side=OVERLAY_SIDE if self.out is not None else INLINE_OVERLAY_SIDE)
+        scale = min(1.0, THUMBNAIL_SIDE / max(overlay.shape[:2]))
+        small = resize(overlay, (round(overlay.shape[1] * scale), round(overlay.shape[0] * scale))) if scale < 1 \
+            else overlay
+        if self.out is None:
+            self.overlays[item.path] = (overlay_data_url(overlay), overlay_data_url(small))
+        else:
+            # the field's own name, shortened, in characters every file system takes (a name may
+            # be long, hold ':' or '?', or not be UTF-8)
+            stem = re.sub(r"[^\w.-]+", "_", Path(item.path).stem)[:80]
+            name = f"{len(self.overlays):03d}-{stem}.jpg"
+            with atomic_path(self.out / "overlays" / name) as temporary:
+                temporary.write_bytes(_encode(overlay))
+            with atomic_path(self.out / "overlays" / "small" / name) as temporary:
+                temporary.write_bytes(_encode(small, quality=80))
+            self.overlays[item.path] = (f"overlays/{name}", f"overlays/small/{name}")
         for cell, crop in zip(item.cells, crops):
             counted = cell.label == "Parasitized"
             heap, size = ((self.counted, GALLERY_SIZE) if counted else (self.near, NEAR_MISSES))
@@ -213,6 +228,10 @@ class ReportWriter:
 
     def finish(self, result: ScreenResult) -> Path:
         """Write ``report.json``, ``cells.csv`` and the reports; returns the page to open first."""
+        if self.out is None:
+            from ..errors import MalariaCellsError
+
+            raise MalariaCellsError("this report is held in memory (no folder given): use build()")
         data = result.to_dict()
         for entry in data["fields"]:
             entry["overlay"] = self.overlays.get(entry["path"], (None,))[0]
@@ -231,6 +250,29 @@ class ReportWriter:
             return self.out / f"{names[samples[0].name]}.html"
         write_text(self.out / "index.html", self._index_html(result, names))
         return self.out / "index.html"
+
+    def build(self, result: ScreenResult) -> dict:
+        """The report of a one-sample screen in memory, self-contained (pictures inlined):
+        ``{"html": str, "pdf": bytes or None, "gallery": [...]}``, each gallery cell as
+        ``{"probability", "counted", "field", "x", "y", "stage", "stage_probability", "image", "heat"}``
+        with its pictures as data URLs."""
+        sample = result.summary
+        gallery = self._gallery(None)
+        page = self._sample_html(result, sample, result.fields, gallery)
+        pdf = None
+        if self.pdf:
+            try:
+                from weasyprint import HTML
+
+                printed = self._sample_html(result, sample, result.fields, gallery, printed=True)
+                pdf = HTML(string=_printable(printed)).write_pdf()
+            except (OSError, ImportError) as error:
+                self.warnings.append(f"no PDF: WeasyPrint cannot run here ({str(error).splitlines()[0]})")
+        cells = [{"probability": round(float(e["cell"].probability), 6), "counted": e["cell"].counted,
+                  "field": e["cell"].field, "x": e["cell"].x, "y": e["cell"].y, "stage": e["cell"].stage,
+                  "stage_probability": e["cell"].stage_probability, "image": e["native"], "heat": e["heat"]}
+                 for e in gallery]
+        return {"html": page, "pdf": pdf, "gallery": cells}
 
     @staticmethod
     def _file_names(samples, single: bool) -> dict[str, str]:
