@@ -160,3 +160,32 @@ def test_a_manifest_that_is_not_text_or_too_large_is_refused(tmp_path):
     big.write_bytes(b"sample\n" + b"a" * (4 * 2**20 + 10))
     with pytest.raises(MalariaCellsError, match="larger than 4 MB"):
         read_manifest(big)
+
+
+def test_each_parasitized_cell_gets_a_stage_and_the_report_counts_them_with_the_models_figures(two_samples,
+                                                                                                  tmp_path):
+    from malaria_cells.fields.stages import STAGES, load_stage_model
+
+    screener = Screener(PurpleDotClassifier(FIGURES))
+    writer = ReportWriter(tmp_path / "report", pdf=False, **screener.report_options())
+    result = screener.screen(two_samples / "P-infected", on_field=writer.add)
+    cells = [c for f in result.fields for c in f.cells]
+    infected = [c for c in cells if c.label == "Parasitized"]
+    assert infected and all(c.stage in STAGES and 0.25 <= c.stage_probability <= 1 for c in infected)
+    assert all(c.stage is None and c.stage_probability is None for c in cells if c.label != "Parasitized")
+    assert sum(result.summary.stages.values()) == result.summary.n_parasitized
+    assert list(result.summary.stages) == list(STAGES)
+    described = result.model["stage_model"]
+    assert described["path"] == "malaria-cells-stages.keras" and "schizont" in described["figures"]["too_rare"]
+    page = writer.finish(result).read_text()
+    assert "Life stages of the Parasitized cells" in page and "treat as unconfirmed" in page
+    recall = load_stage_model().figures.recall["gametocyte"]
+    assert f"leave-slide-out recall {recall:.0%}" in page
+    rows = (tmp_path / "report" / "cells.csv").read_text().splitlines()
+    assert rows[0].endswith(",label,stage,stage_probability,sample")
+    assert sum(row.split(",")[10] in STAGES for row in rows[1:]) == len(infected)
+    off = Screener(PurpleDotClassifier(FIGURES), stages=False).screen(two_samples / "P-infected")
+    assert off.summary.stages is None and off.model["stage_model"] is None
+    assert all(c.stage is None for f in off.fields for c in f.cells)
+    with pytest.raises(MalariaCellsError, match="stages: True"):
+        Screener(PurpleDotClassifier(FIGURES), stages=3)

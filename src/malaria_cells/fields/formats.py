@@ -55,6 +55,8 @@ def format_table(result: ScreenResult, *, pooled: bool = False) -> str:
                                                   if key != "note"))
         if sample.density:
             lines.append(f"{'':<20} {format_density(sample.density)}")
+        if sample.stages:
+            lines.append(f"{'':<20} stages: " + ", ".join(f"{stage} {n}" for stage, n in sample.stages.items()))
         for reason in sample.reasons:
             lines.append(f"{'':<20} {reason}")
     return "\n".join(lines) + "\n"
@@ -68,12 +70,16 @@ def format_density(density: dict) -> str:
 
 
 def write_cells_csv(result: ScreenResult, stream, **options) -> None:
-    """One row per counted cell: field, centre, box, probability, label."""
+    """One row per counted cell: sample, field, centre, box, probability, label, and the life stage
+    of a Parasitized cell with its probability."""
     writer = csv.writer(stream, lineterminator="\n")
-    writer.writerow(["field", "frame", "x", "y", "x0", "y0", "x1", "y1", "probability", "label"])
+    writer.writerow(["field", "frame", "x", "y", "x0", "y0", "x1", "y1", "probability", "label", "stage",
+                     "stage_probability", "sample"])
     for item in result.fields:
         for cell in item.cells:
-            writer.writerow([item.path, item.frame, cell.x, cell.y, *cell.bbox, f"{cell.probability:.6f}", cell.label])
+            writer.writerow([item.path, item.frame, cell.x, cell.y, *cell.bbox, f"{cell.probability:.6f}", cell.label,
+                             cell.stage or "", "" if cell.stage_probability is None else f"{cell.stage_probability:.4f}",
+                             item.sample])
 
 
 def _write_table(result: ScreenResult, stream: TextIO, *, pooled: bool = False) -> None:

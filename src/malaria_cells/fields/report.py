@@ -371,16 +371,16 @@ excluded objects (cut by the edge, clumps of overlapping cells, platelets, white
         if not stages:
             return ""
         figures = self.stage_figures or {}
-        rare = set(figures.get("rare", []))
-        per_stage = figures.get("per_stage", {})
+        rare = set(figures.get("too_rare", []))
         rows = []
         for stage, count in stages.items():
-            measured = per_stage.get(stage, {})
-            recall, precision = measured.get("recall"), measured.get("precision")
-            quality = (f"leave-slide-out recall {recall:.0%}, precision {precision:.0%}"
+            recall, precision = (figures.get("recall") or {}).get(stage), (figures.get("precision") or {}).get(stage)
+            support = (figures.get("support") or {}).get(stage)
+            quality = (f"leave-slide-out recall {recall:.0%}, precision {precision:.0%} ({support} training cells)"
                        if recall is not None and precision is not None else "")
             if stage in rare:
-                quality = (quality + "; " if quality else "") + "rarely seen in training: treat as unconfirmed"
+                quality = (f"{support} training cell{'s' if support != 1 else ''}: " if support is not None else "") + \
+                    "too rarely seen in training to be told reliably; treat as unconfirmed"
             rows.append(f"<tr><td>{html.escape(stage)}</td><td>{count}</td><td>{html.escape(quality)}</td></tr>")
         gametocytes = stages.get("gametocyte", 0)
         line = (f"<p class=\"gametocytes\">Gametocytes seen: {gametocytes} (the patient can infect mosquitoes).</p>"

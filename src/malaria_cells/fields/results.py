@@ -21,6 +21,9 @@ class CellResult:
     bbox: list[int]
     probability: float
     label: str
+    stage: str | None = None
+    """Life stage of a Parasitized cell (ring, trophozoite, schizont, gametocyte), where staged."""
+    stage_probability: float | None = None
 
 
 @dataclass
@@ -63,6 +66,8 @@ class SampleResult:
     density: dict | None = None
     """Parasites per microlitre of blood: ``{"per_ul", "per_ul_ci", "rbc_per_ul"}``, the
     parasitemia and its interval times the red-cell count per microlitre."""
+    stages: dict | None = None
+    """Parasitized cells per life stage (``{"ring": n, ...}``), where a stage model ran."""
     metadata: dict | None = None
     """The lab's identifiers (patient, slide, operator, date, site, note; see
     :mod:`.metadata`), where given."""

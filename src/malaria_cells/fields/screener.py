@@ -21,6 +21,7 @@ red cells with a 95% Wilson interval; the call follows :mod:`.call`.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -96,7 +97,7 @@ class Screener:
     def __init__(self, classifier=None, detector: Detector | None = None, *, figures: FieldFigures | None = None,
                  threshold: float | None = None, max_pixels: int = MAX_IMAGE_PIXELS,
                  applicability: ApplicabilityLimits | None = None, max_field_seconds: float | None = None,
-                 rbc_per_ul: float = RBC_PER_UL):
+                 rbc_per_ul: float = RBC_PER_UL, stages=True):
         from ..runtimes import check_threshold, default_model_path, load_model
 
         self.classifier = load_model(default_model_path(fields=True) if classifier is None else classifier)
@@ -119,6 +120,26 @@ class Screener:
             raise MalariaCellsError(f"rbc_per_ul must be red cells per microlitre, 100,000 to 10,000,000, "
                                     f"got {rbc_per_ul!r}")
         self.rbc_per_ul = float(rbc_per_ul)
+        if not (isinstance(stages, (bool, str, os.PathLike)) or hasattr(stages, "predict")):
+            raise MalariaCellsError(f"stages: True (the shipped stage model), False, a path or a StageModel, "
+                                    f"got {type(stages).__name__}")
+        self._stages = stages if hasattr(stages, "predict") else None
+        self._stage_source = None if stages is False else (None if stages is True else stages)
+        self.stages_enabled = stages is not False
+        self._stage_lock = threading.Lock()
+
+    @property
+    def stage_model(self):
+        """The life-stage model (:mod:`.stages`), loaded when first needed (a sample with no
+        Parasitized cell never loads it), or None when stages are off."""
+        if not self.stages_enabled:
+            return None
+        with self._stage_lock:
+            if self._stages is None:
+                from .stages import load_stage_model
+
+                self._stages = load_stage_model(self._stage_source)
+            return self._stages
 
     def __repr__(self) -> str:
         return (f"Screener(classifier={os.path.basename(self.classifier.path)!r}, detector={self.detector!r}, "
@@ -127,11 +148,53 @@ class Screener:
     def describe(self) -> dict:
         """The ``model`` block of every result: file name, counting threshold, field figures,
         the false-positive rate the call uses, and the detector."""
+        stages = self._stage_description()
         return {"path": os.path.basename(self.classifier.path),
                 "trained_at": (getattr(self.classifier, "info", None) or {}).get("trained_at"),
-                "counting_threshold": self.threshold,
+                "stage_model": stages, "counting_threshold": self.threshold,
                 "field_figures": self.figures.to_info() if self.figures else None,
                 "false_positive_rate_for_call": self.false_positive_rate, "detector": self.detector.describe()}
+
+    def _stage_description(self) -> dict | None:
+        """The stage model's file name, training date and figures, read from its side-car file
+        while the model itself is not loaded (describing a screen must not load TensorFlow)."""
+        if not self.stages_enabled:
+            return None
+        if self._stages is not None:
+            info, path = self._stages.info, self._stages.path
+        else:
+            import json
+
+            from .stages import STAGE_MODEL
+
+            path = Path(self._stage_source or STAGE_MODEL)
+            try:
+                info = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                info = {}
+        from .stages import StageFigures
+
+        try:
+            figures = StageFigures.from_info(info)
+        except MalariaCellsError:
+            figures = None
+        return {"path": os.path.basename(str(path)), "trained_at": info.get("trained_at"),
+                "figures": figures.to_info() if figures else None}
+
+    def _stage(self, cells: list[CellResult], crops: np.ndarray) -> None:
+        """Give each Parasitized cell its life stage and that stage's probability, in place."""
+        infected = [k for k, cell in enumerate(cells) if cell.label == CLASS_NAMES[1]]
+        if not infected or not self.stages_enabled:
+            return
+        model = self.stage_model
+        picked = crops[infected]
+        if picked.shape[1] != model.image_size:
+            from ..images import resize
+
+            picked = np.stack([resize(crop, (model.image_size, model.image_size)) for crop in picked])
+        names, probabilities = model.predict(picked)
+        for k, name, probability in zip(infected, names, probabilities):
+            cells[k].stage, cells[k].stage_probability = str(name), round(float(probability), 4)
 
     def report_options(self) -> dict:
         """What a :class:`~.report.ReportWriter` needs from this screener: ``explain``, heat maps
@@ -140,7 +203,9 @@ class Screener:
         64 px model's 4x4 feature map (``benchmarks/heatmap_check.py``)."""
         from ..explain import occlusion
 
-        return {"explain": lambda crops: occlusion(self.classifier, crops)}
+        stages = self._stage_description()
+        return {"explain": lambda crops: occlusion(self.classifier, crops),
+                "stage_figures": stages["figures"] if stages else None}
 
     def score(self, crops: np.ndarray) -> np.ndarray:
         """Counting probabilities of cell crops (see :func:`counting_probability`)."""
@@ -226,6 +291,7 @@ class Screener:
                  for item, probability in zip(detection.cells, probabilities)]
         excluded = [{"x": round(o.x * factor_x, 1), "y": round(o.y * factor_y, 1), "kind": o.kind, "bbox": box(o.bbox)}
                     for o in detection.excluded]
+        self._stage(cells, crops)
         n_cells = len(cells)
         n_parasitized = sum(c.label == CLASS_NAMES[1] for c in cells)
         result = FieldResult(
@@ -366,13 +432,26 @@ class Screener:
                            + ", ".join(f"{k} {_FLAG_WORDS.get(flag, flag)}" for flag, k in kinds.items()) + ")")
         sample = SampleResult(name, len(fields), n_cells, n_parasitized, n_parasitized / n_cells if n_cells else None,
                               parasitemia_interval(n_parasitized, n_cells), corrected, call, reasons,
-                              density=parasite_density(n_parasitized, n_cells, self.rbc_per_ul))
+                              density=parasite_density(n_parasitized, n_cells, self.rbc_per_ul),
+                              stages=stage_counts(counted) if self.stages_enabled and n_parasitized else None)
         scored = [f.truth for f in fields if f.truth]
         if scored:
             from .truth import pool_scores
 
             sample.truth = pool_scores(scored)
         return sample
+
+
+def stage_counts(fields: Sequence[FieldResult]) -> dict:
+    """Parasitized cells of ``fields`` per life stage (:data:`.stages.STAGES` order)."""
+    from .truth import STAGES
+
+    counts = dict.fromkeys(STAGES, 0)
+    for item in fields:
+        for cell in item.cells:
+            if cell.label == CLASS_NAMES[1] and cell.stage in counts:
+                counts[cell.stage] += 1
+    return counts
 
 
 _FLAG_WORDS = {"grayscale": "grayscale", "magnification": "at an unsupported magnification",
