@@ -101,8 +101,10 @@ def test_info_of_the_shipped_models_shows_the_field_model_and_its_figures(capsys
     fields = json.loads(capsys.readouterr().out)["field_model"]
     assert fields["counting_threshold"] == pytest.approx(Screener().threshold)
     assert fields["model"].endswith("malaria-cells-fields.onnx") and "infected cells found" in fields["measured"]
+    assert fields["stage_model"]["path"] == "malaria-cells-stages.keras"
     assert main(["info"]) == 0
-    assert "\nfield model " in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "\nfield model " in out and "stage model malaria-cells-stages.keras: leave-slide-out recall ring" in out
 
 
 @pytest.mark.parametrize("args, message", [

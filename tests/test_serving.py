@@ -356,6 +356,8 @@ def test_model_endpoint_describes_both_models_by_file_name_and_an_open_host_need
     described = client.get("/v1/model").json()
     assert "/" not in described["path"] and "/" not in described["fields"]["path"]
     assert described["fields"]["counting_threshold"] == pytest.approx(trained_run["threshold"])
+    stages = described["fields"]["stage_model"]
+    assert stages["path"] == "malaria-cells-stages.keras" and stages["figures"]["too_rare"] == ["schizont"]
     import uvicorn
 
     from malaria_cells import serving

@@ -559,6 +559,12 @@ def run_info(args) -> int:
         print(f"counting    threshold {fields['counting_threshold']:.4f}; {fields['measured']}")
         if fields["shift_suite_failed"] is not None:
             print(f"shift suite floors failed: {', '.join(fields['shift_suite_failed']) or 'none'}")
+        stages = fields.get("stage_model")
+        if stages and stages["figures"]:
+            recall = stages["figures"]["recall"]
+            print(f"stage model {stages['path']}: leave-slide-out recall " + ", ".join(
+                f"{stage} {value:.0%}" for stage, value in recall.items() if value is not None)
+                + f"; too rare to trust: {', '.join(stages['figures']['too_rare']) or 'none'}")
     return EXIT_OK
 
 
@@ -576,9 +582,11 @@ def _field_model_summary() -> dict | None:
     measured = (f"by nested cross-validation over blocks of fields: {found[0]} of {found[1]} infected cells found, "
                 f"false-positive rate {nested['false_positive_rate']:.2%}" if found and "false_positive_rate" in nested
                 else f"sensitivity {figures.sensitivity:.1%}, specificity {figures.specificity:.2%}")
+    from .fields import Screener
+
     return {"model": model.path, "counting_threshold": figures.threshold, "measured": measured,
             "shift_suite_failed": figures.shift_suite.get("failed") if figures.shift_suite else None,
-            "figures": figures.to_info()}
+            "figures": figures.to_info(), "stage_model": Screener(model).stage_description()}
 
 
 def _needs_tensorflow(args: argparse.Namespace) -> bool:

@@ -285,7 +285,8 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
                 "limits": limits.__dict__, "info": model.info,
                 "fields": {"path": os.path.basename(fields_model.path), "counting_threshold": screener.threshold,
                            "version": fields_model.info.get("trained_at"),
-                           "figures": screener.figures.to_info() if screener.figures else None}}
+                           "figures": screener.figures.to_info() if screener.figures else None,
+                           "stage_model": screener.describe()["stage_model"]}}
 
     @app.post("/v1/predict", summary="Label uploaded cell images")
     def predict(files: list[UploadFile] = File(..., description="cell images")):

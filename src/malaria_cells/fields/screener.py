@@ -148,14 +148,14 @@ class Screener:
     def describe(self) -> dict:
         """The ``model`` block of every result: file name, counting threshold, field figures,
         the false-positive rate the call uses, and the detector."""
-        stages = self._stage_description()
+        stages = self.stage_description()
         return {"path": os.path.basename(self.classifier.path),
                 "trained_at": (getattr(self.classifier, "info", None) or {}).get("trained_at"),
                 "stage_model": stages, "counting_threshold": self.threshold,
                 "field_figures": self.figures.to_info() if self.figures else None,
                 "false_positive_rate_for_call": self.false_positive_rate, "detector": self.detector.describe()}
 
-    def _stage_description(self) -> dict | None:
+    def stage_description(self) -> dict | None:
         """The stage model's file name, training date and figures, read from its side-car file
         while the model itself is not loaded (describing a screen must not load TensorFlow)."""
         if not self.stages_enabled:
@@ -203,7 +203,7 @@ class Screener:
         64 px model's 4x4 feature map (``benchmarks/heatmap_check.py``)."""
         from ..explain import occlusion
 
-        stages = self._stage_description()
+        stages = self.stage_description()
         return {"explain": lambda crops: occlusion(self.classifier, crops),
                 "stage_figures": stages["figures"] if stages else None}
 
