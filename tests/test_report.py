@@ -189,3 +189,17 @@ def test_each_parasitized_cell_gets_a_stage_and_the_report_counts_them_with_the_
     assert all(c.stage is None for f in off.fields for c in f.cells)
     with pytest.raises(MalariaCellsError, match="stages: True"):
         Screener(PurpleDotClassifier(FIGURES), stages=3)
+
+
+def test_many_fields_fold_their_overlays_in_the_html_and_the_pdf_shows_a_few(tmp_path):
+    from malaria_cells.fields.report import COLLAPSE_OVERLAYS, PDF_OVERLAYS
+
+    folder = tmp_path / "many"
+    _write_sample(folder, COLLAPSE_OVERLAYS + 1, [1] + [0] * COLLAPSE_OVERLAYS, 40)
+    writer = ReportWriter(tmp_path / "report")
+    result = Screener(PurpleDotClassifier(FIGURES), stages=False).screen(folder, on_field=writer.add)
+    text = writer.finish(result).read_text()
+    assert f"<details><summary>Show all {COLLAPSE_OVERLAYS + 1} overlays</summary>" in text
+    pdf = _pdf_text(tmp_path / "report" / "report.pdf")
+    assert f"{PDF_OVERLAYS} of {COLLAPSE_OVERLAYS + 1} overlays" in pdf
+    assert "field0.png: 1 of" in pdf  # the field with a Parasitized cell comes first

@@ -29,7 +29,7 @@ def format_interval(ci) -> str:
 def format_table(result: ScreenResult, *, pooled: bool = False) -> str:
     """Per field and per sample: counts, parasitemia with its interval, quality; the calls.
     ``pooled`` adds the figures of all samples together (when there are several)."""
-    lines = [f"{'cells':>6} {'parasitized':>11} {'parasitemia':>11} {'95% CI %':>15}  {'quality':<8} field"]
+    lines = [f"{'cells':>6} {'parasitized':>11} {'parasitemia':>11} {'raw 95% CI %':>15}  {'quality':<8} field"]
     for item in result.fields:
         quality = "ok" if item.quality.get("ok") else "low"
         lines.append(f"{item.n_cells:>6} {item.n_parasitized:>11} {format_percent(item.parasitemia):>11} "
@@ -44,7 +44,7 @@ def format_table(result: ScreenResult, *, pooled: bool = False) -> str:
     lines.append("")
     samples = result.samples if len(result.samples) > 1 else [result.summary]
     lines.append(f"{'sample':<20} {'fields':>6} {'cells':>7} {'parasitized':>11} {'parasitemia':>11} "
-                 f"{'95% CI %':>15} {'corrected':>10}  call")
+                 f"{'raw 95% CI %':>15} {'corrected':>10}  call")
     for sample in samples + ([result.summary] if pooled and len(result.samples) > 1 else []):
         corrected = format_percent(sample.corrected["parasitemia"]) if sample.corrected else "-"
         lines.append(f"{sample.name[:20]:<20} {sample.fields:>6} {sample.n_cells:>7} {sample.n_parasitized:>11} "

@@ -43,6 +43,8 @@ NEAR_MISSES = 8
 """Highest-scoring cells below the counting threshold shown after them."""
 PDF_OVERLAYS = 6
 """Overlays in a PDF (the fields with most Parasitized cells first); the HTML report has all."""
+COLLAPSE_OVERLAYS = 12
+"""Above this many fields, the report's overlays are folded (one click shows them)."""
 _CROP_MARGIN = 0.3
 """Context around a gallery cell, as a share of its box."""
 
@@ -361,7 +363,8 @@ class ReportWriter:
 <h2>Overlays</h2><p>Counted red cells outlined in green; cells called Parasitized in red with their probability;
 excluded objects (cut by the edge, clumps of overlapping cells, platelets, white cells, printed marks) crossed in grey.
 {'Click an overlay to open it at the photograph&#39;s resolution.' if not printed else ''}</p>
-{more}<div class="overlays{' many' if len(overlays) > 4 else ''}">{overlay_html}</div>
+{more}{_collapsed(f'<div class="overlays{" many" if len(overlays) > 4 else ""}">{overlay_html}</div>',
+                  len(overlays), printed)}
 {_model_html(model, figures, result)}
 </body></html>
 """
@@ -416,6 +419,13 @@ excluded objects (cut by the edge, clumps of overlapping cells, platelets, white
 {_model_html(result.model, result.model.get('field_figures') or {}, result)}
 </body></html>
 """
+
+
+def _collapsed(block: str, count: int, printed: bool) -> str:
+    """Many overlays folded away behind one line, so the report stays short (a PDF shows a few)."""
+    if printed or count <= COLLAPSE_OVERLAYS:
+        return block
+    return f"<details><summary>Show all {count} overlays</summary>{block}</details>"
 
 
 def _identity(sample: SampleResult, started: datetime.datetime) -> dict:
