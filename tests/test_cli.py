@@ -234,7 +234,7 @@ def test_screen_json_is_one_object_and_csv_one_row_per_cell(fields, capsys, tmp_
     assert "cells counted on good fields" in data["summary"]["reasons"][0]
     assert main(["screen", str(fields), "--format", "csv", "--output", str(tmp_path / "cells.csv")]) == 0
     rows = (tmp_path / "cells.csv").read_text().splitlines()
-    assert rows[0] == "field,frame,x,y,x0,y0,x1,y1,probability,label"
+    assert rows[0] == "field,frame,x,y,x0,y0,x1,y1,probability,label,stage,stage_probability,sample"
     assert len(rows) - 1 == sum(f["n_cells"] for f in data["fields"])
     assert main(["screen", str(fields), "--format", "csv", "--output", str(tmp_path / "cells.csv")]) == 2
 
