@@ -504,6 +504,7 @@ h1 { font-size: 1.5em; margin: 0 0 .3em; } h2 { font-size: 1.15em; margin: 1.2em
 .reasons { margin: 0 0 .6em; padding-left: 1.2em; }
 table { border-collapse: collapse; margin: .5em 0; } td, th { border: 1px solid #ccc; padding: 2px 8px; text-align: right; }
 td:first-child, th:first-child { text-align: left; } .identity th { text-align: left; background: #f4f4f4; }
+.stages td:last-child, .stages th:last-child { text-align: left; }
 .identity td { text-align: left; } .figures td:first-child { max-width: 28em; }
 .small { font-size: 11px; color: #555; }
 .c-positive { color: #b00020; font-weight: bold; } .c-negative { color: #1b7f3b; font-weight: bold; }
