@@ -191,7 +191,7 @@ def test_every_registered_format_renders_the_same_result(samples):
     assert data["model"]["counting_threshold"] == 0.5 and data["model"]["path"] == "purple-dot-rule"
     rows = render(result, "csv").splitlines()
     assert rows[0].startswith("field,frame,x,y") and len(rows) == 1 + sum(f.n_cells for f in result.fields)
-    assert sum(row.endswith(",Parasitized") for row in rows) == 20
+    assert sum(",Parasitized," in row for row in rows) == 20
     with pytest.raises(MalariaCellsError, match="unknown format"):
         render(result, "xml")
 

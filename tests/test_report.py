@@ -57,6 +57,9 @@ def test_one_sample_gets_an_html_and_a_pdf_report_with_its_call_figures_and_iden
     for words in ("P-infected", "POSITIVE", "PT-0193", "A. Diallo", "parasites per microlitre", "parasitemia (raw)",
                   "Cells that drove the call"):
         assert words in pdf, words
+    from PIL import ImageFile
+
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False  # rendering a PDF leaves truncated uploads refused
     data = json.loads((page.parent / "report.json").read_text())
     assert data["summary"]["metadata"] == {"patient": "PT-0193", "operator": "A. Diallo", "date": "2026-11-30"}
     assert data["fields"][0]["overlay"].startswith("overlays/") and data["fields"][0]["sample"] == "P-infected"

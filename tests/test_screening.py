@@ -47,8 +47,10 @@ def test_the_json_form_has_the_documented_keys(sample):
     field = data["fields"][0]
     assert set(field) >= {"path", "width", "height", "frame", "quality", "n_cells", "n_parasitized", "parasitemia",
                           "parasitemia_ci", "cells"}
-    assert set(field["cells"][0]) == {"x", "y", "bbox", "probability", "label"}
-    assert set(data["summary"]) >= {"fields", "n_cells", "n_parasitized", "parasitemia", "parasitemia_ci", "call"}
+    assert set(field["cells"][0]) == {"x", "y", "bbox", "probability", "label", "stage", "stage_probability"}
+    assert field["sample"] == "healthy"
+    assert set(data["summary"]) >= {"fields", "n_cells", "n_parasitized", "parasitemia", "parasitemia_ci", "call",
+                                    "density", "stages", "metadata"}
 
 
 def test_bad_files_are_skipped_and_reported(sample, tmp_path):

@@ -126,10 +126,25 @@ def write_pdf(page: str, target: str | os.PathLike, *, base_url: str | os.PathLi
     OSError
         When WeasyPrint's libraries (Pango) cannot be loaded on this computer.
     """
-    from weasyprint import HTML
-
+    HTML = _weasyprint_html()
     with atomic_path(target) as temporary:
         HTML(string=_printable(page), base_url=str(base_url)).write_pdf(str(temporary))
+
+
+def _weasyprint_html():
+    """WeasyPrint's ``HTML``, imported without letting it loosen Pillow for everyone else.
+
+    Importing WeasyPrint sets Pillow's global ``ImageFile.LOAD_TRUNCATED_IMAGES``: from then on
+    every truncated upload would be decoded as if whole. The flag is put back as it was.
+    """
+    from PIL import ImageFile
+
+    before = ImageFile.LOAD_TRUNCATED_IMAGES
+    try:
+        from weasyprint import HTML
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = before
+    return HTML
 
 
 def _printable(page: str) -> str:
@@ -264,10 +279,8 @@ class ReportWriter:
         pdf = None
         if self.pdf:
             try:
-                from weasyprint import HTML
-
                 printed = self._sample_html(result, sample, result.fields, gallery, printed=True)
-                pdf = HTML(string=_printable(printed)).write_pdf()
+                pdf = _weasyprint_html()(string=_printable(printed)).write_pdf()
             except (OSError, ImportError) as error:
                 self.warnings.append(f"no PDF: WeasyPrint cannot run here ({str(error).splitlines()[0]})")
         cells = [{"probability": round(float(e["cell"].probability), 6), "counted": e["cell"].counted,
