@@ -75,7 +75,7 @@ def test_several_samples_get_a_report_each_and_an_index_without_a_pooled_call_un
     assert {"index.html", "P-infected.html", "P-healthy.html"} <= names and not any(n.endswith(".pdf") for n in names)
     index = page.read_text()
     assert '<a href="P-infected.html">P-infected</a>' in index and '<a href="P-healthy.html">P-healthy</a>' in index
-    assert "pooled" not in index
+    assert "pooled" not in index and "P-infected.pdf" not in index  # no PDF written, none linked
     infected, healthy = (page.parent / "P-infected.html").read_text(), (page.parent / "P-healthy.html").read_text()
     assert "POSITIVE" in infected and "NEGATIVE" not in infected
     assert "NEGATIVE" in healthy and "POSITIVE" not in healthy
@@ -84,17 +84,7 @@ def test_several_samples_get_a_report_each_and_an_index_without_a_pooled_call_un
     assert healthy.split('<p class="cutoff">')[0].count('<figure class="cell">') == 0
     pooled = ReportWriter(tmp_path / "pooled", pdf=False, pooled=True)
     result = screener.screen([two_samples / "P-infected", two_samples / "P-healthy"], on_field=pooled.add)
-    assert "(pooled, all samples)" in pooled.finish(result).read_text()
-
-
-def test_a_gallery_keeps_the_highest_scoring_cells_of_a_large_sample(tmp_path):
-    folder = tmp_path / "heavy"
-    _write_sample(folder, 3, [12, 12, 12], 7)  # 36 infected: more than the gallery holds
-    writer = ReportWriter(tmp_path / "report", pdf=False)
-    result = Screener(PurpleDotClassifier(FIGURES)).screen(folder, on_field=writer.add)
-    text = writer.finish(result).read_text()
-    assert result.summary.n_parasitized > GALLERY_SIZE
-    assert text.split('<p class="cutoff">')[0].count('<figure class="cell">') == GALLERY_SIZE
+    assert "all samples pooled" in pooled.finish(result).read_text()
 
 
 def test_the_report_is_never_written_over_a_file_or_through_a_link(tmp_path):
@@ -206,3 +196,93 @@ def test_many_fields_fold_their_overlays_in_the_html_and_the_pdf_shows_a_few(tmp
     pdf = _pdf_text(tmp_path / "report" / "report.pdf")
     assert f"{PDF_OVERLAYS} of {COLLAPSE_OVERLAYS + 1} overlays" in pdf
     assert "field0.png: 1 of" in pdf  # the field with a Parasitized cell comes first
+
+
+def _field(sample, path, probabilities, *, ok=True, threshold=0.5):
+    from malaria_cells.fields import CellResult, FieldResult
+
+    cells = [CellResult(10.0 + 30 * k, 20.0, [5 + 30 * k, 10, 25 + 30 * k, 30], p,
+                        "Parasitized" if p >= threshold else "Uninfected") for k, p in enumerate(probabilities)]
+    return FieldResult(path, 30 * len(cells) + 40, 60, "stored", {"ok": ok, "applicable": True, "reasons": []},
+                       len(cells), sum(c.label == "Parasitized" for c in cells), None, None, None, 20.0, cells,
+                       sample=sample)
+
+
+def test_the_gallery_keeps_each_samples_highest_counted_cells_and_near_misses_from_counted_fields_only():
+    rng = np.random.default_rng(5)
+    writer = ReportWriter(None, pdf=False)
+    scores = {"A": [], "B": []}
+    for k in range(6):
+        for sample in ("A", "B"):
+            p = rng.uniform(0, 1, 12).round(6)
+            scores[sample] += list(p)
+            item = _field(sample, f"{sample}{k}.png", p)
+            writer.add(item, np.zeros((len(p), 64, 64, 3), np.uint8), np.zeros((60, item.width, 3), np.uint8))
+    # a field that failed quality in a sample with good fields: its cells were not counted
+    poor = _field("A", "poor.png", [0.999, 0.998, 0.49])
+    poor.quality["ok"] = False
+    writer.add(poor, np.zeros((3, 64, 64, 3), np.uint8), np.zeros((60, poor.width, 3), np.uint8))
+    for sample in ("A", "B"):
+        gallery = [entry["cell"] for entry in writer._gallery(sample)]
+        counted = sorted((p for p in scores[sample] if p >= 0.5), reverse=True)[:GALLERY_SIZE]
+        near = sorted((p for p in scores[sample] if p < 0.5), reverse=True)[:NEAR_MISSES]
+        assert [c.probability for c in gallery] == counted + near
+        assert all(c.field.startswith(sample) for c in gallery)
+
+
+def test_two_folders_of_one_name_are_two_samples_with_a_report_each(two_samples, tmp_path):
+    import shutil
+
+    for parent, source in (("a", "P-infected"), ("b", "P-healthy")):
+        shutil.copytree(two_samples / source, tmp_path / parent / "slide")
+    writer = ReportWriter(tmp_path / "report", pdf=False)
+    result = Screener(PurpleDotClassifier(FIGURES), stages=False).screen(
+        [tmp_path / "a" / "slide", tmp_path / "b" / "slide"], on_field=writer.add)
+    assert [s.name for s in result.samples] == ["slide", "slide (2)"]
+    assert [s.call for s in result.samples] == ["positive", "negative"]
+    writer.finish(result)
+    first, second = (tmp_path / "report" / "slide.html").read_text(), (tmp_path / "report" / "slide_2.html").read_text()
+    assert "POSITIVE" in first and "NEGATIVE" in second
+    assert f"Fields ({result.samples[1].fields})" in second
+    assert second.split('<p class="cutoff">')[0].count('<figure class="cell">') == 0  # none of the first's cells
+    assert first.split('<p class="cutoff">')[0].count('<figure class="cell">') == 20
+
+
+def test_names_and_identifiers_are_escaped_and_the_pdf_fetches_nothing_from_outside(tmp_path):
+    hostile = '<img src=x onerror=alert(1)>'
+    folder = tmp_path / hostile.replace("/", "_")
+    _write_sample(folder, 1, [3], 9)
+    writer = ReportWriter(tmp_path / "report")
+    result = Screener(PurpleDotClassifier(FIGURES), stages=False).screen(folder, on_field=writer.add)
+    attach_metadata(result, defaults=SampleMetadata(patient=hostile, note='<link rel=stylesheet href="file:///etc/passwd">'))
+    page = writer.finish(result).read_text()
+    assert "<img src=x" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
+    assert "<link rel" not in page
+    from malaria_cells.fields.report import _local_fetcher
+
+    fetch = _local_fetcher(tmp_path / "report")
+    for url in ("file:///etc/passwd", "http://127.0.0.1:9/x.png", f"file://{tmp_path}/elsewhere.png"):
+        with pytest.raises(ValueError, match="not fetched"):
+            fetch(url)
+    assert "overlays/" not in _pdf_text(tmp_path / "report" / "report.pdf")
+    from pypdf import PdfReader
+
+    links = [a.get_object().get("/A", {}).get("/URI") for p in PdfReader(tmp_path / "report" / "report.pdf").pages
+             for a in p.get("/Annots", []) or []]
+    assert not any(links)  # a PDF travels alone: no links into the report folder
+
+
+def test_a_stage_model_that_fails_turns_stages_off_and_costs_no_field(two_samples, tmp_path):
+    class Broken:
+        image_size = 64
+
+        def predict(self, crops):
+            raise RuntimeError("out of memory\nmore detail")
+
+    screener = Screener(PurpleDotClassifier(FIGURES), stages=Broken())
+    result = screener.screen(two_samples / "P-infected")
+    assert len(result.fields) == 4 and not result.skipped and result.summary.n_parasitized == 20
+    assert result.summary.stages is None
+    assert result.model["stage_model"]["error"] == "stages off: RuntimeError: out of memory"
+    with pytest.raises(MalariaCellsError, match="stage model not found"):
+        Screener(PurpleDotClassifier(FIGURES), stages=tmp_path / "missing.keras")

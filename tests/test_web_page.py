@@ -129,7 +129,8 @@ def test_field_mode_screens_photographs_and_shows_the_call(server, tmp_path):
         assert len(report["fields"]) == 2 and "overlay" not in report["fields"][0] and "report" not in report
         assert report["summary"]["metadata"] == {"patient": "PT-0193", "operator": "A. Diallo"}
         rows = open(downloads["#download-csv"]).read().splitlines()
-        assert rows[0].startswith("field,frame,x,y") and len(rows) == 1 + sum(f["n_cells"] for f in report["fields"])
+        assert rows[0] == "field,frame,x,y,x0,y0,x1,y1,probability,label,stage,stage_probability,sample"  # as cells.csv
+        assert len(rows) == 1 + sum(f["n_cells"] for f in report["fields"])
         assert "PT-0193" in open(downloads["#download-html"]).read()
         from pypdf import PdfReader
 

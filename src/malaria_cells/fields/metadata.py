@@ -187,6 +187,6 @@ def attach_metadata(result, manifest: dict[str, SampleMetadata] | None = None,
             warnings.append(f"manifest: no row for sample {sample.name!r}")
         metadata = defaults.merged(manifest.get(sample.name, SampleMetadata()))
         sample.metadata = metadata.to_dict() or None
-    if result.summary not in result.samples:
+    if not any(sample is result.summary for sample in result.samples):
         result.summary.metadata = defaults.to_dict() or None
     return warnings

@@ -33,8 +33,8 @@ __all__ = ["draw_overlay", "overlay_data_url", "ReportWriter", "OVERLAY_SIDE", "
 
 OVERLAY_SIDE = 4096
 """Longer side of the overlay files: the field's own resolution up to this, to zoom into a cell."""
-INLINE_OVERLAY_SIDE = 1600
-"""Longer side of the overlays a report held in memory carries (a server's answer)."""
+INLINE_OVERLAY_SIDE = 1024
+"""Longer side of the one overlay per field a report held in memory carries (a server's answer)."""
 THUMBNAIL_SIDE = 640
 """Longer side of the overlay pictures shown in the report (each links to its full overlay)."""
 GALLERY_SIZE = 24
@@ -128,7 +128,28 @@ def write_pdf(page: str, target: str | os.PathLike, *, base_url: str | os.PathLi
     """
     HTML = _weasyprint_html()
     with atomic_path(target) as temporary:
-        HTML(string=_printable(page), base_url=str(base_url)).write_pdf(str(temporary))
+        HTML(string=_printable(page), base_url=str(base_url),
+             url_fetcher=_local_fetcher(Path(base_url))).write_pdf(str(temporary))
+
+
+def _local_fetcher(folder: Path | None):
+    """A WeasyPrint URL fetcher allowed only inline ``data:`` URLs and files inside ``folder``:
+    a report never reaches the network or another folder."""
+    from urllib.parse import unquote, urlparse
+
+    from weasyprint.urls import URLFetcher
+
+    root = None if folder is None else folder.resolve()
+
+    class LocalOnly(URLFetcher):
+        def fetch(self, url, headers=None):
+            inside = (root is not None and url.startswith("file://")
+                      and Path(unquote(urlparse(url).path)).resolve().is_relative_to(root))
+            if not (url.startswith("data:") or inside):
+                raise ValueError(f"not fetched: {url[:80]}")
+            return super().fetch(url, headers)
+
+    return LocalOnly(allowed_protocols=("data", "file"))
 
 
 def _weasyprint_html():
@@ -191,10 +212,13 @@ class ReportWriter:
 
         self.pdf, self.pooled, self.explain, self.stage_figures = pdf, pooled, explain, stage_figures
         self.overlays: dict[str, tuple[str, str]] = {}
-        self.counted: dict[str, list[_GalleryCell]] = {}
-        self.near: dict[str, list[_GalleryCell]] = {}
+        self.counted: dict[tuple[str, bool], list[_GalleryCell]] = {}
+        self.near: dict[tuple[str, bool], list[_GalleryCell]] = {}
         self.warnings: list[str] = []
         self.started = datetime.datetime.now(datetime.timezone.utc).astimezone()
+        self._fields_added = 0
+        self._any_good: dict[str, bool] = {}
+        self._written: set[str] = set()
         self.out = None if out is None else Path(out)
         if self.out is None:  # in memory (a server's answer): pictures become data URLs
             return
@@ -213,30 +237,35 @@ class ReportWriter:
 
     def add(self, item: FieldResult, crops: np.ndarray, image: np.ndarray) -> None:
         """Write a field's overlay and keep its best cells for its sample's gallery."""
-        # the field's own name, shortened, in characters every file system takes (a name may
-        # be long, hold ':' or '?', or not be UTF-8)
         from ..images import resize
 
-        overlay = draw_overlay(image, item, side=OVERLAY_SIDE if self.out is not None else INLINE_OVERLAY_SIDE)
-        scale = min(1.0, THUMBNAIL_SIDE / max(overlay.shape[:2]))
-        small = resize(overlay, (round(overlay.shape[1] * scale), round(overlay.shape[0] * scale))) if scale < 1 \
-            else overlay
-        if self.out is None:
-            self.overlays[item.path] = (overlay_data_url(overlay), overlay_data_url(small))
+        if self.out is None:  # one picture per field, inline: a request's answer stays small
+            picture = overlay_data_url(draw_overlay(image, item, side=INLINE_OVERLAY_SIDE))
+            self.overlays[item.path] = (picture, picture)
         else:
+            overlay = draw_overlay(image, item)
+            scale = min(1.0, THUMBNAIL_SIDE / max(overlay.shape[:2]))
+            small = resize(overlay, (round(overlay.shape[1] * scale), round(overlay.shape[0] * scale))) \
+                if scale < 1 else overlay
             # the field's own name, shortened, in characters every file system takes (a name may
             # be long, hold ':' or '?', or not be UTF-8)
             stem = re.sub(r"[^\w.-]+", "_", Path(item.path).stem)[:80]
-            name = f"{len(self.overlays):03d}-{stem}.jpg"
+            name = f"{self._fields_added:03d}-{stem}.jpg"
             with atomic_path(self.out / "overlays" / name) as temporary:
                 temporary.write_bytes(_encode(overlay))
             with atomic_path(self.out / "overlays" / "small" / name) as temporary:
                 temporary.write_bytes(_encode(small, quality=80))
             self.overlays[item.path] = (f"overlays/{name}", f"overlays/small/{name}")
+        self._fields_added += 1
+        # A sample's counts come from its good fields, or (if none is good) its readable ones
+        # (Screener.pool): cells of the two kinds are kept apart, so the gallery shows only
+        # cells that were counted.
+        good = bool(item.quality.get("ok"))
+        self._any_good[item.sample] = self._any_good.get(item.sample, False) or good
         for cell, crop in zip(item.cells, crops):
             counted = cell.label == "Parasitized"
             heap, size = ((self.counted, GALLERY_SIZE) if counted else (self.near, NEAR_MISSES))
-            heap = heap.setdefault(item.sample, [])
+            heap = heap.setdefault((item.sample, good), [])
             if len(heap) < size or cell.probability > heap[0].probability:
                 entry = _GalleryCell(cell.probability, counted, Path(item.path).name, cell.x, cell.y,
                                      getattr(cell, "stage", None), getattr(cell, "stage_probability", None),
@@ -259,12 +288,12 @@ class ReportWriter:
         single = len(result.samples) <= 1
         samples = result.samples or [result.summary]
         names = self._file_names(samples, single)
-        for sample in samples:
+        for sample, name in zip(samples, names):
             fields = [f for f in result.fields if f.sample == sample.name or single]
             gallery = self._gallery(sample.name if not single else None)
-            self._write_sample(result, sample, fields, gallery, names[sample.name])
+            self._write_sample(result, sample, fields, gallery, name)
         if single:
-            return self.out / f"{names[samples[0].name]}.html"
+            return self.out / f"{names[0]}.html"
         write_text(self.out / "index.html", self._index_html(result, names))
         return self.out / "index.html"
 
@@ -280,7 +309,7 @@ class ReportWriter:
         if self.pdf:
             try:
                 printed = self._sample_html(result, sample, result.fields, gallery, printed=True)
-                pdf = _weasyprint_html()(string=_printable(printed)).write_pdf()
+                pdf = _weasyprint_html()(string=_printable(printed), url_fetcher=_local_fetcher(None)).write_pdf()
             except (OSError, ImportError) as error:
                 self.warnings.append(f"no PDF: WeasyPrint cannot run here ({str(error).splitlines()[0]})")
         cells = [{"probability": round(float(e["cell"].probability), 6), "counted": e["cell"].counted,
@@ -290,23 +319,25 @@ class ReportWriter:
         return {"html": page, "pdf": pdf, "gallery": cells}
 
     @staticmethod
-    def _file_names(samples, single: bool) -> dict[str, str]:
+    def _file_names(samples, single: bool) -> list[str]:
+        """Each sample's report file name (without suffix), in order, never two alike."""
         if single:
-            return {samples[0].name: "report"}
-        names, taken = {}, {"index", "report", "cells"}
+            return ["report"]
+        names, taken = [], {"index", "report", "cells"}
         for sample in samples:
             slug = base = _slug(sample.name)
             k = 2
             while slug.lower() in taken:
                 slug, k = f"{base}-{k}", k + 1
             taken.add(slug.lower())
-            names[sample.name] = slug
+            names.append(slug)
         return names
 
     def _gallery(self, sample: str | None) -> list[dict]:
-        """The sample's gallery, highest first, each cell with its pictures."""
+        """The sample's gallery (every sample's with None), highest first, each cell with its pictures."""
         def cells(pool):
-            return [c for key, heap in pool.items() if sample is None or key == sample for c in heap]
+            return [c for (name, good), heap in pool.items()
+                    if (sample is None or name == sample) and good == self._any_good.get(name, False) for c in heap]
 
         counted = sorted(cells(self.counted), key=lambda c: -c.probability)[:GALLERY_SIZE]
         near = sorted(cells(self.near), key=lambda c: -c.probability)[:NEAR_MISSES]
@@ -316,7 +347,8 @@ class ReportWriter:
             try:
                 heat = self.explain(np.stack([c.crop for c in entries]))
             except Exception as error:  # noqa: BLE001 - the report stands without its heat maps
-                self.warnings.append(f"heat maps not drawn ({type(error).__name__}: {error})")
+                self.warnings.append(f"heat maps not drawn ({type(error).__name__}: "
+                                     f"{str(error).splitlines()[0] if str(error) else 'no detail'})")
         out = []
         for k, cell in enumerate(entries):
             picture = {"cell": cell, "native": _png_url(cell.native), "heat": None}
@@ -334,6 +366,7 @@ class ReportWriter:
         try:
             write_pdf(self._sample_html(result, sample, fields, gallery, printed=True), self.out / f"{name}.pdf",
                       base_url=self.out)
+            self._written.add(f"{name}.pdf")
         except (OSError, ImportError) as error:  # Pango missing: the HTML report stands, and says how to print
             self.warnings.append(f"{name}.pdf not written: WeasyPrint cannot run here ({str(error).splitlines()[0]}); "
                                  f"print {name}.html from a browser instead")
@@ -347,9 +380,13 @@ class ReportWriter:
         overlays = [f for f in fields if f.path in self.overlays]
         if printed:
             overlays = sorted(overlays, key=lambda f: -f.n_parasitized)[:PDF_OVERLAYS]
+        def picture(f):
+            img = f"<img src=\"{html.escape(self.overlays[f.path][1])}\" alt=\"overlay\">"
+            # a PDF travels without the folder, and an inline report has one picture: no links
+            return img if printed or self.out is None else f"<a href=\"{html.escape(self.overlays[f.path][0])}\">{img}</a>"
+
         overlay_html = "".join(
-            f"<figure><a href=\"{html.escape(self.overlays[f.path][0])}\"><img src=\"{html.escape(self.overlays[f.path][1])}\" "
-            f"alt=\"overlay\"></a><figcaption>{html.escape(Path(f.path).name)}: {f.n_parasitized} of {f.n_cells} "
+            f"<figure>{picture(f)}<figcaption>{html.escape(Path(f.path).name)}: {f.n_parasitized} of {f.n_cells} "
             "cells</figcaption></figure>" for f in overlays)
         more = (f"<p>{len(overlays)} of {len([f for f in fields if f.path in self.overlays])} overlays (those with the "
                 "most Parasitized cells); the HTML report has every field.</p>"
@@ -405,15 +442,13 @@ excluded objects (cut by the edge, clumps of overlapping cells, platelets, white
                 f"<th>how well the stage model tells it</th></tr>{''.join(rows)}</table>{line}"
                 "<p class=\"small\">Species is not claimed: no data this model was trained on tells species apart.</p>")
 
-    def _index_html(self, result: ScreenResult, names: dict[str, str]) -> str:
+    def _index_html(self, result: ScreenResult, names: list[str]) -> str:
         rows = []
-        samples = list(result.samples) + ([result.summary] if self.pooled else [])
-        for sample in samples:
-            name = names.get(sample.name)
+        entries = list(zip(result.samples, names)) + ([(result.summary, None)] if self.pooled else [])
+        for sample, name in entries:
             link = (f"<a href=\"{html.escape(name)}.html\">{html.escape(sample.name)}</a>"
-                    + (f" (<a href=\"{html.escape(name)}.pdf\">PDF</a>)"
-                       if self.pdf and (self.out / f"{name}.pdf").exists() else "")) if name else \
-                f"{html.escape(sample.name)} (pooled, all samples)"
+                    + (f" (<a href=\"{html.escape(name)}.pdf\">PDF</a>)" if f"{name}.pdf" in self._written else "")
+                    ) if name else "all samples pooled"
             meta = "; ".join(f"{k} {v}" for k, v in (sample.metadata or {}).items() if k in ("patient", "slide"))
             density = format_density(sample.density) if sample.density else "-"
             rows.append(f"<tr><td>{link}</td><td>{html.escape(meta)}</td><td class=\"c-{sample.call}\">"

@@ -84,6 +84,11 @@ class Screener:
         Time limit per field (default: none). It is checked between a field's steps (decoding,
         detection, the readability checks, classification), each of which is bounded by the
         image's size; a field past it is reported as not screened and the rest go on.
+    stages : bool, path or StageModel
+        Give each Parasitized cell its life stage (:mod:`.stages`): True (default) with the
+        shipped stage model, loaded when the first Parasitized cell is met; a path or a loaded
+        :class:`~.stages.StageModel`; False for none. A stage model that cannot be loaded or
+        run turns stages off with the reason in :meth:`describe` (counts are unaffected).
 
     Examples
     --------
@@ -123,9 +128,13 @@ class Screener:
         if not (isinstance(stages, (bool, str, os.PathLike)) or hasattr(stages, "predict")):
             raise MalariaCellsError(f"stages: True (the shipped stage model), False, a path or a StageModel, "
                                     f"got {type(stages).__name__}")
+        if isinstance(stages, (str, os.PathLike)) and not Path(stages).expanduser().is_file():
+            raise MalariaCellsError(f"stages: {stages}: stage model not found")
         self._stages = stages if hasattr(stages, "predict") else None
-        self._stage_source = None if stages is False else (None if stages is True else stages)
+        self._stage_source = None if isinstance(stages, bool) else stages
         self.stages_enabled = stages is not False
+        self.stage_error: str | None = None
+        """Why stages were turned off while screening (a model that failed to load or run)."""
         self._stage_lock = threading.Lock()
 
     @property
@@ -158,6 +167,8 @@ class Screener:
     def stage_description(self) -> dict | None:
         """The stage model's file name, training date and figures, read from its side-car file
         while the model itself is not loaded (describing a screen must not load TensorFlow)."""
+        if self.stage_error is not None:
+            return {"path": None, "trained_at": None, "figures": None, "error": f"stages off: {self.stage_error}"}
         if not self.stages_enabled:
             return None
         if self._stages is not None:
@@ -186,13 +197,18 @@ class Screener:
         infected = [k for k, cell in enumerate(cells) if cell.label == CLASS_NAMES[1]]
         if not infected or not self.stages_enabled:
             return
-        model = self.stage_model
-        picked = crops[infected]
-        if picked.shape[1] != model.image_size:
-            from ..images import resize
+        try:
+            model = self.stage_model
+            picked = crops[infected]
+            if picked.shape[1] != model.image_size:
+                from ..images import resize
 
-            picked = np.stack([resize(crop, (model.image_size, model.image_size)) for crop in picked])
-        names, probabilities = model.predict(picked)
+                picked = np.stack([resize(crop, (model.image_size, model.image_size)) for crop in picked])
+            names, probabilities = model.predict(picked)
+        except Exception as error:  # noqa: BLE001 - stages are extra: a failure must not cost the count
+            self.stages_enabled = False
+            self.stage_error = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'no detail'}"
+            return
         for k, name, probability in zip(infected, names, probabilities):
             cells[k].stage, cells[k].stage_probability = str(name), round(float(probability), 4)
 
@@ -369,8 +385,12 @@ class Screener:
         skipped = list(skipped)
         max_seconds = _check_seconds(max_seconds, "max_seconds")
         deadline = None if max_seconds is None else time.perf_counter() + max_seconds
-        fields, pooled = [], []
+        fields, pooled, names = [], [], set()
         for name, items in samples:
+            base, name, k = str(name), str(name), 2
+            while name in names:  # two folders of one name are still two samples
+                name, k = f"{base} ({k})", k + 1
+            names.add(name)
             sample_fields, prints = [], []
             for item in items:
                 path, read = item[0], item[1]
