@@ -23,6 +23,8 @@ examples:
   malaria-cells evaluate --model runs/first/model.keras --data other_patients/
   malaria-cells predict cell.png slides/ --format csv --output results.csv
   malaria-cells screen patient1/ patient2/ --out report/  # whole smear photographs
+  malaria-cells screen slide/ --out report/ --db lab.db   # ... and record each sample
+  malaria-cells history --db lab.db --since 2026-11-01    # the samples recorded
   malaria-cells info
 
 Exit status: 0 success; 1 some input files could not be read (predict, listed on
@@ -63,6 +65,10 @@ def _positive_seconds(text: str) -> float:
 def add_model_option(parser) -> None:
     parser.add_argument("--model", metavar="PATH",
                         help="model: .keras, .tflite or .onnx file, or a run folder (default: the shipped model)")
+
+
+def add_db_option(parser, help_text: str) -> None:
+    parser.add_argument("--db", metavar="URL", help=help_text)
 
 
 def add_scoring_options(parser) -> None:
@@ -181,7 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "  malaria-cells screen slide/ --out report/ --patient P-0193 --operator 'A. Diallo'\n"
                      "  malaria-cells screen batch/*/ --out reports/ --manifest samples.csv\n"
                      "  malaria-cells screen slide/ --format json --output screen.json\n"
-                     "  malaria-cells screen fields/ --truth annotations.json")
+                     "  malaria-cells screen fields/ --truth annotations.json\n"
+                     "  malaria-cells screen slide/ --out report/ --patient P-0193 --db sqlite:///lab.db\n"
+                     "  MALARIA_CELLS_DB=postgresql+psycopg://lab@dbhost/malaria malaria-cells screen slide/\n"
+                     "  (the PostgreSQL password in ~/.pgpass or $PGPASSWORD: a URL's is seen by `ps`)")
     screen.add_argument("paths", nargs="+", metavar="PATH", help="field images or folders (one sample each)")
     add_model_option(screen)
     screen.add_argument("--out", metavar="DIR",
@@ -216,6 +225,30 @@ def build_parser() -> argparse.ArgumentParser:
     screen.add_argument("--max-field-seconds", type=_positive_seconds, default=120.0, metavar="S",
                         help="a field still not screened after S seconds is reported as not screened and the "
                         "rest go on (default: 120; a 40 MP photograph takes a few seconds)")
+    add_db_option(screen, "also record each sample, its fields and counted cells in this database (made if "
+                  "new): a SQLite file (lab.db or sqlite:///lab.db) or postgresql+psycopg://USER:PASSWORD@HOST/DB "
+                  "(default: $MALARIA_CELLS_DB; unset, nothing is recorded)")
+
+    history = command("history", "list the screened samples recorded in a database",
+                      "The samples that screen --db and serve --db recorded, newest first: when (UTC),\n"
+                      "sample, patient, call, parasitemia, parasites per microlitre, cells counted and\n"
+                      "the model. csv (one row per sample) and json (every figure of each sample, with\n"
+                      "its metadata and model) are for export.\n\n"
+                      "examples:\n"
+                      "  malaria-cells history                                # $MALARIA_CELLS_DB, else ./lab.db\n"
+                      "  malaria-cells history --db lab.db --since 2026-11-01 --call positive\n"
+                      "  malaria-cells history --format csv --output november.csv\n"
+                      "  malaria-cells history --db postgresql+psycopg://lab@dbhost/malaria --format json --limit 50")
+    add_db_option(history, "the records database: a SQLite file (lab.db or sqlite:///lab.db) or "
+                  "postgresql+psycopg://USER:PASSWORD@HOST/DB (default: $MALARIA_CELLS_DB, else sqlite:///lab.db)")
+    history.add_argument("--since", metavar="YYYY-MM-DD", help="only samples screened on or after this day (UTC)")
+    history.add_argument("--call", metavar="positive|negative|review", help="only samples with this call")
+    history.add_argument("--limit", type=_positive_int, metavar="N", help="only the newest N samples")
+    history.add_argument("--format", choices=("table", "csv", "json"), default="table",
+                         help="table: for a terminal; csv: one row per sample; json: one object, "
+                         "{\"samples\": [...]} (default: table)")
+    history.add_argument("--output", metavar="FILE", help="write to FILE instead of stdout")
+    history.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
 
     download = command("download", "fetch the public NIH cell images",
                        "Download (resumable), verify (size, zip CRCs, optional SHA-256) and safely\n"
@@ -252,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=_positive_int, default=1,
                        help="server processes sharing the port, each with its own copy of the model "
                        "(default: 1; on a machine that only serves, try its number of cores)")
+    add_db_option(serve, "record each /v1/screen sample in this database (its answer carries the record_id): "
+                  "a SQLite file or postgresql+psycopg://USER:PASSWORD@HOST/DB (default: $MALARIA_CELLS_DB; "
+                  "unset, nothing is recorded)")
 
     export = command("export", "export a model for phones and servers (TFLite, ONNX, SavedModel)",
                      "Writes the model with its preprocessing inside, and FILE.json beside it with the\n"
@@ -422,10 +458,8 @@ def _progress_bar(total: int, *, unit: str = "cell", minimum: int = 2000):
 
 
 def run_screen(args) -> int:
-    from .fields import FORMATS, Screener, group_samples
-    from .fields.metadata import SampleMetadata, attach_metadata, read_manifest
-    from .fields.report import ReportWriter
-    from .files import atomic_path
+    from .fields import Screener
+    from .fields.metadata import SampleMetadata, read_manifest
 
     if isinstance(args.truth, str) and not os.path.exists(args.truth):
         raise MalariaCellsError(f"--truth {args.truth}: no such file or folder (an annotations JSON file or folder, "
@@ -437,6 +471,28 @@ def run_screen(args) -> int:
                         rbc_per_ul=args.rbc_per_ul)
     if args.output and os.path.exists(args.output) and not args.overwrite:
         raise MalariaCellsError(f"{args.output}: already exists; choose another --output or pass --overwrite")
+    records = _records_for(args.db)  # a bad URL or an unreachable server fails before any screening
+    try:
+        return _screen_and_record(args, screener, manifest, defaults, records)
+    finally:
+        if records is not None:
+            records.close()
+
+
+def _records_for(db: str | None):
+    """The records database ``--db`` (or ``$MALARIA_CELLS_DB``) names, opened; None when neither does."""
+    from .records import DB_ENV, open_records
+
+    db = db or os.environ.get(DB_ENV)
+    return open_records(db) if db else None
+
+
+def _screen_and_record(args, screener, manifest, defaults, records) -> int:
+    from .fields import FORMATS, group_samples
+    from .fields.metadata import attach_metadata
+    from .fields.report import ReportWriter
+    from .files import atomic_path
+
     report = ReportWriter(args.out, overwrite=args.overwrite, pdf=not args.no_pdf, pooled=args.pooled,
                           **screener.report_options()) if args.out else None
     bar = _progress_bar(sum(len(files) for _, files in group_samples(args.paths)[0]), unit="field", minimum=2)
@@ -463,7 +519,27 @@ def run_screen(args) -> int:
         for warning in report.warnings:
             print(f"warning: {warning}", file=sys.stderr)
         print(f"report: {page}", file=sys.stderr)
+    if records is not None:
+        ids = records.add(result, report_path=args.out, source="cli")
+        for sample, record_id in zip(result.samples, ids):
+            print(f"recorded: sample {sample.name} as record {record_id} in {records.url}", file=sys.stderr)
     return EXIT_SKIPPED if result.skipped else EXIT_OK
+
+
+def run_history(args) -> int:
+    from .files import atomic_path
+    from .records import open_records, write_history
+
+    if args.output and os.path.exists(args.output) and not args.overwrite:
+        raise MalariaCellsError(f"{args.output}: already exists; choose another --output or pass --overwrite")
+    with open_records(args.db, create=False) as records:
+        samples = records.samples(since=args.since, call=args.call, limit=args.limit)
+    if args.output:
+        with atomic_path(args.output) as temporary, open(temporary, "w", encoding="utf-8", newline="") as stream:
+            write_history(samples, stream, args.format)
+    else:
+        write_history(samples, sys.stdout, args.format)
+    return EXIT_OK
 
 
 def run_download(args) -> int:
@@ -480,8 +556,10 @@ def run_serve(args) -> int:
     limits = ServeLimits(max_images=args.max_images, max_request_bytes=args.max_upload_mb * 2**20,
                          max_seconds=args.max_seconds, max_field_seconds=args.max_field_seconds,
                          screening_slots=args.screening_slots)
+    from .records import DB_ENV
+
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, limits=limits, workers=args.workers,
-          no_auth=args.no_auth)
+          no_auth=args.no_auth, db=args.db or os.environ.get(DB_ENV) or None)
     return EXIT_OK
 
 
@@ -592,7 +670,7 @@ def _field_model_summary() -> dict | None:
 def _needs_tensorflow(args: argparse.Namespace) -> bool:
     """Whether the command runs TensorFlow: not for downloads, nor for .tflite / .onnx
     models, which then start in a fraction of a second instead of seconds."""
-    if args.command == "download":
+    if args.command in ("download", "history"):
         return False
     if args.command in ("predict", "evaluate", "serve", "info", "screen"):
         from .runtimes import default_model_path
@@ -647,7 +725,7 @@ def main(argv: list[str] | None = None) -> int:
             stream.reconfigure(errors="backslashreplace")
     handler = {"train": run_train, "evaluate": run_evaluate, "predict": run_predict, "screen": run_screen,
                "download": run_download, "info": run_info, "serve": run_serve,
-               "export": run_export, "retune": run_retune}[args.command]
+               "export": run_export, "retune": run_retune, "history": run_history}[args.command]
     try:
         if _needs_tensorflow(args):
             _quiet_tensorflow()

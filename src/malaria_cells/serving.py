@@ -216,7 +216,7 @@ def check_upload(contents: bytes, max_pixels: int) -> None:
         raise UploadError(413, f"image too large ({width}x{height} pixels, limit {max_pixels})")
 
 
-def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | None = None):
+def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | None = None, db: str | None = None):
     """Build the FastAPI application.
 
     Parameters
@@ -228,6 +228,10 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
         requires it, as header ``X-API-Key`` (or ``?api_key=`` for the web page).
     limits : ServeLimits, optional
         Maximum images and bytes per request, and pixels per image.
+    db : str, optional
+        A records database URL (:func:`malaria_cells.records.open_records`): each
+        ``/v1/screen`` sample is recorded there, in the worker thread that screened it, and the
+        answer carries its ``record_id`` (header ``X-Record-Id`` for the other formats).
     """
     from . import __version__
     from .pipeline import preprocess_many
@@ -245,6 +249,11 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
     screener = Screener(field_model or model, max_pixels=limits.max_image_pixels,
                         max_field_seconds=limits.max_field_seconds)
     load = _Load(limits.screening_slots)
+    records = None
+    if db is not None:
+        from .records import open_records
+
+        records = open_records(db)  # a bad URL or an unreachable server: the server does not start
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
     model_version = model.info.get("trained_at") or os.path.basename(model.path)
     app = FastAPI(title="malaria-cells", version=__version__, docs_url=None, redoc_url=None,
@@ -385,7 +394,13 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
                                                  on_field=on_field, max_seconds=remaining)
                 attach_metadata(result, defaults=metadata)
                 built = writer.build(result) if writer is not None and result.fields else None
-                return result, built
+                ids, not_recorded = [], None
+                if records is not None and result.fields:
+                    try:
+                        ids = records.add(result, source="server")
+                    except MalariaCellsError as error:
+                        not_recorded = str(error)
+                return result, built, ids, not_recorded
             finally:
                 _give_back_memory()
 
@@ -396,25 +411,30 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
             remaining = limits.max_seconds - (time.perf_counter() - arrived)
             if remaining < MIN_SCREEN_SECONDS:  # a slot came too late to screen anything in time
                 raise HTTPException(503, busy)
-            result, built = await run_in_threadpool(screen_now, remaining)
+            result, built, ids, not_recorded = await run_in_threadpool(screen_now, remaining)
         finally:
             load.leave()
+        if not_recorded is not None:  # screened, but no result goes out unrecorded
+            raise HTTPException(503, f"not recorded: {not_recorded}")
+        recorded = {"X-Record-Id": str(ids[0])} if ids else {}
         if not result.fields:
             timed_out = result.skipped and all(r.startswith("not screened:") for _, r in result.skipped)
             raise HTTPException(503 if timed_out else 422,
                                 "no field could be screened: " + "; ".join(f"{p}: {r}" for p, r in result.skipped))
         if format == "html":
-            return HTMLResponse(built["html"])
+            return HTMLResponse(built["html"], headers=recorded)
         if format == "pdf":
             if built["pdf"] is None:
                 raise HTTPException(501, "; ".join(writer.warnings) or "no PDF")
             return Response(built["pdf"], media_type="application/pdf",
-                            headers={"Content-Disposition": 'attachment; filename="report.pdf"'})
+                            headers={"Content-Disposition": 'attachment; filename="report.pdf"', **recorded})
         if format != "json":
             from .fields import render
 
-            return Response(render(result, format), media_type=FORMATS[format].media_type)
+            return Response(render(result, format), media_type=FORMATS[format].media_type, headers=recorded)
         body = result.to_dict()
+        if records is not None:
+            body["record_id"] = ids[0]
         for entry in body["fields"]:
             entry["overlay"] = pictures.get(entry["path"])
         if built is not None:
@@ -431,7 +451,7 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
 
 
 def serve(model=None, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          limits: ServeLimits | None = None, workers: int = 1, no_auth: bool = False) -> None:
+          limits: ServeLimits | None = None, workers: int = 1, no_auth: bool = False, db: str | None = None) -> None:
     """Run the web page and API with uvicorn until interrupted.
 
     With ``workers`` > 1, that many processes share the port (uvicorn's workers), each
@@ -442,6 +462,8 @@ def serve(model=None, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
     ``$MALARIA_CELLS_API_KEY``): patients' images would otherwise be open to anyone on the
     network. ``no_auth=True`` serves without one anyway, with a warning (a network that is
     already closed, or a proxy that checks its own keys).
+
+    With ``db`` (a records database URL), each ``/v1/screen`` sample is recorded there.
     """
     import uvicorn
 
@@ -459,7 +481,7 @@ def serve(model=None, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
         message += (f"\nwarning: listening on {host} without an API key (--no-auth): anyone who can reach this "
                     "computer can use it")
     if workers == 1:
-        app = create_app(model, api_key=api_key, limits=limits)
+        app = create_app(model, api_key=api_key, limits=limits, db=db)
         print(message, file=sys.stderr, flush=True)
         uvicorn.run(app, host=host, port=port, log_level="warning")
         return
@@ -468,8 +490,12 @@ def serve(model=None, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
     # Loaded here only to fail once, with one line, on a bad model; the workers build their own
     # app from this description (uvicorn needs an import string), this process only supervises.
     model_path = load_model(model).path
+    if db is not None:
+        from .records import open_records
+
+        open_records(db).close()  # fail once, with one line, on a bad URL (and migrate before the workers start)
     os.environ[_WORKER_CONFIG_ENV] = json.dumps({"model": None if model is None else model_path, "api_key": api_key,
-                                                 "limits": (limits or ServeLimits()).__dict__})
+                                                 "limits": (limits or ServeLimits()).__dict__, "db": db})
     print(message, file=sys.stderr, flush=True)
     uvicorn.run(f"{__name__}:app_from_environment", factory=True, host=host, port=port,
                 log_level="warning", workers=workers)
@@ -481,4 +507,5 @@ _WORKER_CONFIG_ENV = "MALARIA_CELLS_SERVE_CONFIG"
 def app_from_environment():
     """The app a ``serve(workers=N)`` worker process runs (its settings come in the environment)."""
     config = json.loads(os.environ[_WORKER_CONFIG_ENV])
-    return create_app(config["model"], api_key=config["api_key"], limits=ServeLimits(**config["limits"]))
+    return create_app(config["model"], api_key=config["api_key"], limits=ServeLimits(**config["limits"]),
+                      db=config.get("db"))
