@@ -6,9 +6,7 @@ import argparse
 import csv
 import json
 import os
-import re
 import sys
-import warnings
 from pathlib import Path
 
 from .errors import MalariaCellsError
@@ -505,6 +503,8 @@ def _screen_and_record(args, screener, manifest, defaults, records) -> int:
         raise MalariaCellsError("no field could be screened" + (" (see the skipped files above)" if result.skipped else ""))
     for warning in attach_metadata(result, manifest, defaults):
         print(f"warning: {warning}", file=sys.stderr)
+    if screener.stage_error:
+        print(f"warning: life stages not given: {screener.stage_error}", file=sys.stderr)
     if report is not None:
         page = report.finish(result)
     write = FORMATS[args.format].write
@@ -680,42 +680,6 @@ def _needs_tensorflow(args: argparse.Namespace) -> bool:
     return True
 
 
-_TENSORFLOW_START_UP = re.compile(
-    r"absl::InitializeLog|oneDNN custom operations|cuda drivers|cudart_stub|cuInit|cpu_feature_guard"
-    r"|rebuild TensorFlow with the appropriate compiler flags|This TensorFlow binary is optimized")
-"""Lines TensorFlow's C++ core prints at import whatever TF_CPP_MIN_LOG_LEVEL says."""
-
-
-def _quiet_tensorflow() -> None:
-    """Import TensorFlow without its start-up log lines, passing on anything else it prints.
-
-    Its C++ core writes straight to file descriptor 2, so that descriptor is captured for
-    the import; lines other than the known start-up ones (and everything, when the import
-    fails) are written back to stderr.
-    """
-    import tempfile
-
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
-    sys.stderr.flush()
-    failed = True
-    with tempfile.TemporaryFile() as captured:
-        saved = os.dup(2)
-        try:
-            os.dup2(captured.fileno(), 2)
-            import tensorflow  # noqa: F401
-
-            failed = False
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            captured.seek(0)
-            lines = captured.read().decode(errors="replace").splitlines()
-            kept = [line for line in lines if failed or not _TENSORFLOW_START_UP.search(line)]
-            if kept:
-                print("\n".join(kept), file=sys.stderr, flush=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``malaria-cells`` command; returns the exit status."""
     parser = build_parser()
@@ -728,7 +692,9 @@ def main(argv: list[str] | None = None) -> int:
                "export": run_export, "retune": run_retune, "history": run_history}[args.command]
     try:
         if _needs_tensorflow(args):
-            _quiet_tensorflow()
+            from .runtimes import import_tensorflow_quietly
+
+            import_tensorflow_quietly()
         return handler(args)
     except MalariaCellsError as error:
         print(f"malaria-cells {args.command}: error: {error}", file=sys.stderr)

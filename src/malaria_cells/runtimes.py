@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 from functools import lru_cache
 from pathlib import Path
@@ -23,6 +24,50 @@ __all__ = ["CellClassifier", "KerasClassifier", "LiteRTClassifier", "OnnxClassif
            "load_model", "save_keras_model", "sidecar_path"]
 
 METADATA_KEY = "malaria_cells"
+
+
+_TENSORFLOW_START_UP = re.compile(
+    r"absl::InitializeLog|oneDNN custom operations|cuda drivers|cudart_stub|cuInit|cpu_feature_guard"
+    r"|rebuild TensorFlow with the appropriate compiler flags|This TensorFlow binary is optimized")
+"""Lines TensorFlow's C++ core prints at import whatever TF_CPP_MIN_LOG_LEVEL says."""
+
+
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow without its start-up log lines, passing on anything else it prints.
+
+    Its C++ core writes straight to file descriptor 2, so that descriptor is captured for
+    the import; lines other than the known start-up ones (and everything, when the import
+    fails) are written back to stderr. Outside the main thread (a server's worker), or once
+    TensorFlow is imported, it imports plainly: file descriptor 2 is the whole process's.
+    """
+    import sys
+    import tempfile
+    import warnings
+
+    if "tensorflow" in sys.modules or threading.current_thread() is not threading.main_thread():
+        import tensorflow  # noqa: F401
+
+        return
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
+    sys.stderr.flush()
+    failed = True
+    with tempfile.TemporaryFile() as captured:
+        saved = os.dup(2)
+        try:
+            os.dup2(captured.fileno(), 2)
+            import tensorflow  # noqa: F401
+
+            failed = False
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            lines = captured.read().decode(errors="replace").splitlines()
+            kept = [line for line in lines if failed or not _TENSORFLOW_START_UP.search(line)]
+            if kept:
+                print("\n".join(kept), file=sys.stderr, flush=True)
 
 
 def sidecar_path(path: str | os.PathLike) -> Path:

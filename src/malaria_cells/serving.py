@@ -357,7 +357,7 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
         except MalariaCellsError as error:
             raise HTTPException(422, str(error)) from None
         writer = ReportWriter(None, pdf=format == "pdf" or (report and format == "json"),
-                              **screener.report_options()) if report or format in ("html", "pdf") else None
+                              **screener.report_options()) if (report and format == "json") or format in ("html", "pdf") else None
         if len(files) > limits.max_images:
             raise HTTPException(413, f"too many images ({len(files)}, limit {limits.max_images})")
         pictures = {}

@@ -617,6 +617,9 @@ def load_stage_model(path: str | Path | None = None) -> StageModel:
     MalariaCellsError
         When the file is missing, unreadable, not a stage model, or its figures are malformed.
     """
+    from ..runtimes import import_tensorflow_quietly
+
+    import_tensorflow_quietly()  # screening with the ONNX field model may not have imported it yet
     import keras
 
     from .. import models  # noqa: F401 - registers the custom layers
