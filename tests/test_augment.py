@@ -3,7 +3,8 @@ import pytest
 
 
 
-@pytest.mark.parametrize("mode", ["flips", "flips+color", "flips+stain", "flips+color+focus", "flips+color+blur"])
+@pytest.mark.parametrize("mode", ["flips", "flips+color", "flips+stain", "flips+color+focus", "flips+color+blur",
+                                  "flips+color+restain"])
 def test_augmentation_is_reproducible_and_keeps_the_surround_black(mode):
     import tensorflow as tf
 
@@ -25,7 +26,7 @@ def test_augmentation_is_reproducible_and_keeps_the_surround_black(mode):
         return
     # colour modes change the cell, differently per seed
     assert len({out[disc].mean().round(3) for out in outputs}) > 6
-    if mode == "flips+stain":
+    if mode in ("flips+stain", "flips+color+restain"):
         # stain density changes the parasite's contrast to its cell, which a gain cannot
         contrast = [out[16, 16].mean() / out[8, 16].mean() for out in outputs]
         assert max(contrast) - min(contrast) > 0.2
