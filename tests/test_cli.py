@@ -317,3 +317,22 @@ def _pdf_text(path) -> str:
     from pypdf import PdfReader
 
     return "\n".join(page.extract_text() for page in PdfReader(path).pages)
+
+
+def test_an_interrupt_that_surfaces_as_another_error_still_exits_130(monkeypatch, capsys):
+    from malaria_cells import cli
+
+    def interrupted_inside_a_library(args):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise TypeError("could not trace the function") from None
+
+    def crashed(args):
+        raise TypeError("a real bug")
+
+    monkeypatch.setattr(cli, "run_history", interrupted_inside_a_library)
+    assert main(["history"]) == 130 and capsys.readouterr().err.strip() == "interrupted"
+    monkeypatch.setattr(cli, "run_history", crashed)
+    with pytest.raises(TypeError, match="a real bug"):
+        main(["history"])
