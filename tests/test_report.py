@@ -286,3 +286,15 @@ def test_a_stage_model_that_fails_turns_stages_off_and_costs_no_field(two_sample
     assert result.model["stage_model"]["error"] == "stages off: RuntimeError: out of memory"
     with pytest.raises(MalariaCellsError, match="stage model not found"):
         Screener(PurpleDotClassifier(FIGURES), stages=tmp_path / "missing.keras")
+
+
+def test_a_report_built_in_memory_past_its_deadline_leaves_out_heat_maps_and_pdf(two_samples):
+    screener = Screener(PurpleDotClassifier(FIGURES), stages=False)
+    writer = ReportWriter(None, explain=lambda crops: np.ones(crops.shape[:3], np.float32))
+    result = screener.screen(two_samples / "P-infected", on_field=writer.add)
+    built = writer.build(result, deadline=0.0)
+    assert built["pdf"] is None and all(cell["heat"] is None for cell in built["gallery"]) and built["gallery"]
+    assert writer.warnings == ["heat maps left out: the request's time limit was reached",
+                               "the PDF left out: the request's time limit was reached"]
+    in_time = writer.build(result)
+    assert in_time["pdf"].startswith(b"%PDF") and all(cell["heat"] for cell in in_time["gallery"])

@@ -393,7 +393,8 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
                 result = screener.screen_samples([("upload", [field_of(k, u) for k, u in enumerate(files)])],
                                                  on_field=on_field, max_seconds=remaining)
                 attach_metadata(result, defaults=metadata)
-                built = writer.build(result) if writer is not None and result.fields else None
+                built = (writer.build(result, deadline=arrived + limits.max_seconds)
+                         if writer is not None and result.fields else None)
                 ids, not_recorded = [], None
                 if records is not None and result.fields:
                     try:

@@ -297,16 +297,25 @@ class ReportWriter:
         write_text(self.out / "index.html", self._index_html(result, names))
         return self.out / "index.html"
 
-    def build(self, result: ScreenResult) -> dict:
+    def build(self, result: ScreenResult, *, deadline: float | None = None) -> dict:
         """The report of a one-sample screen in memory, self-contained (pictures inlined):
         ``{"html": str, "pdf": bytes or None, "gallery": [...]}``, each gallery cell as
         ``{"probability", "counted", "field", "x", "y", "stage", "stage_probability", "image", "heat"}``
-        with its pictures as data URLs."""
+        with its pictures as data URLs. Past ``deadline`` (``time.perf_counter()``), the heat
+        maps and then the PDF are left out, each with a warning, so a request stays in time."""
+        import time
+
+        def late(what: str) -> bool:
+            if deadline is not None and time.perf_counter() > deadline:
+                self.warnings.append(f"{what} left out: the request's time limit was reached")
+                return True
+            return False
+
         sample = result.summary
-        gallery = self._gallery(None)
+        gallery = self._gallery(None, heat=self.explain is not None and not late("heat maps"))
         page = self._sample_html(result, sample, result.fields, gallery)
         pdf = None
-        if self.pdf:
+        if self.pdf and not late("the PDF"):
             try:
                 printed = self._sample_html(result, sample, result.fields, gallery, printed=True)
                 pdf = _weasyprint_html()(string=_printable(printed), url_fetcher=_local_fetcher(None)).write_pdf()
@@ -333,8 +342,9 @@ class ReportWriter:
             names.append(slug)
         return names
 
-    def _gallery(self, sample: str | None) -> list[dict]:
-        """The sample's gallery (every sample's with None), highest first, each cell with its pictures."""
+    def _gallery(self, sample: str | None, *, heat: bool = True) -> list[dict]:
+        """The sample's gallery (every sample's with None), highest first, each cell with its
+        pictures (its heat map too, with ``heat`` and an ``explain``)."""
         def cells(pool):
             return [c for (name, good), heap in pool.items()
                     if (sample is None or name == sample) and good == self._any_good.get(name, False) for c in heap]
@@ -342,20 +352,20 @@ class ReportWriter:
         counted = sorted(cells(self.counted), key=lambda c: -c.probability)[:GALLERY_SIZE]
         near = sorted(cells(self.near), key=lambda c: -c.probability)[:NEAR_MISSES]
         entries = counted + near
-        heat = None
-        if self.explain is not None and entries:
+        maps = None
+        if heat and self.explain is not None and entries:
             try:
-                heat = self.explain(np.stack([c.crop for c in entries]))
+                maps = self.explain(np.stack([c.crop for c in entries]))
             except Exception as error:  # noqa: BLE001 - the report stands without its heat maps
                 self.warnings.append(f"heat maps not drawn ({type(error).__name__}: "
                                      f"{str(error).splitlines()[0] if str(error) else 'no detail'})")
         out = []
         for k, cell in enumerate(entries):
             picture = {"cell": cell, "native": _png_url(cell.native), "heat": None}
-            if heat is not None:
+            if maps is not None:
                 from ..explain import heat_overlay
 
-                picture["heat"] = _png_url(heat_overlay(cell.crop, heat[k]))
+                picture["heat"] = _png_url(heat_overlay(cell.crop, maps[k]))
             out.append(picture)
         return out
 
