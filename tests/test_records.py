@@ -127,7 +127,7 @@ def test_migrations_make_the_schema_from_empty_and_match_the_tables_declared(db_
     assert schema_revision(db_url)[0] is None
     open_records(db_url).close()
     current, head = schema_revision(db_url)
-    assert current == head == "0001"
+    assert current == head == "0002"
     engine = create_engine(database_url(db_url))
     try:
         with engine.connect() as connection:
@@ -284,7 +284,7 @@ def test_two_processes_write_to_one_new_database_at_once(db_url, screened, tmp_p
             assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         engine.dispose()
     with open_records(db_url) as records:
-        assert schema_revision(db_url)[0] == "0001"
+        assert schema_revision(db_url)[0] == "0002"
         for record_id in (min(ids), max(ids)):
             sample = records.sample(record_id)
             assert sum(len(f.cells) for f in sample.fields) == sum(f.n_cells for f in sample.fields)
