@@ -424,3 +424,12 @@ def test_serve_refuses_user_keys_without_records_before_loading_anything(tmp_pat
     with pytest.raises(MalariaCellsError, match="line 1: expected name,key"):
         (tmp_path / "bad.csv").write_text("just-a-name\n")
         serving.serve(port=8125, user_keys=tmp_path / "bad.csv", db=f"sqlite:///{tmp_path / 'lab.db'}")
+
+
+def test_create_app_checks_user_keys_before_loading_a_model(tmp_path):
+    (tmp_path / "keys.csv").write_text("a,diallo-key-0193\n")
+    with pytest.raises(MalariaCellsError, match="name the records database"):
+        create_app("no-such-model.keras", user_keys=tmp_path / "keys.csv")
+    with pytest.raises(MalariaCellsError, match="also the shared API key"):
+        create_app("no-such-model.keras", api_key="diallo-key-0193", user_keys={"a": "diallo-key-0193"},
+                   db=f"sqlite:///{tmp_path / 'lab.db'}")

@@ -276,6 +276,18 @@ def check_upload(contents: bytes, max_pixels: int) -> None:
         raise UploadError(413, f"image too large ({width}x{height} pixels, limit {max_pixels})")
 
 
+def _checked_user_keys(user_keys, db, api_key: str | None) -> dict[str, str] | None:
+    if user_keys is None:
+        return None
+    if db is None:
+        raise MalariaCellsError("user keys: reviews are of recorded samples; name the records database (db=URL)")
+    if not isinstance(user_keys, dict):
+        user_keys = read_user_keys(user_keys)
+    if api_key is not None and api_key in user_keys.values():
+        raise MalariaCellsError("a per-user key is also the shared API key; give each reviewer a key of their own")
+    return user_keys
+
+
 def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | None = None, db: str | None = None,
                user_keys: str | os.PathLike | dict | None = None):
     """Build the FastAPI application.
@@ -305,6 +317,9 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
     from .inference import label_for
     from .runtimes import default_model_path, load_model
 
+    api_key = api_key or os.environ.get(API_KEY_ENV) or None
+    user_keys = _checked_user_keys(user_keys, db, api_key)  # before any model is loaded
+
     # Without a named model, cells are scored by the shipped cell model and fields by the
     # shipped field model; a named model does both.
     from .fields import Screener
@@ -321,11 +336,6 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
         from .records import open_records
 
         records = open_records(db)  # a bad URL or an unreachable server: the server does not start
-    api_key = api_key or os.environ.get(API_KEY_ENV) or None
-    if user_keys is not None and not isinstance(user_keys, dict):
-        user_keys = read_user_keys(user_keys)
-    if user_keys and api_key is not None and api_key in user_keys.values():
-        raise MalariaCellsError("a per-user key is also the shared API key; give each reviewer a key of their own")
     model_version = model.info.get("trained_at") or os.path.basename(model.path)
     app = FastAPI(title="malaria-cells", version=__version__, docs_url=None, redoc_url=None,
                   description="Label red blood cells as Parasitized or Uninfected, and screen smear photographs.")
