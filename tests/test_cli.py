@@ -117,10 +117,13 @@ def test_info_of_the_shipped_models_shows_the_field_model_and_its_figures(capsys
     (["retune", "."], "not a training run folder"),
     (["retune", "run"], "not a config.json written by train"),
     (["serve", "--host", "0.0.0.0"], "no API key is set; set one (--api-key KEY or $MALARIA_CELLS_API_KEY), or pass --no-auth"),
+    (["serve", "--user-keys", "keys.csv"], "--user-keys: reviews are of recorded samples; name the records database"),
+    (["serve", "--user-keys", "keys.csv", "--db", "lab.db"], "user keys keys.csv: cannot read"),
 ])
 def test_user_errors_are_one_line_without_traceback(args, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MALARIA_CELLS_API_KEY", raising=False)
+    monkeypatch.delenv("MALARIA_CELLS_DB", raising=False)
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.json").write_text("{not json")
     (tmp_path / "run" / "model.keras").write_bytes(b"")

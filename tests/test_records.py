@@ -23,15 +23,18 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import create_engine, event, func, select, text
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 import malaria_cells.fields
 from malaria_cells import MalariaCellsError
 from malaria_cells.cli import main
-from malaria_cells.fields import Screener
+from malaria_cells.fields import Gallery, Screener
 from malaria_cells.fields.metadata import SampleMetadata, attach_metadata
-from malaria_cells.records import (CSV_COLUMNS, CellRecord, FieldRecord, SampleRecord, database_url, open_records,
-                                   render_history, schema_revision)
+from malaria_cells.proportions import wilson_interval
+from malaria_cells.records import (CSV_COLUMNS, CellRecord, FieldRecord, Records, ReviewCellRecord, ReviewRecord,
+                                   SampleRecord, UnknownRecord, VerdictRecord, database_url, open_records,
+                                   render_history, reviewed_figures, schema_revision)
 from malaria_cells.records.store import MIGRATIONS
 from malaria_cells.serving import create_app
 
@@ -73,6 +76,14 @@ def screened(samples):
                     SampleMetadata(operator="A. Diallo", site="Kisumu"))
     assert [(s.name, s.call) for s in result.samples] == [("infected", "positive"), ("healthy", "negative")]
     return result
+
+
+@pytest.fixture(scope="module")
+def galleried(samples):
+    """The same screen, with the gallery a reviewer will see kept as the fields were screened."""
+    gallery = Gallery()
+    result = screener().screen([samples / "infected", samples / "healthy"], on_field=gallery.add)
+    return result, gallery
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -127,7 +138,7 @@ def test_migrations_make_the_schema_from_empty_and_match_the_tables_declared(db_
     assert schema_revision(db_url)[0] is None
     open_records(db_url).close()
     current, head = schema_revision(db_url)
-    assert current == head == "0001"
+    assert current == head == "0002"
     engine = create_engine(database_url(db_url))
     try:
         with engine.connect() as connection:
@@ -284,7 +295,7 @@ def test_two_processes_write_to_one_new_database_at_once(db_url, screened, tmp_p
             assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         engine.dispose()
     with open_records(db_url) as records:
-        assert schema_revision(db_url)[0] == "0001"
+        assert schema_revision(db_url)[0] == "0002"
         for record_id in (min(ids), max(ids)):
             sample = records.sample(record_id)
             assert sum(len(f.cells) for f in sample.fields) == sum(f.n_cells for f in sample.fields)
@@ -315,6 +326,8 @@ def test_screen_db_records_each_sample_and_history_lists_and_exports_them(db_url
         assert infected.source == "cli" and infected.report_path == str(out.resolve())
         assert infected.operator == "A. Diallo" and infected.n_cells == screen_json["samples"][0]["n_cells"]
         assert sum(len(f.cells) for f in infected.fields) == infected.n_cells
+        review_cells = records.cells_for_review(1)  # the report's gallery, kept for a reviewer
+        assert sum(c.counted for c in review_cells) == 20 and review_cells[0].image.startswith(b"\x89PNG")
 
     assert main(["history", "--db", db_url]) == 0
     table = capsys.readouterr().out.splitlines()
@@ -371,6 +384,8 @@ def test_screen_records_where_malaria_cells_db_says(samples, rule_screener, tmp_
     monkeypatch.setenv("MALARIA_CELLS_DB", str(tmp_path / "lab.db"))  # a plain path is a SQLite file
     assert main(["screen", str(samples / "healthy")]) == 0
     assert "recorded: sample healthy as record 1" in capsys.readouterr().err
+    with open_records(tmp_path / "lab.db") as records:  # no report: a gallery kept for the records alone
+        assert len(records.cells_for_review(1)) == 8 and not any(c.counted for c in records.cells_for_review(1))
     assert main(["history"]) == 0
     assert "healthy" in capsys.readouterr().out
     monkeypatch.delenv("MALARIA_CELLS_DB")
@@ -480,3 +495,245 @@ def test_records_refuse_what_is_not_a_screen(tmp_path, screened):
         with pytest.raises(MalariaCellsError, match="not where the screen lists them"):
             records.add(changed)
         assert records.samples() == []
+
+
+# --------------------------------------------------------------------------- the microscopist's review
+
+
+def _migrate_to(url, revision: str) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    engine = create_engine(database_url(url))
+    try:
+        with engine.begin() as connection:
+            config.attributes["connection"] = connection
+            (command.upgrade if revision != "base" else command.downgrade)(config, revision)
+    finally:
+        engine.dispose()
+
+
+def test_migration_0002_upgrades_a_database_of_0001_with_its_samples_and_back(db_url, screened):
+    if database_url(db_url).get_backend_name() == "sqlite":
+        open(database_url(db_url).database, "wb").close()
+    _migrate_to(db_url, "0001")
+    assert schema_revision(db_url)[0] == "0001"
+    old = Records(create_engine(database_url(db_url)))  # what malaria-cells of schema 0001 wrote
+    try:
+        ids = old.add(screened)
+    finally:
+        old.close()
+    with open_records(db_url) as records:  # upgraded on opening
+        assert schema_revision(db_url)[0] == "0002"
+        assert counts(db_url) == expected_counts(screened)
+        assert records.cells_for_review(ids[0]) == [] and records.reviews(ids[0]) == []
+        assert records.samples()[0].latest_review is None
+        review = records.review(ids[0], reviewer="A. Diallo", call="negative", comment="read by hand")
+        assert records.sample(ids[0]).latest_review.id == review
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    engine = create_engine(database_url(db_url))
+    try:
+        with engine.begin() as connection:  # 0002 undone: the reviews go, the samples stay
+            config.attributes["connection"] = connection
+            command.downgrade(config, "0001")
+        with engine.connect() as connection:
+            assert not {"reviews", "review_cells", "review_verdicts"} & set(inspect_tables(connection))
+    finally:
+        engine.dispose()
+    assert counts(db_url) == expected_counts(screened)
+
+
+def inspect_tables(connection) -> list[str]:
+    from sqlalchemy import inspect
+
+    return inspect(connection).get_table_names()
+
+
+def test_recording_keeps_each_samples_gallery_as_cells_for_review(db_url, galleried):
+    import cv2
+
+    result, gallery = galleried
+    with open_records(db_url) as records:
+        ids = records.add(result, gallery=gallery)
+        infected, healthy = (records.cells_for_review(record_id) for record_id in ids)
+    kept = gallery.cells("infected")
+    assert [c.probability for c in infected] == pytest.approx([c.probability for c in kept])
+    assert sum(c.counted for c in infected) == 20 and 0 < sum(not c.counted for c in infected) <= 8
+    assert [c.position for c in infected] == list(range(len(infected)))
+    assert all(c.counted for c in infected[:20]) and not any(c.counted for c in infected[20:])
+    assert all(c.stage == "ring" for c in infected[:20])
+    picture = cv2.imdecode(np.frombuffer(infected[0].image, np.uint8), cv2.IMREAD_COLOR)
+    assert infected[0].image.startswith(b"\x89PNG") and picture.shape[:2] == kept[0].native.shape[:2]
+    assert healthy and not any(c.counted for c in healthy) and len(healthy) <= 8
+    as_json = infected[0].to_dict(image=True)
+    assert as_json["image"].startswith("data:image/png;base64,") and as_json["counted"] is True
+    assert counts(db_url, tables=(ReviewCellRecord,)) == (len(infected) + len(healthy),)
+
+
+@pytest.mark.parametrize("verdicts, call, automatic, expected", [
+    ({}, None, "positive", (20, "positive")),                                   # signed as it was
+    ({1: "confirm", 2: "reject", 3: "reject", 30: "confirm"}, None, "positive", (19, "positive")),
+    ({k: "reject" for k in range(1, 21)}, None, "positive", (0, "negative")),   # every flagged cell rejected
+    ({k: "reject" for k in range(1, 6)}, None, "positive", (15, "review")),     # unseen counted cells remain
+    ({k: "reject" for k in range(1, 21)}, None, "review", (0, "review")),       # too few cells stays review
+    ({30: "reject"}, None, "negative", (20, "negative")),                       # a near miss rejected: no change
+    ({1: "reject"}, "positive", "positive", (19, "positive")),                  # the reviewer's own call
+])
+def test_the_reviewed_count_and_call_follow_the_documented_rule(verdicts, call, automatic, expected):
+    cells = {k: k <= 20 for k in range(1, 33)}  # 20 counted cells, 12 near misses
+    figures = reviewed_figures(n_cells=400, n_parasitized=20, automatic_call=automatic, cells=cells,
+                               verdicts=verdicts, call=call)
+    assert (figures["n_parasitized"], figures["call"]) == expected
+    assert figures["parasitemia"] == expected[0] / 400
+    assert [figures["parasitemia_low"], figures["parasitemia_high"]] == wilson_interval(expected[0], 400)
+    assert figures["call_given"] is (call is not None)
+
+
+def test_reviews_are_appended_beside_the_automatic_result_and_the_newest_is_in_force(db_url, galleried):
+    result, gallery = galleried
+    statements = []
+
+    def remember(conn, cursor, statement, parameters, context, executemany):
+        statements.append(statement.lstrip().split()[0].upper())
+
+    with open_records(db_url) as records:
+        infected_id, healthy_id = records.add(result, gallery=gallery)
+        cells = records.cells_for_review(infected_id)
+        counted = [c.id for c in cells if c.counted]
+        near = [c.id for c in cells if not c.counted]
+        event.listen(Engine, "before_cursor_execute", remember)
+        try:
+            first = records.review(infected_id, {counted[0]: "reject", counted[1]: "reject", counted[2]: "confirm",
+                                                 str(near[0]): "confirm"}, reviewer="A. Diallo", comment="two debris")
+            second = records.review(infected_id, {cell: "reject" for cell in counted}, reviewer="B. Okello")
+        finally:
+            event.remove(Engine, "before_cursor_execute", remember)
+        assert "UPDATE" not in statements and "DELETE" not in statements  # append-only
+        sample = records.sample(infected_id)
+        assert (sample.call, sample.n_parasitized) == ("positive", 20)  # the automatic result is never changed
+        assert sample.latest_review.id == second and sample.latest_review.call == "negative"
+        newest, older = records.reviews(infected_id)
+        assert [newest.id, older.id] == [second, first]
+        assert (older.reviewer, older.comment, older.n_rejected, older.n_confirmed, older.n_added) == \
+               ("A. Diallo", "two debris", 2, 1, 1)
+        assert older.n_parasitized == 19 and older.call == "positive" and not older.call_given
+        assert [older.parasitemia_low, older.parasitemia_high] == pytest.approx(wilson_interval(19, sample.n_cells))
+        assert older.to_dict()["verdicts"] == {str(counted[0]): "reject", str(counted[1]): "reject",
+                                               str(counted[2]): "confirm", str(near[0]): "confirm"}
+        age = datetime.datetime.now(datetime.timezone.utc) - newest.reviewed_at
+        assert datetime.timedelta(0) <= age < datetime.timedelta(minutes=1)
+        assert (newest.n_parasitized, newest.n_rejected) == (0, 20)
+        listed = {item.id: item for item in records.samples()}
+        assert listed[infected_id].latest_review.reviewer == "B. Okello" and listed[healthy_id].latest_review is None
+        assert json.loads(json.dumps(listed[infected_id].to_dict()))["latest_review"]["call"] == "negative"
+        healthy_review = records.review(healthy_id, reviewer="A. Diallo", call="review", comment="thick film too")
+        assert records.reviews(healthy_id)[0].call_given and records.sample(healthy_id).latest_review.id == healthy_review
+    assert counts(db_url, tables=(ReviewRecord, VerdictRecord)) == (3, 24)
+
+
+def test_a_review_is_checked_at_the_entrance_and_a_refused_one_writes_nothing(db_url, galleried):
+    result, gallery = galleried
+    with open_records(db_url) as records:
+        infected_id, healthy_id = records.add(result, gallery=gallery)
+        other_sample_cell = records.cells_for_review(healthy_id)[0].id
+        cell = records.cells_for_review(infected_id)[0].id
+        for arguments, match in (
+                ((999, {}), "no sample record 999"),
+                ((infected_id, {other_sample_cell: "reject"}), f"is not one of sample {infected_id}'s cells"),
+                ((infected_id, {cell: "maybe"}), "verdict must be one of confirm, reject"),
+                ((infected_id, {"first": "reject"}), "cell ids are whole numbers"),
+                ((infected_id, [cell]), "expected a mapping"),
+                (("1", {}), "sample id must be a whole number")):
+            with pytest.raises(MalariaCellsError, match=match) as error:
+                records.review(*arguments, reviewer="A. Diallo")
+            assert "\n" not in str(error.value)
+        with pytest.raises(UnknownRecord):
+            records.cells_for_review(999)
+        for options, match in (({"reviewer": "  "}, "give the reviewer's name"),
+                               ({"reviewer": "A.\nDiallo"}, "one line"),
+                               ({"reviewer": "A. Diallo", "call": "maybe"}, "call must be one of"),
+                               ({"reviewer": "A. Diallo", "comment": "x" * 5000}, "at most 4000 characters")):
+            with pytest.raises(MalariaCellsError, match=match):
+                records.review(infected_id, {cell: "reject"}, **options)
+        assert records.reviews(infected_id) == []
+    assert counts(db_url, tables=(ReviewRecord, VerdictRecord)) == (0, 0)
+
+
+def test_history_shows_the_latest_reviewed_call_reviewer_and_time(db_url, galleried, capsys):
+    result, gallery = galleried
+    with open_records(db_url) as records:
+        infected_id, _ = records.add(result, gallery=gallery)
+        records.review(infected_id, reviewer="A. Diallo", call="review")
+        records.review(infected_id, {c.id: "reject" for c in records.cells_for_review(infected_id) if c.counted},
+                       reviewer="B. Okello")
+    assert main(["history", "--db", db_url]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert "reviewed" in table[0] and "reviewer" in table[0]
+    assert " infected - POSITIVE NEGATIVE " in " ".join(table[2].split()) and "B. Okello" in table[2]
+    assert " healthy - NEGATIVE - " in " ".join(table[1].split())
+    assert main(["history", "--db", db_url, "--format", "csv"]) == 0
+    rows = {row["name"]: row for row in csv.DictReader(io.StringIO(capsys.readouterr().out))}
+    assert (rows["infected"]["reviewed_call"], rows["infected"]["reviewer"]) == ("negative", "B. Okello")
+    assert rows["infected"]["reviewed_at"].endswith("Z") and rows["healthy"]["reviewed_call"] == ""
+    assert main(["history", "--db", db_url, "--format", "json"]) == 0
+    exported = {s["name"]: s for s in json.loads(capsys.readouterr().out)["samples"]}
+    assert exported["infected"]["latest_review"]["reviewer"] == "B. Okello"
+    assert exported["healthy"]["latest_review"] is None
+
+
+def test_the_server_lists_records_and_takes_reviews_under_per_user_keys(db_url, tmp_path):
+    image, _ = make_field(np.random.default_rng(7), infected=(3, 10, 17))
+    files = [("files", ("f1.png", encode(image, "PNG"), "image/png"))]
+    keys = tmp_path / "reviewers.csv"
+    keys.write_text("name,key\nDr. A. Diallo,diallo-key-0193\nB. Okello,okello-key-4471\n")
+    client = TestClient(create_app(PurpleDotClassifier(FIGURES), db=db_url, api_key="shared-key-1", user_keys=keys))
+    shared, diallo = {"X-API-Key": "shared-key-1"}, {"X-API-Key": "diallo-key-0193"}
+    first = client.post("/v1/screen", files=files, headers=shared).json()["record_id"]
+    second = client.post("/v1/screen?report=true", files=files, headers=diallo).json()["record_id"]
+    listed = client.get("/v1/records", headers=shared).json()["samples"]
+    assert [s["id"] for s in listed] == [second, first] and listed[0]["latest_review"] is None
+    assert client.get("/v1/records").status_code == 401
+    detail = client.get(f"/v1/records/{first}", headers=diallo).json()
+    assert detail["reviewer"] == "Dr. A. Diallo" and detail["reviews"] == []
+    cells = detail["cells"]
+    assert cells and all(c["image"].startswith("data:image/png;base64,") for c in cells)
+    counted = [c["id"] for c in cells if c["counted"]]
+    assert len(counted) == detail["sample"]["n_parasitized"] == 3
+    assert [c["probability"] for c in client.get(f"/v1/records/{second}", headers=shared).json()["cells"]] == \
+           [c["probability"] for c in cells]  # the report's gallery and the records' are one selection
+    body = {"verdicts": {str(counted[0]): "reject"}, "comment": "stain debris"}
+    refused = client.post(f"/v1/records/{first}/review", json=body, headers=shared)
+    assert refused.status_code == 403 and "reviewer's own key" in refused.json()["detail"]
+    assert client.post(f"/v1/records/{first}/review", json=body).status_code == 401
+    signed = client.post(f"/v1/records/{first}/review", json=body, headers=diallo)
+    assert signed.status_code == 201
+    answer = signed.json()
+    assert answer["reviews"][0]["reviewer"] == "Dr. A. Diallo" and answer["reviews"][0]["comment"] == "stain debris"
+    assert answer["sample"]["call"] == detail["sample"]["call"]  # the automatic call stands beside the review
+    assert answer["sample"]["latest_review"]["n_parasitized"] == 2
+    again = client.post(f"/v1/records/{first}/review", json={"call": "positive"},
+                        headers={"X-API-Key": "okello-key-4471"}).json()
+    assert [r["reviewer"] for r in again["reviews"]] == ["B. Okello", "Dr. A. Diallo"]
+    assert again["sample"]["latest_review"]["call"] == "positive" and again["sample"]["latest_review"]["call_given"]
+    listed = client.get("/v1/records", headers=shared).json()["samples"]
+    assert listed[1]["latest_review"]["reviewer"] == "B. Okello"
+    for sample_id, payload, status, match in (
+            (999, {}, 404, "no sample record 999"),
+            (first, {"verdicts": {"12345": "reject"}}, 422, "is not one of sample"),
+            (first, {"verdicts": {str(counted[0]): "maybe"}}, 422, "verdict must be one of"),
+            (first, {"call": "maybe"}, 422, "call must be one of")):
+        response = client.post(f"/v1/records/{sample_id}/review", json=payload, headers=diallo)
+        assert response.status_code == status and match in response.json()["detail"]
+    assert client.get("/v1/records/999", headers=shared).status_code == 404
+    with open_records(db_url) as records:
+        assert [r.reviewer for r in records.reviews(first)] == ["B. Okello", "Dr. A. Diallo"]
+    no_reviewers = TestClient(create_app(PurpleDotClassifier(FIGURES), db=db_url))
+    refused = no_reviewers.post(f"/v1/records/{first}/review", json={})
+    assert refused.status_code == 403 and "--user-keys" in refused.json()["detail"]
+    assert TestClient(create_app(PurpleDotClassifier(FIGURES))).get("/v1/records").status_code == 404

@@ -370,3 +370,66 @@ def test_model_endpoint_describes_both_models_by_file_name_and_an_open_host_need
     assert "warning: listening on 0.0.0.0 without an API key (--no-auth)" in capsys.readouterr().err
     serving.serve(trained_run["model_path"], host="0.0.0.0", port=8124, api_key="k")
     assert "warning" not in capsys.readouterr().err
+
+
+def test_user_keys_file_is_checked_at_once_with_one_line(tmp_path):
+    from malaria_cells.serving import read_user_keys
+
+    good = tmp_path / "keys.csv"
+    good.write_text("name,key\nDr. A. Diallo, diallo-key-0193\n\nB. Okello,okello-key-4471\n")
+    assert read_user_keys(good) == {"Dr. A. Diallo": "diallo-key-0193", "B. Okello": "okello-key-4471"}
+    for text, message in (("a,diallo-key-0193,extra\n", "line 1: expected name,key, got 3 values"),
+                          ("a,short\n", "'a''s key is shorter than 12 characters"),
+                          ("a,diallo-key-0193\na,okello-key-4471\n", "line 2: 'a' is named twice"),
+                          ("a,diallo-key-0193\nb,diallo-key-0193\n", "another reviewer's too"),
+                          (",diallo-key-0193\n", "a reviewer's name is one line"),
+                          ("name,key\n", "no keys")):
+        (tmp_path / "bad.csv").write_text(text)
+        with pytest.raises(MalariaCellsError, match=message) as error:
+            read_user_keys(tmp_path / "bad.csv")
+        assert "\n" not in str(error.value)
+    with pytest.raises(MalariaCellsError, match="cannot read"):
+        read_user_keys(tmp_path / "missing.csv")
+
+
+def test_a_user_key_opens_the_api_and_names_its_user_and_the_shared_key_names_none():
+    from fastapi import FastAPI
+
+    from malaria_cells.serving import ApiKeyRequired
+
+    app = FastAPI()
+
+    @app.get("/who")
+    def who(request: fastapi.Request):
+        return {"user": getattr(request.state, "user", "unset")}
+
+    app.add_middleware(ApiKeyRequired, api_key="shared-key-1", user_keys={"Dr. A. Diallo": "diallo-key-0193"})
+    client = TestClient(app)
+    assert client.get("/who", headers={"X-API-Key": "diallo-key-0193"}).json() == {"user": "Dr. A. Diallo"}
+    assert client.get("/who?api_key=diallo-key-0193").json() == {"user": "Dr. A. Diallo"}
+    assert client.get("/who", headers={"X-API-Key": "shared-key-1"}).json() == {"user": None}
+    assert client.get("/who", headers={"X-API-Key": "diallo-key-019"}).status_code == 401
+    assert client.get("/who").status_code == 401
+    only_users = FastAPI()
+    only_users.add_middleware(ApiKeyRequired, user_keys={"B. Okello": "okello-key-4471"})
+    assert TestClient(only_users).get("/anything").status_code == 401  # user keys alone guard everything
+
+
+def test_serve_refuses_user_keys_without_records_before_loading_anything(tmp_path):
+    from malaria_cells import serving
+
+    (tmp_path / "keys.csv").write_text("a,diallo-key-0193\n")
+    with pytest.raises(MalariaCellsError, match="--user-keys: reviews are of recorded samples"):
+        serving.serve(port=8125, user_keys=tmp_path / "keys.csv")
+    with pytest.raises(MalariaCellsError, match="line 1: expected name,key"):
+        (tmp_path / "bad.csv").write_text("just-a-name\n")
+        serving.serve(port=8125, user_keys=tmp_path / "bad.csv", db=f"sqlite:///{tmp_path / 'lab.db'}")
+
+
+def test_create_app_checks_user_keys_before_loading_a_model(tmp_path):
+    (tmp_path / "keys.csv").write_text("a,diallo-key-0193\n")
+    with pytest.raises(MalariaCellsError, match="name the records database"):
+        create_app("no-such-model.keras", user_keys=tmp_path / "keys.csv")
+    with pytest.raises(MalariaCellsError, match="also the shared API key"):
+        create_app("no-such-model.keras", api_key="diallo-key-0193", user_keys={"a": "diallo-key-0193"},
+                   db=f"sqlite:///{tmp_path / 'lab.db'}")

@@ -137,3 +137,68 @@ def test_field_mode_screens_photographs_and_shows_the_call(server, tmp_path):
         text = "".join(sheet.extract_text() for sheet in PdfReader(downloads["#download-pdf"]).pages)
         assert "PT-0193" in text and "REVIEW" in text and "parasites per microlitre" in text
         browser.close()
+
+
+def test_review_mode_signs_off_a_recorded_sample_beside_its_automatic_call(tmp_path):
+    """Two synthetic samples recorded through the Python API, then reviewed on the page of a
+    server started with --db and --user-keys: one cell rejected, signed off, the reviewed call shown."""
+    from malaria_cells.fields import Gallery, Screener
+    from malaria_cells.records import open_records
+    from test_fields import FIGURES, PurpleDotClassifier, _write_sample
+
+    _write_sample(tmp_path / "infected", 4, [5] * 4, 100)
+    _write_sample(tmp_path / "healthy", 2, [0] * 2, 200)
+    gallery = Gallery()
+    result = Screener(PurpleDotClassifier(FIGURES)).screen([tmp_path / "infected", tmp_path / "healthy"],
+                                                           on_field=gallery.add)
+    url = f"sqlite:///{tmp_path / 'lab.db'}"
+    with open_records(url) as records:
+        infected_id, _ = records.add(result, gallery=gallery)
+    (tmp_path / "keys.csv").write_text("name,key\nDr. A. Diallo,diallo-key-0193\n")
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "malaria_cells", "serve", "--port", str(port), "--db", url,
+         "--user-keys", str(tmp_path / "keys.csv")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(server + "/healthz", timeout=1)
+                break
+            except OSError:
+                if process.poll() is not None:
+                    raise RuntimeError(process.stderr.read().decode())
+                time.sleep(0.5)
+        with playwright.sync_playwright() as p:
+            browser = _launch(p)
+            page = browser.new_page()
+            page.goto(server + "/?api_key=diallo-key-0193")
+            page.click("#mode-review")
+            assert page.is_visible("#review") and not page.is_visible("#field-drop")
+            page.wait_for_selector("#record-list tr[data-record] >> nth=1", timeout=30_000)
+            rows = page.query_selector_all("#record-list tr[data-record]")
+            assert [r.get_attribute("data-record") for r in rows] == [str(infected_id + 1), str(infected_id)]
+            assert "POSITIVE" in rows[1].inner_text() and "REVIEW" in rows[0].inner_text()  # 2 fields: too few cells
+            rows[1].click()
+            page.wait_for_selector("#review-cells figure >> nth=0", timeout=30_000)
+            assert "You sign as Dr. A. Diallo" in page.inner_text("#sign-status")
+            assert "Reviewed: not yet" in page.inner_text("#record-calls")
+            figures = page.query_selector_all("#review-cells figure")
+            assert len(figures) > 20 and "counted" in figures[0].inner_text()
+            figures[0].query_selector("button.reject").click()
+            page.fill("#review-comment", "<b>stain debris</b>")
+            page.click("#sign-off")
+            page.wait_for_selector("#reviewed-call", timeout=30_000)
+            assert page.inner_text("#reviewed-call") == "REVIEW"  # 19 left, none confirmed: not positive by itself
+            calls = page.inner_text("#record-calls")
+            assert "Automatic: POSITIVE (20 of" in calls and "Reviewed: REVIEW (19 of" in calls
+            history = page.inner_text("#review-history")
+            assert "Dr. A. Diallo, REVIEW" in history and '"<b>stain debris</b>"' in history  # text, not markup
+            page.wait_for_function("document.querySelector('#record-list').innerText.includes('Dr. A. Diallo')")
+            browser.close()
+    finally:
+        process.terminate()
+        process.wait(10)
+    with open_records(url) as records:
+        [review] = records.reviews(infected_id)
+        assert review.reviewer == "Dr. A. Diallo" and review.n_rejected == 1 and review.comment == "<b>stain debris</b>"

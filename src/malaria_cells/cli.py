@@ -286,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_db_option(serve, "record each /v1/screen sample in this database (its answer carries the record_id): "
                   "a SQLite file or postgresql+psycopg://USER:PASSWORD@HOST/DB (default: $MALARIA_CELLS_DB; "
                   "unset, nothing is recorded)")
+    serve.add_argument("--user-keys", metavar="FILE",
+                       help="per-user keys for reviewing recorded samples: a CSV file of name,key lines (each key "
+                       "works as an API key, and a review sent with it is signed with its name; needs --db)")
 
     export = command("export", "export a model for phones and servers (TFLite, ONNX, SavedModel)",
                      "Writes the model with its preprocessing inside, and FILE.json beside it with the\n"
@@ -488,14 +491,17 @@ def _records_for(db: str | None):
 def _screen_and_record(args, screener, manifest, defaults, records) -> int:
     from .fields import FORMATS, group_samples
     from .fields.metadata import attach_metadata
+    from .fields import Gallery
     from .fields.report import ReportWriter
     from .files import atomic_path
 
     report = ReportWriter(args.out, overwrite=args.overwrite, pdf=not args.no_pdf, pooled=args.pooled,
                           **screener.report_options()) if args.out else None
+    # the cells a reviewer will see: the report's gallery, or one kept for the records alone
+    gallery = report.gallery if report is not None else Gallery() if records is not None else None
     bar = _progress_bar(sum(len(files) for _, files in group_samples(args.paths)[0]), unit="field", minimum=2)
     result = screener.screen(args.paths, truth=args.truth, progress=bar.update,
-                             on_field=report.add if report else None)
+                             on_field=report.add if report else gallery.add if gallery else None)
     bar.close()
     if not result.fields:  # nothing to tabulate: say why, not an empty table with a call
         for path, reason in result.skipped:
@@ -520,7 +526,7 @@ def _screen_and_record(args, screener, manifest, defaults, records) -> int:
             print(f"warning: {warning}", file=sys.stderr)
         print(f"report: {page}", file=sys.stderr)
     if records is not None:
-        ids = records.add(result, report_path=args.out, source="cli")
+        ids = records.add(result, report_path=args.out, source="cli", gallery=gallery)
         for sample, record_id in zip(result.samples, ids):
             print(f"recorded: sample {sample.name} as record {record_id} in {records.url}", file=sys.stderr)
     return EXIT_SKIPPED if result.skipped else EXIT_OK
@@ -559,7 +565,7 @@ def run_serve(args) -> int:
     from .records import DB_ENV
 
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, limits=limits, workers=args.workers,
-          no_auth=args.no_auth, db=args.db or os.environ.get(DB_ENV) or None)
+          no_auth=args.no_auth, db=args.db or os.environ.get(DB_ENV) or None, user_keys=args.user_keys)
     return EXIT_OK
 
 

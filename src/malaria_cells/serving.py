@@ -4,7 +4,8 @@
 
 Endpoints: ``GET /`` (drop-images web page), ``POST /v1/predict`` and ``POST /v1/screen``
 (multipart ``files``), ``GET /v1/model``, ``GET /healthz``, ``GET /readyz``, OpenAPI docs at
-``/docs``.
+``/docs``; with a records database, ``GET /v1/records``, ``GET /v1/records/{id}`` and
+``POST /v1/records/{id}/review`` (a microscopist's sign-off, under a per-user key).
 
 Screening is bounded per process: at most ``screening_slots`` requests screen at once (the
 rest wait, up to their time limit), each field within ``max_field_seconds`` and each request
@@ -23,6 +24,7 @@ from importlib import resources
 
 from fastapi import FastAPI, File, HTTPException, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, Field
 
 from .config import CLASS_NAMES, MAX_IMAGE_PIXELS
 from .errors import MalariaCellsError
@@ -177,15 +179,21 @@ class RequestSizeLimit:
 
 
 class ApiKeyRequired:
-    """ASGI middleware: every path but those in ``open_paths`` needs the API key.
+    """ASGI middleware: every path but those in ``open_paths`` needs a key.
 
     A middleware rather than a dependency on each route, so a route added later (and the
     documentation pages FastAPI adds itself) cannot slip through. The key comes as header
-    ``X-API-Key`` or, for pages opened in a browser, query parameter ``api_key``.
+    ``X-API-Key`` or, for pages opened in a browser, query parameter ``api_key``: the shared
+    ``api_key``, or one of the ``user_keys`` (``{name: key}``), whose name the request then
+    carries as ``request.state.user`` (the reviewer a review is recorded under). Every key is
+    compared, each in constant time, so the time taken says nothing of which key came close.
     """
 
-    def __init__(self, app, api_key: str, open_paths: frozenset = frozenset({"/healthz"})):
-        self.app, self.key, self.open_paths = app, api_key.encode(), open_paths
+    def __init__(self, app, api_key: str | None = None, open_paths: frozenset = frozenset({"/healthz"}),
+                 user_keys: dict[str, str] | None = None):
+        self.app, self.open_paths = app, open_paths
+        self.keys = ([(None, api_key.encode())] if api_key else []) + \
+            [(name, key.encode()) for name, key in (user_keys or {}).items()]
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] in self.open_paths:
@@ -195,10 +203,62 @@ class ApiKeyRequired:
         given = dict(scope["headers"]).get(b"x-api-key", b"")
         if not given:
             given = parse_qs(scope.get("query_string", b"").decode(errors="replace")).get("api_key", [""])[0].encode()
-        if not hmac.compare_digest(given, self.key):
+        matched, user = False, None
+        for name, key in self.keys:  # no early exit: every key is compared
+            if hmac.compare_digest(given, key):
+                matched, user = True, name
+        if not matched:
             response = JSONResponse({"detail": "missing or wrong API key (send header X-API-Key)"}, status_code=401)
             return await response(scope, receive, send)
+        scope.setdefault("state", {})["user"] = user
         return await self.app(scope, receive, send)
+
+
+MIN_USER_KEY = 12
+"""Fewest characters of a per-user key."""
+
+
+def read_user_keys(path: str | os.PathLike) -> dict[str, str]:
+    """Per-user keys from a CSV file of ``name,key`` rows (a ``name,key`` header is skipped,
+    blank lines too): ``{name: key}``.
+
+    Raises
+    ------
+    MalariaCellsError
+        A missing file, a row that is not two values, an empty or repeated name, a key shorter
+        than :data:`MIN_USER_KEY` characters or given twice, or a file with no key.
+    """
+    import csv
+
+    try:
+        with open(path, encoding="utf-8", newline="") as stream:
+            rows = list(csv.reader(stream))
+    except (OSError, UnicodeDecodeError) as error:
+        raise MalariaCellsError(f"user keys {path}: cannot read ({getattr(error, 'strerror', None) or error})") from None
+    keys: dict[str, str] = {}
+    for number, row in enumerate(rows, 1):
+        if not any(value.strip() for value in row) or (number == 1 and [v.strip().lower() for v in row] == ["name", "key"]):
+            continue
+        _check_user_key(path, number, row, keys)
+        keys[row[0].strip()] = row[1].strip()
+    if not keys:
+        raise MalariaCellsError(f"user keys {path}: no keys (one line per reviewer: name,key)")
+    return keys
+
+
+def _check_user_key(path, number: int, row: list[str], keys: dict[str, str]) -> None:
+    where = f"user keys {path}, line {number}"
+    if len(row) != 2:
+        raise MalariaCellsError(f"{where}: expected name,key, got {len(row)} value{'s' if len(row) != 1 else ''}")
+    name, key = row[0].strip(), row[1].strip()
+    if not name or not name.isprintable() or len(name) > 200:
+        raise MalariaCellsError(f"{where}: a reviewer's name is one line of 1 to 200 characters")
+    if name in keys:
+        raise MalariaCellsError(f"{where}: {name!r} is named twice")
+    if len(key) < MIN_USER_KEY or not key.isprintable():
+        raise MalariaCellsError(f"{where}: {name!r}'s key is shorter than {MIN_USER_KEY} characters")
+    if key in keys.values():
+        raise MalariaCellsError(f"{where}: {name!r}'s key is another reviewer's too; give each their own")
 
 
 def check_upload(contents: bytes, max_pixels: int) -> None:
@@ -216,7 +276,20 @@ def check_upload(contents: bytes, max_pixels: int) -> None:
         raise UploadError(413, f"image too large ({width}x{height} pixels, limit {max_pixels})")
 
 
-def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | None = None, db: str | None = None):
+def _checked_user_keys(user_keys, db, api_key: str | None) -> dict[str, str] | None:
+    if user_keys is None:
+        return None
+    if db is None:
+        raise MalariaCellsError("user keys: reviews are of recorded samples; name the records database (db=URL)")
+    if not isinstance(user_keys, dict):
+        user_keys = read_user_keys(user_keys)
+    if api_key is not None and api_key in user_keys.values():
+        raise MalariaCellsError("a per-user key is also the shared API key; give each reviewer a key of their own")
+    return user_keys
+
+
+def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | None = None, db: str | None = None,
+               user_keys: str | os.PathLike | dict | None = None):
     """Build the FastAPI application.
 
     Parameters
@@ -231,12 +304,21 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
     db : str, optional
         A records database URL (:func:`malaria_cells.records.open_records`): each
         ``/v1/screen`` sample is recorded there, in the worker thread that screened it, and the
-        answer carries its ``record_id`` (header ``X-Record-Id`` for the other formats).
+        answer carries its ``record_id`` (header ``X-Record-Id`` for the other formats), its
+        cells for review are kept, and the records can be listed and reviewed:
+        ``GET /v1/records``, ``GET /v1/records/{id}``, ``POST /v1/records/{id}/review``.
+    user_keys : path or dict, optional
+        Per-user keys: a CSV file of ``name,key`` rows (:func:`read_user_keys`) or ``{name: key}``.
+        Each is accepted wherever the API key is, and names the reviewer of a review; a review
+        sent with another key (or none) is refused with 403.
     """
     from . import __version__
     from .pipeline import preprocess_many
     from .inference import label_for
     from .runtimes import default_model_path, load_model
+
+    api_key = api_key or os.environ.get(API_KEY_ENV) or None
+    user_keys = _checked_user_keys(user_keys, db, api_key)  # before any model is loaded
 
     # Without a named model, cells are scored by the shipped cell model and fields by the
     # shipped field model; a named model does both.
@@ -254,7 +336,6 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
         from .records import open_records
 
         records = open_records(db)  # a bad URL or an unreachable server: the server does not start
-    api_key = api_key or os.environ.get(API_KEY_ENV) or None
     model_version = model.info.get("trained_at") or os.path.basename(model.path)
     app = FastAPI(title="malaria-cells", version=__version__, docs_url=None, redoc_url=None,
                   description="Label red blood cells as Parasitized or Uninfected, and screen smear photographs.")
@@ -272,8 +353,8 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
 
     # Middlewares run last-added first: the key is checked before the body is read.
     app.add_middleware(RequestSizeLimit, max_bytes=limits.max_request_bytes)
-    if api_key is not None:
-        app.add_middleware(ApiKeyRequired, api_key=api_key)
+    if api_key is not None or user_keys:
+        app.add_middleware(ApiKeyRequired, api_key=api_key, user_keys=user_keys)
     app.add_middleware(HealthEndpoints, load=load)
 
     # Documented here; answered by HealthEndpoints before these routes are reached.
@@ -346,6 +427,7 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
 
         from .fields import FORMATS
         from .fields.metadata import SampleMetadata, attach_metadata
+        from .fields import Gallery
         from .fields.report import ReportWriter, draw_overlay, overlay_data_url
 
         arrived = time.perf_counter()
@@ -358,6 +440,8 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
             raise HTTPException(422, str(error)) from None
         writer = ReportWriter(None, pdf=format == "pdf" or (report and format == "json"),
                               **screener.report_options()) if (report and format == "json") or format in ("html", "pdf") else None
+        # the cells a reviewer will see: the report's gallery, or one kept for the records alone
+        gallery = writer.gallery if writer is not None else Gallery() if records is not None else None
         if len(files) > limits.max_images:
             raise HTTPException(413, f"too many images ({len(files)}, limit {limits.max_images})")
         pictures = {}
@@ -385,6 +469,8 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
                 pictures[result.path] = overlay_data_url(draw_overlay(image, result, side=1600))
             if writer is not None:
                 writer.add(result, crops, image)
+            elif gallery is not None:
+                gallery.add(result, crops, image)
 
         from starlette.concurrency import run_in_threadpool
 
@@ -398,7 +484,7 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
                 ids, not_recorded = [], None
                 if records is not None and result.fields:
                     try:
-                        ids = records.add(result, source="server")
+                        ids = records.add(result, source="server", gallery=gallery)
                     except MalariaCellsError as error:
                         not_recorded = str(error)
                 return result, built, ids, not_recorded
@@ -444,6 +530,9 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
                               "warnings": writer.warnings}
         return JSONResponse(json.loads(json.dumps(body, default=float)))
 
+    if records is not None:
+        add_review_routes(app, records, reviewers=bool(user_keys))
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page():
         return resources.files("malaria_cells").joinpath("static/index.html").read_text(encoding="utf-8")
@@ -451,8 +540,68 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
     return app
 
 
+class ReviewBody(BaseModel):
+    """A sign-off: verdicts on the cells shown for review, a comment, and optionally the call."""
+
+    verdicts: dict[str, str] = Field(default_factory=dict,
+                                     description='{"cell id": "confirm" | "reject"} for cells of GET /v1/records/{id}')
+    comment: str | None = Field(None, description="a free comment")
+    call: str | None = Field(None, description="the reviewer's own call (positive, negative, review); "
+                             "without it, the call follows from the verdicts")
+
+
+RECORDS_LIMIT = 200
+"""Most samples ``GET /v1/records`` lists at once."""
+
+
+def add_review_routes(app: FastAPI, records, *, reviewers: bool) -> None:
+    """``GET /v1/records``, ``GET /v1/records/{id}`` and ``POST /v1/records/{id}/review``: thin
+    layers over :class:`malaria_cells.records.Records`; a review needs a per-user key (its name
+    is the reviewer), which ``reviewers`` says the server has."""
+    from .records import UnknownRecord
+
+    def found(run):
+        try:
+            return run()
+        except UnknownRecord as error:
+            raise HTTPException(404, str(error)) from None
+        except MalariaCellsError as error:
+            raise HTTPException(422, str(error)) from None
+
+    @app.get("/v1/records", summary="Recorded samples, newest first, with the automatic and the reviewed call")
+    def list_records(limit: int = 50, since: str | None = None, call: str | None = None):
+        if not 1 <= limit <= RECORDS_LIMIT:
+            raise HTTPException(422, f"limit must be 1 to {RECORDS_LIMIT}, got {limit}")
+        samples = found(lambda: records.samples(since=since, call=call, limit=limit))
+        return {"samples": [item.to_dict() for item in samples]}
+
+    @app.get("/v1/records/{sample_id}", summary="A recorded sample, its cells for review (PNG data URLs), its reviews")
+    def get_record(sample_id: int, request: Request):
+        sample = found(lambda: records.sample(sample_id, fields=False))
+        return {"sample": sample.to_dict(), "cells": [cell.to_dict(image=True) for cell in
+                                                      records.cells_for_review(sample_id)],
+                "reviews": [review.to_dict() for review in records.reviews(sample_id)],
+                "reviewer": getattr(request.state, "user", None)}
+
+    @app.post("/v1/records/{sample_id}/review", status_code=201,
+              summary="Sign off a recorded sample (needs a per-user key: its name is the reviewer)")
+    def review_record(sample_id: int, body: ReviewBody, request: Request):
+        reviewer = getattr(request.state, "user", None)
+        if reviewer is None:
+            raise HTTPException(403, "a review needs a reviewer's own key (X-API-Key from serve --user-keys)"
+                                if reviewers else "this server takes no reviews: start it with --user-keys FILE "
+                                "(name,key per reviewer)")
+        found(lambda: records.sample(sample_id, fields=False))
+        review_id = found(lambda: records.review(sample_id, body.verdicts, reviewer=reviewer, comment=body.comment,
+                                                 call=body.call))
+        sample = records.sample(sample_id, fields=False)
+        return {"review_id": review_id, "sample": sample.to_dict(),
+                "reviews": [review.to_dict() for review in records.reviews(sample_id)]}
+
+
 def serve(model=None, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          limits: ServeLimits | None = None, workers: int = 1, no_auth: bool = False, db: str | None = None) -> None:
+          limits: ServeLimits | None = None, workers: int = 1, no_auth: bool = False, db: str | None = None,
+          user_keys: str | os.PathLike | None = None) -> None:
     """Run the web page and API with uvicorn until interrupted.
 
     With ``workers`` > 1, that many processes share the port (uvicorn's workers), each
@@ -464,7 +613,9 @@ def serve(model=None, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
     network. ``no_auth=True`` serves without one anyway, with a warning (a network that is
     already closed, or a proxy that checks its own keys).
 
-    With ``db`` (a records database URL), each ``/v1/screen`` sample is recorded there.
+    With ``db`` (a records database URL), each ``/v1/screen`` sample is recorded there; with
+    ``user_keys`` (a CSV file of ``name,key`` rows), recorded samples can be reviewed, each
+    review under the name of the key it came with.
     """
     import uvicorn
 
@@ -474,7 +625,12 @@ def serve(model=None, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
         raise MalariaCellsError(f"workers must be at least 1, got {workers}")
     message = (f"Serving on http://{host}:{port}/ (API docs at /docs) with {workers} worker"
                f"{'s' if workers > 1 else ''}; Ctrl-C to stop")
-    if host not in LOOPBACK and not (api_key or os.environ.get(API_KEY_ENV)):
+    if user_keys is not None:
+        if db is None:
+            raise MalariaCellsError("--user-keys: reviews are of recorded samples; name the records database "
+                                    "(--db URL or $MALARIA_CELLS_DB)")
+        read_user_keys(user_keys)  # fail at once, with one line, on a bad file
+    if host not in LOOPBACK and not (api_key or os.environ.get(API_KEY_ENV) or user_keys):
         if not no_auth:
             raise MalariaCellsError(
                 f"--host {host}: other computers could reach this server, and no API key is set; set one "
@@ -482,7 +638,7 @@ def serve(model=None, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
         message += (f"\nwarning: listening on {host} without an API key (--no-auth): anyone who can reach this "
                     "computer can use it")
     if workers == 1:
-        app = create_app(model, api_key=api_key, limits=limits, db=db)
+        app = create_app(model, api_key=api_key, limits=limits, db=db, user_keys=user_keys)
         print(message, file=sys.stderr, flush=True)
         uvicorn.run(app, host=host, port=port, log_level="warning")
         return
@@ -496,7 +652,8 @@ def serve(model=None, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
 
         open_records(db).close()  # fail once, with one line, on a bad URL (and migrate before the workers start)
     os.environ[_WORKER_CONFIG_ENV] = json.dumps({"model": None if model is None else model_path, "api_key": api_key,
-                                                 "limits": (limits or ServeLimits()).__dict__, "db": db})
+                                                 "limits": (limits or ServeLimits()).__dict__, "db": db,
+                                                 "user_keys": None if user_keys is None else os.fspath(user_keys)})
     print(message, file=sys.stderr, flush=True)
     uvicorn.run(f"{__name__}:app_from_environment", factory=True, host=host, port=port,
                 log_level="warning", workers=workers)
@@ -509,4 +666,4 @@ def app_from_environment():
     """The app a ``serve(workers=N)`` worker process runs (its settings come in the environment)."""
     config = json.loads(os.environ[_WORKER_CONFIG_ENV])
     return create_app(config["model"], api_key=config["api_key"], limits=ServeLimits(**config["limits"]),
-                      db=config.get("db"))
+                      db=config.get("db"), user_keys=config.get("user_keys"))

@@ -11,6 +11,7 @@ The rooms, one concern each:
 - :mod:`.screener`: :class:`Screener`, which composes the three and runs the one loop;
 - :mod:`.results`: the typed results and their JSON;
 - :mod:`.formats`: the output formats (table, JSON, CSV) in one registry;
+- :mod:`.gallery`: each sample's best counted cells and near misses (report and review);
 - :mod:`.report`: the report folder (overlays, HTML);
 - :mod:`.truth`: ground-truth readers and scores;
 - :mod:`.training`: making a field model (crops, nested cross-validation, threshold, shipping).
@@ -22,10 +23,11 @@ from .call import MIN_CELLS, NEGATIVE_P, POSITIVE_P, RULE_OUT, call_sample
 from .detection import ClassicalDetector, Detector, FieldDetection, FieldObject, detect_cells
 from .figures import FieldFigures
 from .formats import FORMATS, render
+from .gallery import Gallery
 from .results import CellResult, FieldResult, SampleResult, ScreenResult
 from .screener import DECODE_SIDE, FieldTimeout, Screener, counting_probability, group_samples, pool_fields, screen, screen_image
 
 __all__ = ["Screener", "FieldTimeout", "screen", "screen_image", "Detector", "ClassicalDetector", "FieldDetection", "FieldObject",
            "detect_cells", "FieldFigures", "CellResult", "FieldResult", "SampleResult", "ScreenResult", "FORMATS",
            "render", "call_sample", "counting_probability", "group_samples", "pool_fields", "MIN_CELLS", "POSITIVE_P",
-           "NEGATIVE_P", "RULE_OUT", "DECODE_SIDE"]
+           "NEGATIVE_P", "RULE_OUT", "DECODE_SIDE", "Gallery"]

@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import base64
 import datetime
-import heapq
 import html
 import io
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -26,6 +24,7 @@ import numpy as np
 
 from ..files import atomic_path, write_json, write_text
 from .formats import format_density, format_interval, format_percent, write_cells_csv
+from .gallery import GALLERY_SIZE, NEAR_MISSES, Gallery
 from .results import FieldResult, SampleResult, ScreenResult
 
 __all__ = ["draw_overlay", "overlay_data_url", "ReportWriter", "OVERLAY_SIDE", "THUMBNAIL_SIDE", "GALLERY_SIZE",
@@ -37,16 +36,10 @@ INLINE_OVERLAY_SIDE = 1024
 """Longer side of the one overlay per field a report held in memory carries (a server's answer)."""
 THUMBNAIL_SIDE = 640
 """Longer side of the overlay pictures shown in the report (each links to its full overlay)."""
-GALLERY_SIZE = 24
-"""Highest-scoring counted cells of each sample shown in its gallery, for a microscopist to confirm."""
-NEAR_MISSES = 8
-"""Highest-scoring cells below the counting threshold shown after them."""
 PDF_OVERLAYS = 6
 """Overlays in a PDF (the fields with most Parasitized cells first); the HTML report has all."""
 COLLAPSE_OVERLAYS = 12
 """Above this many fields, the report's overlays are folded (one click shows them)."""
-_CROP_MARGIN = 0.3
-"""Context around a gallery cell, as a share of its box."""
 
 
 def _encode(image: np.ndarray, fmt: str = ".jpg", quality: int = 85) -> bytes:
@@ -90,32 +83,6 @@ def draw_overlay(image: np.ndarray, item: FieldResult, *, side: int = OVERLAY_SI
             cv2.putText(canvas, f"{cell.probability:.2f}", (x0, max(10, y0 - 3)), cv2.FONT_HERSHEY_SIMPLEX,
                         0.4 * thickness, (230, 0, 0), thickness, cv2.LINE_AA)
     return canvas
-
-
-def _native_crop(image: np.ndarray, item: FieldResult, bbox) -> np.ndarray:
-    """The cell as the photograph shows it (its own resolution), with some context around it."""
-    factor = image.shape[1] / item.width
-    x0, y0, x1, y1 = (v * factor for v in bbox)
-    margin = _CROP_MARGIN * max(x1 - x0, y1 - y0)
-    x0, y0 = max(0, int(x0 - margin)), max(0, int(y0 - margin))
-    x1, y1 = min(image.shape[1], int(np.ceil(x1 + margin))), min(image.shape[0], int(np.ceil(y1 + margin)))
-    return np.ascontiguousarray(image[y0:y1, x0:x1])
-
-
-@dataclass
-class _GalleryCell:
-    probability: float
-    counted: bool
-    field: str
-    x: float
-    y: float
-    stage: str | None
-    stage_probability: float | None
-    native: np.ndarray
-    crop: np.ndarray
-
-    def __lt__(self, other):  # heapq keeps the highest-scoring cells
-        return self.probability < other.probability
 
 
 def write_pdf(page: str, target: str | os.PathLike, *, base_url: str | os.PathLike) -> None:
@@ -212,12 +179,11 @@ class ReportWriter:
 
         self.pdf, self.pooled, self.explain, self.stage_figures = pdf, pooled, explain, stage_figures
         self.overlays: dict[str, tuple[str, str]] = {}
-        self.counted: dict[tuple[str, bool], list[_GalleryCell]] = {}
-        self.near: dict[tuple[str, bool], list[_GalleryCell]] = {}
+        self.gallery = Gallery()
+        """The cells of each sample's gallery (also what the records keep for review)."""
         self.warnings: list[str] = []
         self.started = datetime.datetime.now(datetime.timezone.utc).astimezone()
         self._fields_added = 0
-        self._any_good: dict[str, bool] = {}
         self._written: set[str] = set()
         self.out = None if out is None else Path(out)
         if self.out is None:  # in memory (a server's answer): pictures become data URLs
@@ -257,20 +223,7 @@ class ReportWriter:
                 temporary.write_bytes(_encode(small, quality=80))
             self.overlays[item.path] = (f"overlays/{name}", f"overlays/small/{name}")
         self._fields_added += 1
-        # A sample's counts come from its good fields, or (if none is good) its readable ones
-        # (Screener.pool): cells of the two kinds are kept apart, so the gallery shows only
-        # cells that were counted.
-        good = bool(item.quality.get("ok"))
-        self._any_good[item.sample] = self._any_good.get(item.sample, False) or good
-        for cell, crop in zip(item.cells, crops):
-            counted = cell.label == "Parasitized"
-            heap, size = ((self.counted, GALLERY_SIZE) if counted else (self.near, NEAR_MISSES))
-            heap = heap.setdefault((item.sample, good), [])
-            if len(heap) < size or cell.probability > heap[0].probability:
-                entry = _GalleryCell(cell.probability, counted, Path(item.path).name, cell.x, cell.y,
-                                     getattr(cell, "stage", None), getattr(cell, "stage_probability", None),
-                                     _native_crop(image, item, cell.bbox), np.array(crop))
-                (heapq.heappush if len(heap) < size else heapq.heapreplace)(heap, entry)
+        self.gallery.add(item, crops, image)
 
     def finish(self, result: ScreenResult) -> Path:
         """Write ``report.json``, ``cells.csv`` and the reports; returns the page to open first."""
@@ -345,13 +298,7 @@ class ReportWriter:
     def _gallery(self, sample: str | None, *, heat: bool = True) -> list[dict]:
         """The sample's gallery (every sample's with None), highest first, each cell with its
         pictures (its heat map too, with ``heat`` and an ``explain``)."""
-        def cells(pool):
-            return [c for (name, good), heap in pool.items()
-                    if (sample is None or name == sample) and good == self._any_good.get(name, False) for c in heap]
-
-        counted = sorted(cells(self.counted), key=lambda c: -c.probability)[:GALLERY_SIZE]
-        near = sorted(cells(self.near), key=lambda c: -c.probability)[:NEAR_MISSES]
-        entries = counted + near
+        entries = self.gallery.cells(sample)
         maps = None
         if heat and self.explain is not None and entries:
             try:

@@ -15,13 +15,26 @@ the Alembic migrations shipped in this package. The command line's ``screen --db
             print(sample.id, sample.name, sample.parasitemia)
         full = records.sample(ids[0])          # with its fields and their cells
 
-See ``docs/records.md`` for the schema and migrations.
+A microscopist's review and sign-off, beside the automatic result (append-only)::
+
+    gallery = Gallery()                                 # malaria_cells.fields.Gallery
+    result = Screener().screen(["patient1/"], on_field=gallery.add)
+    with open_records("sqlite:///lab.db") as records:
+        [sample_id] = records.add(result, gallery=gallery)   # keeps the cells to review
+        cells = records.cells_for_review(sample_id)          # counted cells, then near misses
+        records.review(sample_id, {cells[0].id: "reject"}, reviewer="A. Diallo", comment="stain debris")
+        print(records.sample(sample_id).latest_review.call)
+
+See ``docs/records.md`` for the schema, the review rule and migrations.
 """
 
 from .export import CSV_COLUMNS, HISTORY_FORMATS, render_history, write_history
-from .schema import CALLS, CellRecord, FieldRecord, SampleRecord
-from .store import DB_ENV, DEFAULT_URL, SOURCES, Records, database_url, open_records, redact, schema_revision
+from .review import reviewed_figures
+from .schema import CALLS, VERDICTS, CellRecord, FieldRecord, ReviewCellRecord, ReviewRecord, SampleRecord, VerdictRecord
+from .store import (DB_ENV, DEFAULT_URL, SOURCES, Records, UnknownRecord, database_url, open_records, redact,
+                    schema_revision)
 
 __all__ = ["open_records", "Records", "database_url", "redact", "schema_revision", "SampleRecord", "FieldRecord",
            "CellRecord", "CALLS", "SOURCES", "DB_ENV", "DEFAULT_URL", "HISTORY_FORMATS", "CSV_COLUMNS",
-           "write_history", "render_history"]
+           "write_history", "render_history", "ReviewCellRecord", "ReviewRecord", "VerdictRecord", "VERDICTS",
+           "reviewed_figures", "UnknownRecord"]

@@ -1,8 +1,10 @@
-"""The records' tables as SQLAlchemy 2 ORM classes: a screened sample, its fields, their cells.
+"""The records' tables as SQLAlchemy 2 ORM classes: a screened sample, its fields, their cells,
+the cells kept for a microscopist's review, and the reviews.
 
-The automatic results are written once and never updated: a microscopist's review (a later
-``reviews`` table, added by a migration) will stand beside them, keyed by the sample's id,
-with its own counts, call, reviewer and time, one row per review (an append-only trail).
+The automatic results are written once and never updated: a microscopist's review stands
+beside them, keyed by the sample's id, with its own counts, call, reviewer and time, one row
+per review and one per cell verdict (an append-only trail: a newer review supersedes an older
+one, which stays).
 
 The tables are made and changed only by the migrations in ``migrations/versions`` (Alembic),
 never by ``create_all``; these classes describe them for queries and for Alembic's
@@ -13,17 +15,20 @@ from __future__ import annotations
 
 import datetime
 
-from sqlalchemy import (JSON, Boolean, CheckConstraint, Date, DateTime, Float, ForeignKey, Integer, MetaData, String,
-                        Text)
+from sqlalchemy import (JSON, Boolean, CheckConstraint, Date, DateTime, Float, ForeignKey, Integer, LargeBinary,
+                        MetaData, String, Text, UniqueConstraint)
 from sqlalchemy import inspect as inspect_instance
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
-__all__ = ["Base", "SampleRecord", "FieldRecord", "CellRecord", "CALLS", "UTCDateTime"]
+__all__ = ["Base", "SampleRecord", "FieldRecord", "CellRecord", "ReviewCellRecord", "ReviewRecord", "VerdictRecord",
+           "CALLS", "VERDICTS", "UTCDateTime"]
 
 CALLS = ("positive", "negative", "review")
 """The calls a sample can have (:mod:`malaria_cells.fields.call`)."""
+VERDICTS = ("confirm", "reject")
+"""A reviewer's verdict on a cell shown for review: ``confirm`` (it is infected) or ``reject`` (it is not)."""
 
 JSONValue = JSON().with_variant(JSONB(), "postgresql")
 
@@ -112,6 +117,10 @@ class SampleRecord(Base):
                                                      cascade="all, delete-orphan", passive_deletes=True,
                                                      lazy="raise")
 
+    latest_review = None
+    """The review in force (the last written), set by :meth:`~.store.Records.samples` and
+    :meth:`~.store.Records.sample`; None when the sample has not been reviewed (not a column)."""
+
     def __repr__(self) -> str:
         return f"SampleRecord(id={self.id!r}, name={self.name!r}, call={self.call!r})"
 
@@ -137,7 +146,8 @@ class SampleRecord(Base):
                    "rbc_per_ul": self.rbc_per_ul},
                "call": self.call, "reasons": list(self.reasons), "stages": self.stages, "truth": self.truth,
                "model": {"name": self.model_name, "version": self.model_version, "details": self.model},
-               "tool_version": self.tool_version, "report_path": self.report_path}
+               "tool_version": self.tool_version, "report_path": self.report_path,
+               "latest_review": None if self.latest_review is None else self.latest_review.to_dict()}
         if "fields" not in inspect_instance(self).unloaded:
             out["fields"] = [item.to_dict() for item in self.fields]
         return out
@@ -214,6 +224,99 @@ class CellRecord(Base):
         return {"x": self.x, "y": self.y, "bbox": [self.bbox_x0, self.bbox_y0, self.bbox_x1, self.bbox_y1],
                 "probability": self.probability, "label": self.label, "stage": self.stage,
                 "stage_probability": self.stage_probability}
+
+
+class ReviewCellRecord(Base):
+    """A cell kept for review when its sample was recorded: a counted Parasitized cell or a near
+    miss, as the report's gallery chooses them, with its picture (PNG, the photograph's own pixels)."""
+
+    __tablename__ = "review_cells"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sample_id: Mapped[int] = mapped_column(ForeignKey("samples.id", ondelete="CASCADE"), index=True)
+    position: Mapped[int] = mapped_column(Integer)
+    """Rank in the gallery, from 0: counted cells highest first, then near misses highest first."""
+    counted: Mapped[bool] = mapped_column(Boolean)
+    """Counted Parasitized (True) or a near miss below the counting threshold (False)."""
+    probability: Mapped[float] = mapped_column(Float)
+    field: Mapped[str] = mapped_column(Text)
+    """The field photograph's file name."""
+    x: Mapped[float] = mapped_column(Float)
+    y: Mapped[float] = mapped_column(Float)
+    stage: Mapped[str | None] = mapped_column(String(16))
+    stage_probability: Mapped[float | None] = mapped_column(Float)
+    image: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
+    """PNG bytes of the cell at its field's own resolution, with some context."""
+
+    def to_dict(self, *, image: bool = False) -> dict:
+        """The cell as JSON-ready values; with ``image``, its picture as a PNG data URL."""
+        out = {"id": self.id, "position": self.position, "counted": self.counted, "probability": self.probability,
+               "field": self.field, "x": self.x, "y": self.y, "stage": self.stage,
+               "stage_probability": self.stage_probability}
+        if image:
+            import base64
+
+            out["image"] = "data:image/png;base64," + base64.b64encode(self.image).decode()
+        return out
+
+
+class ReviewRecord(Base):
+    """A microscopist's sign-off of a sample: the reviewed counts, parasitemia and call, who, when."""
+
+    __tablename__ = "reviews"
+    __table_args__ = (CheckConstraint("call IN ('positive', 'negative', 'review')", name="call"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sample_id: Mapped[int] = mapped_column(ForeignKey("samples.id", ondelete="CASCADE"), index=True)
+    reviewed_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime, index=True)
+    reviewer: Mapped[str] = mapped_column(String(200))
+    comment: Mapped[str | None] = mapped_column(Text)
+    n_confirmed: Mapped[int] = mapped_column(Integer)
+    """Counted cells the reviewer confirmed."""
+    n_rejected: Mapped[int] = mapped_column(Integer)
+    """Counted cells the reviewer rejected (not infected)."""
+    n_added: Mapped[int] = mapped_column(Integer)
+    """Near misses the reviewer marked infected."""
+    n_cells: Mapped[int] = mapped_column(Integer)
+    n_parasitized: Mapped[int] = mapped_column(Integer)
+    """The reviewed count: the automatic count - rejected + near misses marked infected."""
+    parasitemia: Mapped[float | None] = mapped_column(Float)
+    parasitemia_low: Mapped[float | None] = mapped_column(Float)
+    parasitemia_high: Mapped[float | None] = mapped_column(Float)
+    call: Mapped[str] = mapped_column(String(16))
+    call_given: Mapped[bool] = mapped_column(Boolean)
+    """The reviewer gave the call (True) rather than the review rule deriving it."""
+
+    verdicts: Mapped[list[VerdictRecord]] = relationship(back_populates="review", order_by="VerdictRecord.cell_id",
+                                                         cascade="all, delete-orphan", passive_deletes=True,
+                                                         lazy="raise")
+
+    def to_dict(self) -> dict:
+        """The review as JSON-ready values; ``verdicts`` (``{cell_id: verdict}``) where loaded."""
+        out = {"id": self.id, "sample_id": self.sample_id, "reviewed_at": _iso(self.reviewed_at),
+               "reviewer": self.reviewer, "comment": self.comment, "n_confirmed": self.n_confirmed,
+               "n_rejected": self.n_rejected, "n_added": self.n_added, "n_cells": self.n_cells,
+               "n_parasitized": self.n_parasitized, "parasitemia": self.parasitemia,
+               "parasitemia_ci": _pair(self.parasitemia_low, self.parasitemia_high), "call": self.call,
+               "call_given": self.call_given}
+        if "verdicts" not in inspect_instance(self).unloaded:
+            out["verdicts"] = {str(item.cell_id): item.verdict for item in self.verdicts}
+        return out
+
+
+class VerdictRecord(Base):
+    """A reviewer's verdict on one cell shown for review."""
+
+    __tablename__ = "review_verdicts"
+    __table_args__ = (CheckConstraint("verdict IN ('confirm', 'reject')", name="verdict"),
+                      UniqueConstraint("review_id", "cell_id", name="uq_review_verdicts_review_id_cell_id"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    review_id: Mapped[int] = mapped_column(ForeignKey("reviews.id", ondelete="CASCADE"), index=True)
+    cell_id: Mapped[int] = mapped_column(ForeignKey("review_cells.id", ondelete="CASCADE"))
+    verdict: Mapped[str] = mapped_column(String(16))
+
+    review: Mapped[ReviewRecord] = relationship(back_populates="verdicts", lazy="raise")
 
 
 def _pair(low, high) -> list[float] | None:

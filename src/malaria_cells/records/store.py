@@ -19,18 +19,20 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
-from sqlalchemy import create_engine, event, insert, inspect, select
+from sqlalchemy import create_engine, event, func, insert, inspect, select
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, selectinload, undefer
 
 from ..errors import MalariaCellsError
-from .schema import CALLS, CellRecord, FieldRecord, SampleRecord
+from .review import check_call, check_comment, check_reviewer, check_verdicts, reviewed_figures
+from .schema import CALLS, CellRecord, FieldRecord, ReviewCellRecord, ReviewRecord, SampleRecord, VerdictRecord
 
 if TYPE_CHECKING:
+    from ..fields.gallery import Gallery
     from ..fields.results import FieldResult, SampleResult, ScreenResult
 
-__all__ = ["open_records", "Records", "database_url", "DB_ENV", "DEFAULT_URL", "SOURCES", "MIGRATIONS"]
+__all__ = ["open_records", "Records", "database_url", "DB_ENV", "DEFAULT_URL", "SOURCES", "MIGRATIONS", "UnknownRecord"]
 
 DB_ENV = "MALARIA_CELLS_DB"
 """Environment variable naming the records database (a URL, or a SQLite file's path)."""
@@ -48,6 +50,10 @@ _MIGRATION_LOCK = 0x6D616C61  # pg_advisory_xact_lock key held while migrating (
 _SQLITE_HEADER = b"SQLite format 3\x00"
 _WRITE = {"malaria_cells_write": True}
 _URL_HELP = "sqlite:///FILE (a file on this computer) or postgresql+psycopg://USER:PASSWORD@HOST:PORT/DATABASE"
+
+
+class UnknownRecord(MalariaCellsError):
+    """No sample record has the id asked for."""
 
 
 def database_url(url: str | os.PathLike | None = None) -> URL:
@@ -150,7 +156,8 @@ def open_records(url: str | os.PathLike | None = None, *, create: bool = True) -
 
 class Records:
     """The records database: samples written by :meth:`add`, read by :meth:`samples` and
-    :meth:`sample`. Made by :func:`open_records`; close it (or use ``with``) when done.
+    :meth:`sample`; reviewed by :meth:`review`, with :meth:`cells_for_review` and :meth:`reviews`.
+    Made by :func:`open_records`; close it (or use ``with``) when done.
 
     Safe to share between threads (each call uses its own connection and transaction).
     """
@@ -183,8 +190,9 @@ class Records:
         self._engine.dispose()
 
     def add(self, result: ScreenResult, report_path: str | os.PathLike | None = None, *,
-            source: str = "api") -> list[int]:
-        """Record every sample of a screen, each in its own transaction with its fields and cells.
+            source: str = "api", gallery: Gallery | None = None) -> list[int]:
+        """Record every sample of a screen, each in its own transaction with its fields, cells and
+        cells for review.
 
         Parameters
         ----------
@@ -195,6 +203,12 @@ class Records:
             Where the report was written (``screen --out``), stored as an absolute path.
         source : str
             What screened it: one of :data:`SOURCES`.
+        gallery : Gallery, optional
+            The screen's gallery (:class:`malaria_cells.fields.Gallery`, or a
+            :class:`~malaria_cells.fields.report.ReportWriter`'s ``gallery``), given the fields
+            as they were screened (``on_field``): each sample's counted cells and near misses are
+            kept with their pictures for a reviewer (:meth:`cells_for_review`). Without it, a
+            sample can be reviewed only by its call.
 
         Returns
         -------
@@ -214,17 +228,21 @@ class Records:
             raise MalariaCellsError(f"records: expected a ScreenResult, got {type(result).__name__}")
         if source not in SOURCES:
             raise MalariaCellsError(f"records: source must be one of {', '.join(SOURCES)}, got {source!r}")
+        if gallery is not None and not callable(getattr(gallery, "review_cells", None)):
+            raise MalariaCellsError(f"records: gallery must be a malaria_cells.fields.Gallery, got "
+                                    f"{type(gallery).__name__}")
         report = str(Path(report_path).expanduser().resolve()) if report_path is not None else None
         common = {"screen_uid": str(uuid.uuid4()), "screened_at": datetime.datetime.now(datetime.timezone.utc),
                   "source": source, "tool_version": __version__, "report_path": report,
                   "model": _jsonable(result.model), "model_name": str(result.model.get("path") or "unknown")[:255],
                   "model_version": _text_or_none(result.model.get("trained_at"), 64)}
         return [self._write(sample_row(sample, fields, common), [[cell_values(cell) for cell in item.cells]
-                                                                 for item in fields])
+                                                                 for item in fields],
+                            gallery.review_cells(sample.name) if gallery is not None else [])
                 for sample, fields in split_fields(result)]
 
-    def _write(self, row: SampleRecord, cells: list[list[dict]]) -> int:
-        """One sample, its fields and (in bulk) its cells, in one transaction."""
+    def _write(self, row: SampleRecord, cells: list[list[dict]], review_cells: list[dict]) -> int:
+        """One sample, its fields, (in bulk) its cells and its cells for review, in one transaction."""
         try:
             with Session(self._writer) as session, session.begin():
                 session.add(row)
@@ -233,6 +251,9 @@ class Records:
                         for values in field_cells]
                 if rows:
                     session.execute(insert(CellRecord), rows)
+                if review_cells:
+                    session.execute(insert(ReviewCellRecord), [{"sample_id": row.id, **values}
+                                                               for values in review_cells])
                 return row.id
         except DBAPIError as error:
             raise MalariaCellsError(f"{self.url}: could not write sample {row.name!r} ({_one_line(error)})") from None
@@ -262,24 +283,127 @@ class Records:
             if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
                 raise MalariaCellsError(f"limit must be a whole number of at least 1, got {limit!r}")
             query = query.limit(limit)
-        return self._read(lambda session: list(session.scalars(query)))
 
-    def sample(self, sample_id: int) -> SampleRecord:
-        """One recorded sample with its fields and their cells.
+        def run(session):
+            found = list(session.scalars(query))
+            _attach_latest_reviews(session, found)
+            return found
+
+        return self._read(run)
+
+    def sample(self, sample_id: int, *, fields: bool = True) -> SampleRecord:
+        """One recorded sample with its fields and their cells (``fields=False``: without them),
+        and its ``latest_review``.
 
         Raises
         ------
         MalariaCellsError
             When no sample has this id.
         """
-        if isinstance(sample_id, bool) or not isinstance(sample_id, int):
-            raise MalariaCellsError(f"sample id must be a whole number, got {sample_id!r}")
-        query = (select(SampleRecord).where(SampleRecord.id == sample_id)
-                 .options(selectinload(SampleRecord.fields).selectinload(FieldRecord.cells)))
-        found = self._read(lambda session: session.scalars(query).one_or_none())
+        _check_id(sample_id)
+        query = select(SampleRecord).where(SampleRecord.id == sample_id)
+        if fields:
+            query = query.options(selectinload(SampleRecord.fields).selectinload(FieldRecord.cells))
+
+        def run(session):
+            found = session.scalars(query).one_or_none()
+            if found is not None:
+                _attach_latest_reviews(session, [found])
+            return found
+
+        found = self._read(run)
         if found is None:
-            raise MalariaCellsError(f"{self.url}: no sample record {sample_id}")
+            raise UnknownRecord(f"{self.url}: no sample record {sample_id}")
         return found
+
+    def cells_for_review(self, sample_id: int, *, images: bool = True) -> list[ReviewCellRecord]:
+        """The sample's cells kept for review, in gallery order (counted cells highest first, then
+        near misses); with ``images``, each with its PNG picture loaded (``image``).
+
+        Raises
+        ------
+        MalariaCellsError
+            When no sample has this id.
+        """
+        self._check_sample(sample_id)
+        query = (select(ReviewCellRecord).where(ReviewCellRecord.sample_id == sample_id)
+                 .order_by(ReviewCellRecord.position, ReviewCellRecord.id))
+        if images:
+            query = query.options(undefer(ReviewCellRecord.image))
+        return self._read(lambda session: list(session.scalars(query)))
+
+    def review(self, sample_id: int, verdicts: dict | None = None, *, reviewer: str, comment: str | None = None,
+               call: str | None = None) -> int:
+        """Sign off a sample: record a review, beside (never in place of) the automatic result.
+
+        Reviews are appended, never changed: a newer review supersedes an older one as the
+        sample's ``latest_review``, and both stay (:meth:`reviews`). The reviewed count and call
+        follow the rule of :mod:`malaria_cells.records.review`.
+
+        Parameters
+        ----------
+        sample_id : int
+            The recorded sample.
+        verdicts : dict, optional
+            ``{cell id: "confirm" | "reject"}`` for cells of :meth:`cells_for_review`; cells
+            without a verdict keep their automatic label.
+        reviewer : str
+            Who signs (one line).
+        comment : str, optional
+            A free comment.
+        call : str, optional
+            The reviewer's own call (``positive``, ``negative``, ``review``); without it, the
+            call is derived from the verdicts.
+
+        Returns
+        -------
+        int
+            The review's id.
+
+        Raises
+        ------
+        MalariaCellsError
+            An unknown sample, a cell id not among its cells for review, an unknown verdict or
+            call, a missing reviewer, or a database that cannot be written.
+        """
+        _check_id(sample_id)
+        reviewer, comment, call = check_reviewer(reviewer), check_comment(comment), check_call(call)
+        sample = self.sample(sample_id, fields=False)
+        cells = {cell.id: cell.counted for cell in self.cells_for_review(sample_id, images=False)}
+        checked = check_verdicts(verdicts, cells, sample_id)
+        figures = reviewed_figures(n_cells=sample.n_cells, n_parasitized=sample.n_parasitized,
+                                   automatic_call=sample.call, cells=cells, verdicts=checked, call=call)
+        row = ReviewRecord(sample_id=sample_id, reviewed_at=datetime.datetime.now(datetime.timezone.utc),
+                           reviewer=reviewer, comment=comment, **figures)
+        row.verdicts = [VerdictRecord(cell_id=cell, verdict=verdict) for cell, verdict in sorted(checked.items())]
+        try:
+            with Session(self._writer) as session, session.begin():
+                session.add(row)
+                session.flush()
+                return row.id
+        except DBAPIError as error:
+            raise MalariaCellsError(f"{self.url}: could not write the review of sample {sample_id} "
+                                    f"({_one_line(error)})") from None
+
+    def reviews(self, sample_id: int) -> list[ReviewRecord]:
+        """The sample's reviews, newest first (the first is the one in force), each with its
+        ``verdicts``.
+
+        Raises
+        ------
+        MalariaCellsError
+            When no sample has this id.
+        """
+        self._check_sample(sample_id)
+        query = (select(ReviewRecord).where(ReviewRecord.sample_id == sample_id)
+                 .order_by(ReviewRecord.id.desc()).options(selectinload(ReviewRecord.verdicts)))
+        return self._read(lambda session: list(session.scalars(query)))
+
+    def _check_sample(self, sample_id: int) -> None:
+        _check_id(sample_id)
+        query = select(SampleRecord.id).where(SampleRecord.id == sample_id)
+        if self._read(lambda session: session.scalar(query)) is None:
+            raise UnknownRecord(f"{self.url}: no sample record {sample_id}")
 
     def _read(self, run):
         try:
@@ -287,6 +411,29 @@ class Records:
                 return run(session)
         except DBAPIError as error:
             raise MalariaCellsError(f"{self.url}: could not read the records ({_one_line(error)})") from None
+
+
+def _check_id(sample_id) -> None:
+    if isinstance(sample_id, bool) or not isinstance(sample_id, int):
+        raise MalariaCellsError(f"sample id must be a whole number, got {sample_id!r}")
+
+
+_IN_LIST = 500
+"""Samples up to which their latest reviews are looked up by id (more: every sample's latest)."""
+
+
+def _attach_latest_reviews(session: Session, samples: list[SampleRecord]) -> None:
+    """Set each sample's ``latest_review``: its review with the highest id (the last written)."""
+    if not samples:
+        return
+    latest = select(func.max(ReviewRecord.id)).group_by(ReviewRecord.sample_id)
+    ids = [item.id for item in samples]
+    if len(ids) <= _IN_LIST:
+        latest = latest.where(ReviewRecord.sample_id.in_(ids))
+    found = {review.sample_id: review for review in session.scalars(select(ReviewRecord).where(
+        ReviewRecord.id.in_(latest.scalar_subquery())))}
+    for item in samples:
+        item.latest_review = found.get(item.id)
 
 
 # --------------------------------------------------------------------------- from results to rows
