@@ -79,6 +79,7 @@ def add_scoring_options(parser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .config import AUGMENTATIONS, COLORS, EXPORT_FORMATS, MODEL_NAMES, PRESET_NAMES, QUANTIZATIONS, SCHEDULES, SPLITS
+    from .distribute import STRATEGIES
 
     parser = argparse.ArgumentParser(
         prog="malaria-cells",
@@ -136,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="choose the threshold on validation patients for this sensitivity (default: 0.99)")
     train.add_argument("--min-specificity", type=_fraction,
                        help="...but never below this validation specificity (default: 0.93)")
+    train.add_argument("--strategy", choices=STRATEGIES, default="default",
+                       help="default: one process; mirrored: all local GPUs (or the CPU); multi-worker: the "
+                            "cluster in the TF_CONFIG environment variable, one process per worker, only the chief "
+                            "writes RUN_DIR. --batch-size is then global (split between replicas); see "
+                            "docs/distributed-training.md")
     train.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty RUN_DIR")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -319,7 +325,10 @@ def run_train(args) -> int:
         "val_fraction", "test_fraction", "folds", "fold", "seed", "learning_rate", "schedule", "augment",
         "weight_decay", "label_smoothing", "mixup", "target_sensitivity", "min_specificity", "stain_normalization", "ema")}
     config = make_config(args.preset, **options)
-    result = train(config, args.out, overwrite=args.overwrite, verbose=0 if args.quiet else 1)
+    result = train(config, args.out, overwrite=args.overwrite, verbose=0 if args.quiet else 1,
+                   strategy=args.strategy)
+    if not result.chief:
+        return EXIT_INTERRUPTED if result.interrupted else EXIT_OK
     from .evaluation import format_report
 
     print(f"\nRun folder: {result.run_dir}  (model: {result.model_path})")

@@ -59,6 +59,10 @@ class RunResult(_ReadsLikeADict):
         Training was stopped with Ctrl-C; the folder holds the best checkpoint so far.
     onnx_path : Path or None
         The model's ONNX copy (None without tf2onnx, or when it disagreed with the model).
+    chief : bool
+        True, except on the other workers of a multi-worker run: they write nothing (the
+        chief writes the run folder, which ``run_dir`` names), and their ``metrics`` and
+        ``threshold_choice`` are empty and ``threshold`` is NaN.
     """
 
     run_dir: Path
@@ -68,6 +72,7 @@ class RunResult(_ReadsLikeADict):
     threshold_choice: dict
     interrupted: bool
     onnx_path: Path | None
+    chief: bool = True
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +16,7 @@ import numpy as np
 from .config import AUGMENTATIONS, COLORS, MODEL_NAMES, SCHEDULES, SPLITS, check_choice, check_image_size
 from .config import CLASS_NAMES
 from .datasets import list_cell_images, warn_skipped
+from .distribute import build_on_local_batch, is_chief, make_strategy, shard_by_data, worker_count
 from .pipeline import read_images
 from .augment import evaluation_dataset, training_dataset
 from .splits import check_folds, split_dataset
@@ -202,6 +206,7 @@ def train(
     *,
     overwrite: bool = False,
     verbose: int = 1,
+    strategy=None,
     **options,
 ) -> RunResult:
     """Train a model and write a complete run folder.
@@ -219,6 +224,13 @@ def train(
         Allow writing into a non-empty folder.
     verbose : int
         0 silent, 1 progress bar, 2 one line per epoch.
+    strategy : {None, "default", "mirrored", "multi-worker"} or tf.distribute.Strategy
+        Where training runs (see :mod:`malaria_cells.distribute`): ``None``/``default`` one
+        process as always; ``mirrored`` all local GPUs (or the CPU); ``multi-worker`` the
+        cluster in the ``TF_CONFIG`` environment variable, every worker running this same
+        call. ``batch_size`` is then the global batch (a multiple of the replica count),
+        split evenly between replicas. Only the chief writes ``out``; the other workers
+        return a result with ``chief`` False.
 
     Returns
     -------
@@ -241,8 +253,17 @@ def train(
     from .plots import plot_history
 
     config = (config or make_config(**options)).validate()
+    # Before any other TensorFlow op: a multi-worker strategy must be made first.
+    strategy = make_strategy(strategy)
+    chief = is_chief(strategy)
+    replicas = 1 if strategy is None else strategy.num_replicas_in_sync
+    if config.batch_size % replicas:
+        raise MalariaCellsError(f"batch size {config.batch_size} is global: it must be a multiple of the "
+                                f"{replicas} replicas")
     started = time.time()
-    run_dir = check_run_dir(out, overwrite)
+    # The other workers save their (identical) checkpoints too, as saving takes every worker, but
+    # to a folder of their own that is deleted (the TensorFlow multi-worker Keras guide's way).
+    run_dir = check_run_dir(out, overwrite) if chief else Path(tempfile.mkdtemp(prefix="malaria-cells-worker-"))
     files = list_cell_images(resolve_data(config.data))
     run_dir.mkdir(parents=True, exist_ok=True)
     _say(verbose, f"Reading {len(files.paths)} images from {files.root} ...")
@@ -268,18 +289,25 @@ def train(
         "patients": patients, "skipped_files": [list(s) for s in files.ignored + skipped], "versions": versions(),
         "machine": machine(),
     }
+    if strategy is not None:
+        record["distribution"] = {"strategy": type(strategy).__name__, "replicas": replicas,
+                                  "workers": worker_count(strategy), "global_batch_size": config.batch_size}
     write_record(run_dir, record)
     keras.utils.set_random_seed(config.seed)
     train_data = training_dataset(images[split.train], files.labels[split.train],
                                   batch_size=config.batch_size, augment=config.augment, seed=config.seed,
                                   mixup=config.mixup)
     val_data = evaluation_dataset(images[split.val], files.labels[split.val])
+    if strategy is not None:
+        train_data, val_data = shard_by_data(train_data), shard_by_data(val_data)
     steps = int(np.ceil(len(split.train) / config.batch_size))
-    model = build_model(config.model, image_size=config.image_size, color=config.color,
-                        weights=config.weights, stain_normalization=config.stain_normalization)
-    model.compile(optimizer=_optimizer(config, steps),
-                  loss=keras.losses.BinaryCrossentropy(label_smoothing=config.label_smoothing),
-                  metrics=["accuracy", keras.metrics.AUC(name="auc")])
+    with contextlib.nullcontext() if strategy is None else strategy.scope():
+        model = build_model(config.model, image_size=config.image_size, color=config.color,
+                            weights=config.weights, stain_normalization=config.stain_normalization)
+        model.compile(optimizer=_optimizer(config, steps),
+                      loss=keras.losses.BinaryCrossentropy(label_smoothing=config.label_smoothing),
+                      metrics=["accuracy", keras.metrics.AUC(name="auc")])
+    build_on_local_batch(model, strategy)
 
     model_path = run_dir / MODEL
     checkpoint = _best_checkpoint(model_path)
@@ -294,6 +322,11 @@ def train(
         interrupted = True
         print("\ninterrupted: finishing the run folder with the best checkpoint so far", flush=True)
     train_seconds = time.time() - train_started
+    if not chief:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        _say(verbose, f"Worker done in {train_seconds:.1f} s; the chief writes the run folder {out}")
+        return RunResult(run_dir=Path(out), model_path=Path(out) / MODEL, metrics={}, threshold=float("nan"),
+                         threshold_choice={}, interrupted=interrupted, onnx_path=None, chief=False)
     if checkpoint.best_epoch is None:
         raise MalariaCellsError("training stopped before the first epoch ended; nothing was saved")
 
