@@ -30,7 +30,7 @@ import os
 
 from .errors import MalariaCellsError
 
-__all__ = ["STRATEGIES", "check_tf_config", "make_strategy", "is_chief", "worker_count", "shard_by_data",
+__all__ = ["STRATEGIES", "check_tf_config", "check_global_batch", "make_strategy", "is_chief", "worker_count", "shard_by_data",
            "build_on_local_batch"]
 
 STRATEGIES = ("default", "mirrored", "multi-worker")
@@ -118,6 +118,14 @@ def make_strategy(strategy=None):
     if strategy == "mirrored":
         return tf.distribute.MirroredStrategy()
     return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+def check_global_batch(batch_size: int, replicas: int) -> int:
+    """``batch_size`` (global: cells per step over all replicas) per replica, or one line
+    saying it does not split evenly between the ``replicas``."""
+    if batch_size % replicas:
+        raise MalariaCellsError(f"batch size {batch_size} is global: it must be a multiple of the {replicas} replicas")
+    return batch_size // replicas
 
 
 def _task(strategy) -> tuple[str | None, int | None, dict]:

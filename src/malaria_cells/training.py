@@ -16,7 +16,7 @@ import numpy as np
 from .config import AUGMENTATIONS, COLORS, MODEL_NAMES, SCHEDULES, SPLITS, check_choice, check_image_size
 from .config import CLASS_NAMES
 from .datasets import list_cell_images, warn_skipped
-from .distribute import build_on_local_batch, is_chief, make_strategy, shard_by_data, worker_count
+from .distribute import build_on_local_batch, check_global_batch, is_chief, make_strategy, shard_by_data, worker_count
 from .pipeline import read_images
 from .augment import evaluation_dataset, training_dataset
 from .splits import check_folds, split_dataset
@@ -257,9 +257,7 @@ def train(
     strategy = make_strategy(strategy)
     chief = is_chief(strategy)
     replicas = 1 if strategy is None else strategy.num_replicas_in_sync
-    if config.batch_size % replicas:
-        raise MalariaCellsError(f"batch size {config.batch_size} is global: it must be a multiple of the "
-                                f"{replicas} replicas")
+    check_global_batch(config.batch_size, replicas)
     started = time.time()
     # The other workers save their (identical) checkpoints too, as saving takes every worker, but
     # to a folder of their own that is deleted (the TensorFlow multi-worker Keras guide's way).
