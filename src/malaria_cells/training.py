@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import os
@@ -262,6 +263,8 @@ def train(
     # The other workers save their (identical) checkpoints too, as saving takes every worker, but
     # to a folder of their own that is deleted (the TensorFlow multi-worker Keras guide's way).
     run_dir = check_run_dir(out, overwrite) if chief else Path(tempfile.mkdtemp(prefix="malaria-cells-worker-"))
+    if not chief:  # removed at the end, or at exit if training fails
+        atexit.register(shutil.rmtree, run_dir, True)
     files = list_cell_images(resolve_data(config.data))
     run_dir.mkdir(parents=True, exist_ok=True)
     _say(verbose, f"Reading {len(files.paths)} images from {files.root} ...")
