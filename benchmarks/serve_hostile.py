@@ -130,7 +130,7 @@ def main(argv=None):
     import httpx
 
     command = [sys.executable, "-m", "malaria_cells", "serve", "--port", str(args.port)] + args.serve_args.split()
-    server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(command, stderr=subprocess.DEVNULL)  # its access log is not read here
     base = f"http://127.0.0.1:{args.port}"
     try:
         for _ in range(600):

@@ -433,3 +433,22 @@ def test_create_app_checks_user_keys_before_loading_a_model(tmp_path):
     with pytest.raises(MalariaCellsError, match="also the shared API key"):
         create_app("no-such-model.keras", api_key="diallo-key-0193", user_keys={"a": "diallo-key-0193"},
                    db=f"sqlite:///{tmp_path / 'lab.db'}")
+
+
+def test_every_request_is_logged_as_one_json_line_without_query_or_file_names(client, caplog):
+    import logging
+
+    from conftest import encode, make_field
+
+    image, _ = make_field(np.random.default_rng(6))
+    with caplog.at_level(logging.INFO, logger="malaria_cells.access"):
+        client.post("/v1/screen?patient=PT-SECRET-7", files=[("files", ("PT-SECRET-7.jpg", encode(image, "JPEG"),
+                                                                        "image/jpeg"))])
+        client.get("/healthz")
+        client.get("/nope")
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "malaria_cells.access"]
+    assert [(line["method"], line["path"], line["status"]) for line in lines] == [
+        ("POST", "/v1/screen", 200), ("GET", "/nope", 404)]  # a health check that passes is not logged
+    assert all(set(line) == {"time", "method", "path", "status", "ms", "bytes", "client"} for line in lines)
+    assert lines[0]["bytes"] > 100 and lines[0]["ms"] > 0
+    assert "PT-SECRET" not in caplog.text

@@ -17,6 +17,7 @@ everything else, so no amount of screening delays them.
 import base64
 import hmac
 import json
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -122,6 +123,60 @@ class HealthEndpoints:
                 status = 503 if busy else 200
             return await JSONResponse(body, status_code=status)(scope, receive, send)
         return await self.app(scope, receive, send)
+
+
+ACCESS_LOG = logging.getLogger("malaria_cells.access")
+"""One JSON line per request (``serve`` writes them to stderr): time, method, path, status,
+milliseconds, bytes sent, client address. Never the query string, headers, file names or
+bodies, which may hold patient identifiers."""
+
+
+class AccessLog:
+    """ASGI middleware writing :data:`ACCESS_LOG`'s line for every HTTP request, when it ends
+    (health and readiness checks only when they fail: an orchestrator polls them every few
+    seconds)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        import time
+
+        started, sent = time.perf_counter(), {"status": 500, "bytes": 0}
+
+        async def counting(message):
+            if message["type"] == "http.response.start":
+                sent["status"] = message["status"]
+            elif message["type"] == "http.response.body":
+                sent["bytes"] += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting)
+        finally:
+            if not (scope.get("path") in ("/healthz", "/readyz") and sent["status"] == 200):
+                _log_request(scope, sent["status"], sent["bytes"], time.perf_counter() - started)
+
+
+def _log_request(scope, status: int, size: int, seconds: float) -> None:
+    import datetime
+
+    ACCESS_LOG.info(json.dumps({
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
+        "method": scope.get("method", ""), "path": scope.get("path", "")[:200], "status": status,
+        "ms": round(1000 * seconds, 1), "bytes": size, "client": (scope.get("client") or ("", 0))[0]}))
+
+
+def _log_access_to_stderr() -> None:
+    """Send the access log's lines to stderr, one JSON object a line (a served process's)."""
+    if not ACCESS_LOG.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        ACCESS_LOG.addHandler(handler)
+        ACCESS_LOG.setLevel(logging.INFO)
+        ACCESS_LOG.propagate = False
 
 
 def _give_back_memory() -> None:
@@ -356,6 +411,7 @@ def create_app(model=None, *, api_key: str | None = None, limits: ServeLimits | 
     if api_key is not None or user_keys:
         app.add_middleware(ApiKeyRequired, api_key=api_key, user_keys=user_keys)
     app.add_middleware(HealthEndpoints, load=load)
+    app.add_middleware(AccessLog)  # outermost: every request is logged, health checks too
 
     # Documented here; answered by HealthEndpoints before these routes are reached.
     @app.get("/healthz", summary="Liveness check (no API key needed)")
@@ -637,6 +693,7 @@ def serve(model=None, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
                 f"(--api-key KEY or ${API_KEY_ENV}), or pass --no-auth to serve without one")
         message += (f"\nwarning: listening on {host} without an API key (--no-auth): anyone who can reach this "
                     "computer can use it")
+    _log_access_to_stderr()
     if workers == 1:
         app = create_app(model, api_key=api_key, limits=limits, db=db, user_keys=user_keys)
         print(message, file=sys.stderr, flush=True)
@@ -664,6 +721,7 @@ _WORKER_CONFIG_ENV = "MALARIA_CELLS_SERVE_CONFIG"
 
 def app_from_environment():
     """The app a ``serve(workers=N)`` worker process runs (its settings come in the environment)."""
+    _log_access_to_stderr()
     config = json.loads(os.environ[_WORKER_CONFIG_ENV])
     return create_app(config["model"], api_key=config["api_key"], limits=ServeLimits(**config["limits"]),
                       db=config.get("db"), user_keys=config.get("user_keys"))
