@@ -135,6 +135,8 @@ def test_cli_workers_records_each_sample_and_refuses_out(samples, tmp_path, caps
     from malaria_cells.records import open_records
 
     with open_records(str(db)) as records:
-        assert sorted(s.name for s in records.samples()) == ["b", "d"]
+        recorded = {s.name: s.id for s in records.samples()}
+        assert sorted(recorded) == ["b", "d"]
+        assert records.cells_for_review(recorded["d"], images=False)  # its gallery came back from the worker
     assert main(["screen", str(healthy), "--workers", "2", "--out", str(tmp_path / "report")]) == 2
     assert "--out cannot be combined with --workers" in capsys.readouterr().err
