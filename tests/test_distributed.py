@@ -9,18 +9,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_field
 from PIL import Image
+from test_fields import FIGURES, PurpleDotClassifier
 
 from malaria_cells import MalariaCellsError
 from malaria_cells.cli import main
 from malaria_cells.fields import Gallery, Screener
 
-from conftest import make_field
-from test_fields import FIGURES, PurpleDotClassifier
-
 pytest.importorskip("distributed")
 
-from malaria_cells.fields.distributed import screen_distributed  # noqa: E402
+from malaria_cells.fields.distributed import screen_distributed
 
 OPTIONS = {"classifier": PurpleDotClassifier(FIGURES), "stages": False}
 
@@ -80,6 +79,13 @@ def test_results_are_those_of_one_process_in_input_order(samples, client):
     assert gallery.cells("a") and all(c.counted for c in gallery.cells("a")[:10])
     one = screen_distributed([samples / "a"], client=client, screener_options=OPTIONS)
     assert one.summary is one.samples[0] and _plain(one) == _plain(Screener(**OPTIONS).screen([samples / "a"]))
+
+
+def test_a_running_scheduler_by_address_keeps_no_screener_afterwards(samples, client):
+    result = screen_distributed([samples / "d"], scheduler=client.scheduler.address, screener_options=OPTIONS)
+    assert _plain(result) == _plain(Screener(**OPTIONS).screen([samples / "d"]))
+    left = client.run(lambda dask_worker: [name for name in dask_worker.plugins if name.startswith("malaria")])
+    assert all(names == [] for names in left.values())
 
 
 def test_parameters_are_checked_before_any_cluster_starts(samples):

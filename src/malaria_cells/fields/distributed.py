@@ -22,11 +22,12 @@ This module imports ``distributed``; ``import malaria_cells.fields`` does not.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
 import uuid
-from typing import Callable, Iterable
+from collections.abc import Callable
 
 from distributed import WorkerPlugin
 
@@ -35,7 +36,7 @@ from .gallery import Gallery
 from .results import ScreenResult
 from .screener import Screener, group_samples
 
-__all__ = ["screen_distributed", "ScreenerPlugin", "ScreenerUnavailable", "OnSample"]
+__all__ = ["OnSample", "ScreenerPlugin", "ScreenerUnavailable", "screen_distributed"]
 
 OnSample = Callable[[ScreenResult], None]
 """Called with each sample as it finishes: a :class:`~.results.ScreenResult` of that sample
@@ -177,11 +178,10 @@ def screen_distributed(paths_or_samples, *, client=None, scheduler: str | None =
         client.register_plugin(ScreenerPlugin(options), name=plugin)
         result = _gather(client, plugin, samples, skipped, truth, gallery, on_sample, progress, retries)
     finally:
-        if client is not None and not owned:
-            try:
+        if client is not None and not any(isinstance(thing, LocalCluster) for thing in owned):
+            # a running cluster outlives this screen: its workers drop their screeners
+            with contextlib.suppress(Exception):  # one left there is harmless
                 client.unregister_worker_plugin(plugin)
-            except Exception:  # noqa: BLE001 - a plugin left on someone else's cluster is harmless
-                pass
         for thing in owned:
             thing.close()
     return result
