@@ -229,6 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     screen.add_argument("--max-field-seconds", type=_positive_seconds, default=120.0, metavar="S",
                         help="a field still not screened after S seconds is reported as not screened and the "
                         "rest go on (default: 120; a 40 MP photograph takes a few seconds)")
+    screen.add_argument("--workers", type=_positive_int, metavar="N",
+                        help="screen the samples in parallel on a local Dask cluster of N worker processes "
+                        "(one sample per task; each sample recorded in --db as it finishes)")
+    screen.add_argument("--scheduler", metavar="ADDRESS",
+                        help="screen the samples on a running Dask cluster (tcp://host:8786); its workers must "
+                        "be able to read the paths")
     add_db_option(screen, "also record each sample, its fields and counted cells in this database (made if "
                   "new): a SQLite file (lab.db or sqlite:///lab.db) or postgresql+psycopg://USER:PASSWORD@HOST/DB "
                   "(default: $MALARIA_CELLS_DB; unset, nothing is recorded)")
@@ -477,13 +483,21 @@ def run_screen(args) -> int:
     defaults = SampleMetadata(**{name: getattr(args, name) for name in
                                  ("patient", "slide", "operator", "date", "site", "note")})
     manifest = read_manifest(args.manifest) if args.manifest else None
-    screener = Screener(args.model, threshold=args.threshold, max_field_seconds=args.max_field_seconds,
-                        rbc_per_ul=args.rbc_per_ul)
+    options = {"classifier": args.model, "threshold": args.threshold, "max_field_seconds": args.max_field_seconds,
+               "rbc_per_ul": args.rbc_per_ul}
+    on_dask = args.workers is not None or args.scheduler is not None
+    if args.workers is not None and args.scheduler is not None:
+        raise MalariaCellsError("give --workers (a local cluster) or --scheduler (a running one), not both")
+    if on_dask and args.out:
+        raise MalariaCellsError("--out cannot be combined with --workers or --scheduler yet: write the report "
+                                "with a single-process screen (without them)")
+    # on a cluster each worker builds its own screener from the options
+    screener = None if on_dask else Screener(**options)
     if args.output and os.path.exists(args.output) and not args.overwrite:
         raise MalariaCellsError(f"{args.output}: already exists; choose another --output or pass --overwrite")
     records = _records_for(args.db)  # a bad URL or an unreachable server fails before any screening
     try:
-        return _screen_and_record(args, screener, manifest, defaults, records)
+        return _screen_and_record(args, screener or options, manifest, defaults, records)
     finally:
         if records is not None:
             records.close()
@@ -504,13 +518,19 @@ def _screen_and_record(args, screener, manifest, defaults, records) -> int:
     from .fields.report import ReportWriter
     from .files import atomic_path
 
+    on_dask = isinstance(screener, dict)  # the options each Dask worker builds its screener from
     report = ReportWriter(args.out, overwrite=args.overwrite, pdf=not args.no_pdf, pooled=args.pooled,
                           **screener.report_options()) if args.out else None
     # the cells a reviewer will see: the report's gallery, or one kept for the records alone
     gallery = report.gallery if report is not None else Gallery() if records is not None else None
     bar = _progress_bar(sum(len(files) for _, files in group_samples(args.paths)[0]), unit="field", minimum=2)
-    result = screener.screen(args.paths, truth=args.truth, progress=bar.update,
-                             on_field=report.add if report else gallery.add if gallery else None)
+    if on_dask:
+        result = _screen_on_dask(args, screener, manifest, defaults, records, gallery, bar.update)
+        stage_error = (result.model.get("stage_model") or {}).get("error", "").removeprefix("stages off: ")
+    else:
+        result = screener.screen(args.paths, truth=args.truth, progress=bar.update,
+                                 on_field=report.add if report else gallery.add if gallery else None)
+        stage_error = screener.stage_error
     bar.close()
     if not result.fields:  # nothing to tabulate: say why, not an empty table with a call
         for path, reason in result.skipped:
@@ -518,8 +538,8 @@ def _screen_and_record(args, screener, manifest, defaults, records) -> int:
         raise MalariaCellsError("no field could be screened" + (" (see the skipped files above)" if result.skipped else ""))
     for warning in attach_metadata(result, manifest, defaults):
         print(f"warning: {warning}", file=sys.stderr)
-    if screener.stage_error:
-        print(f"warning: life stages not given: {screener.stage_error}", file=sys.stderr)
+    if stage_error:
+        print(f"warning: life stages not given: {stage_error}", file=sys.stderr)
     if report is not None:
         page = report.finish(result)
     write = FORMATS[args.format].write
@@ -534,11 +554,29 @@ def _screen_and_record(args, screener, manifest, defaults, records) -> int:
         for warning in report.warnings:
             print(f"warning: {warning}", file=sys.stderr)
         print(f"report: {page}", file=sys.stderr)
-    if records is not None:
-        ids = records.add(result, report_path=args.out, source="cli", gallery=gallery)
-        for sample, record_id in zip(result.samples, ids):
-            print(f"recorded: sample {sample.name} as record {record_id} in {records.url}", file=sys.stderr)
+    if records is not None and not on_dask:  # on Dask each sample was recorded as it finished
+        _record(records, result, args.out, gallery)
     return EXIT_SKIPPED if result.skipped else EXIT_OK
+
+
+def _record(records, result, report_path, gallery) -> None:
+    ids = records.add(result, report_path=report_path, source="cli", gallery=gallery)
+    for sample, record_id in zip(result.samples, ids):
+        print(f"recorded: sample {sample.name} as record {record_id} in {records.url}", file=sys.stderr)
+
+
+def _screen_on_dask(args, options, manifest, defaults, records, gallery, progress):
+    """``screen --workers/--scheduler``: the samples screened on Dask, each recorded as it finishes."""
+    from .fields.distributed import screen_distributed
+    from .fields.metadata import attach_metadata
+
+    def record(part):
+        attach_metadata(part, manifest, defaults)  # the identifiers the whole screen gets afterwards
+        _record(records, part, None, gallery)
+
+    return screen_distributed(args.paths, scheduler=args.scheduler, workers=args.workers or 2,
+                              screener_options=options, truth=args.truth, gallery=gallery,
+                              on_sample=record if records is not None else None, progress=progress)
 
 
 def run_history(args) -> int:

@@ -9,6 +9,8 @@ The rooms, one concern each:
 - :mod:`.figures`: :class:`FieldFigures`, a classifier's counting threshold and measured figures;
 - :mod:`.call`: the sample call (positive / negative / review) and the corrected parasitemia;
 - :mod:`.screener`: :class:`Screener`, which composes the three and runs the one loop;
+- :mod:`.distributed`: the samples of a screen spread over Dask workers (imported on its own:
+  it needs ``distributed``);
 - :mod:`.results`: the typed results and their JSON;
 - :mod:`.formats`: the output formats (table, JSON, CSV) in one registry;
 - :mod:`.gallery`: each sample's best counted cells and near misses (report and review);

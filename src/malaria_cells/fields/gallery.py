@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import MalariaCellsError
 from .results import FieldResult
 
 __all__ = ["Gallery", "GalleryCell", "GALLERY_SIZE", "NEAR_MISSES", "CROP_MARGIN", "native_crop", "png_bytes"]
@@ -90,6 +91,19 @@ class Gallery:
                                     getattr(cell, "stage", None), getattr(cell, "stage_probability", None),
                                     native_crop(image, item, cell.bbox), np.array(crop))
                 (heapq.heappush if len(heap) < size else heapq.heapreplace)(heap, entry)
+
+    def update(self, other: "Gallery") -> None:
+        """Take in another gallery's cells (one kept where other fields were screened, e.g. on a
+        Dask worker): each sample keeps its best counted cells and near misses of both."""
+        if not isinstance(other, Gallery):
+            raise MalariaCellsError(f"Gallery.update: expected a Gallery, got {type(other).__name__}")
+        for mine, theirs, size in ((self.counted, other.counted, GALLERY_SIZE), (self.near, other.near, NEAR_MISSES)):
+            for key, heap in theirs.items():
+                merged = heapq.nlargest(size, mine.get(key, []) + list(heap), key=lambda c: c.probability)
+                heapq.heapify(merged)
+                mine[key] = merged
+        for name, good in other.any_good.items():
+            self.any_good[name] = self.any_good.get(name, False) or good
 
     def cells(self, sample: str | None = None) -> list[GalleryCell]:
         """The sample's gallery (every sample's with None): counted cells highest first, then
