@@ -308,7 +308,7 @@ def test_two_processes_write_to_one_new_database_at_once(db_url, screened, tmp_p
 def rule_screener(monkeypatch):
     """``screen`` run as it is, with the rule classifier and stand-in stages in place of the
     shipped models (the command line builds its Screener from malaria_cells.fields)."""
-    monkeypatch.setattr(malaria_cells.fields, "Screener", lambda model=None, **options: screener(**options))
+    monkeypatch.setattr(malaria_cells.fields, "Screener", lambda classifier=None, **options: screener(**options))
 
 
 def test_screen_db_records_each_sample_and_history_lists_and_exports_them(db_url, samples, rule_screener, tmp_path,
