@@ -24,7 +24,7 @@ import numpy as np
 
 from ..files import atomic_path, write_json, write_text
 from .formats import format_density, format_interval, format_percent, write_cells_csv
-from .gallery import GALLERY_SIZE, NEAR_MISSES, Gallery
+from .gallery import GALLERY_SIZE, NEAR_MISSES, Gallery, png_bytes
 from .results import FieldResult, SampleResult, ScreenResult
 
 __all__ = ["draw_overlay", "overlay_data_url", "ReportWriter", "OVERLAY_SIDE", "THUMBNAIL_SIDE", "GALLERY_SIZE",
@@ -51,7 +51,7 @@ def _encode(image: np.ndarray, fmt: str = ".jpg", quality: int = 85) -> bytes:
 
 
 def _png_url(image: np.ndarray) -> str:
-    return "data:image/png;base64," + base64.b64encode(_encode(image, ".png")).decode()
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode()
 
 
 def overlay_data_url(overlay: np.ndarray) -> str:
