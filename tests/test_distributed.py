@@ -123,7 +123,7 @@ def test_a_sample_that_kills_every_worker_it_meets_is_reported_not_lost(samples,
     assert [name for name, _ in result.skipped] == ["killed always"] and "KilledWorker" in result.skipped[0][1]
 
 
-def test_cli_workers_records_each_sample_and_refuses_out(samples, tmp_path, capsys):
+def test_cli_workers_records_each_sample(samples, tmp_path, capsys):
     healthy = samples / "b"
     db = tmp_path / "lab.db"
     assert main(["screen", str(healthy), str(samples / "d"), "--workers", "2", "--format", "json",
@@ -144,5 +144,29 @@ def test_cli_workers_records_each_sample_and_refuses_out(samples, tmp_path, caps
         recorded = {s.name: s.id for s in records.samples()}
         assert sorted(recorded) == ["b", "d"]
         assert records.cells_for_review(recorded["d"], images=False)  # its gallery came back from the worker
-    assert main(["screen", str(healthy), "--workers", "2", "--out", str(tmp_path / "report")]) == 2
-    assert "--out cannot be combined with --workers" in capsys.readouterr().err
+
+
+def test_cli_workers_writes_the_report_a_single_process_writes(samples, tmp_path, capsys):
+    paths = [str(samples / "b"), str(samples / "d")]
+    assert main(["screen", *paths, "--workers", "2", "--out", str(tmp_path / "dask"), "--no-pdf",
+                 "--format", "json", "--output", str(tmp_path / "dask.json")]) == 0
+    assert main(["screen", *paths, "--out", str(tmp_path / "one"), "--no-pdf",
+                 "--format", "json", "--output", str(tmp_path / "one.json")]) == 0
+    assert "report: " in capsys.readouterr().err
+    import json
+    import re
+
+    def listing(folder):  # overlays are numbered as they arrive: on Dask, as samples finish
+        return sorted(re.sub(r"/\d{3}-", "/", p.relative_to(folder).as_posix()) for p in folder.rglob("*")
+                      if p.is_file())
+
+    dask, one = tmp_path / "dask", tmp_path / "one"
+    assert listing(dask) == listing(one)  # overlays (drawn on the workers), pages, cells.csv, report.json
+    assert (dask / "cells.csv").read_text() == (one / "cells.csv").read_text()
+    fields = {f["path"]: f for f in json.loads((dask / "report.json").read_text())["fields"]}
+    assert all((dask / f["overlay"]).is_file() for f in fields.values())
+    for name in ("b", "d"):  # each sample's page shows its own fields' overlays and its gallery
+        page = (dask / f"{name}.html").read_text()
+        mine = [f["overlay"] for f in fields.values() if f["sample"] == name]
+        assert mine and all(overlay in page for overlay in mine)
+        assert page.count("data:image/png") == (one / f"{name}.html").read_text().count("data:image/png")

@@ -488,9 +488,6 @@ def run_screen(args) -> int:
     on_dask = args.workers is not None or args.scheduler is not None
     if args.workers is not None and args.scheduler is not None:
         raise MalariaCellsError("give --workers (a local cluster) or --scheduler (a running one), not both")
-    if on_dask and args.out:
-        raise MalariaCellsError("--out cannot be combined with --workers or --scheduler yet: write the report "
-                                "with a single-process screen (without them)")
     # on a cluster each worker builds its own screener from the options
     screener = None if on_dask else Screener(**options)
     if args.output and os.path.exists(args.output) and not args.overwrite:
@@ -512,20 +509,22 @@ def _records_for(db: str | None):
 
 
 def _screen_and_record(args, screener, manifest, defaults, records) -> int:
-    from .fields import FORMATS, group_samples
+    from .fields import FORMATS, Screener, group_samples
     from .fields.metadata import attach_metadata
     from .fields import Gallery
     from .fields.report import ReportWriter
     from .files import atomic_path
 
     on_dask = isinstance(screener, dict)  # the options each Dask worker builds its screener from
+    # on Dask the workers draw the overlays; the heat maps are drawn here, by a screener of the same options
+    options = (Screener(**screener) if on_dask else screener).report_options() if args.out else {}
     report = ReportWriter(args.out, overwrite=args.overwrite, pdf=not args.no_pdf, pooled=args.pooled,
-                          **screener.report_options()) if args.out else None
+                          **options) if args.out else None
     # the cells a reviewer will see: the report's gallery, or one kept for the records alone
     gallery = report.gallery if report is not None else Gallery() if records is not None else None
     bar = _progress_bar(sum(len(files) for _, files in group_samples(args.paths)[0]), unit="field", minimum=2)
     if on_dask:
-        result = _screen_on_dask(args, screener, manifest, defaults, records, gallery, bar.update)
+        result = _screen_on_dask(args, screener, manifest, defaults, records, report, gallery, bar.update)
         stage_error = (result.model.get("stage_model") or {}).get("error", "").removeprefix("stages off: ")
     else:
         result = screener.screen(args.paths, truth=args.truth, progress=bar.update,
@@ -565,17 +564,18 @@ def _record(records, result, report_path, gallery) -> None:
         print(f"recorded: sample {sample.name} as record {record_id} in {records.url}", file=sys.stderr)
 
 
-def _screen_on_dask(args, options, manifest, defaults, records, gallery, progress):
+def _screen_on_dask(args, options, manifest, defaults, records, report, gallery, progress):
     """``screen --workers/--scheduler``: the samples screened on Dask, each recorded as it finishes."""
     from .fields.distributed import screen_distributed
     from .fields.metadata import attach_metadata
 
     def record(part):
         attach_metadata(part, manifest, defaults)  # the identifiers the whole screen gets afterwards
-        _record(records, part, None, gallery)
+        _record(records, part, args.out, gallery)
 
     return screen_distributed(args.paths, scheduler=args.scheduler, workers=args.workers or 2,
-                              screener_options=options, truth=args.truth, gallery=gallery,
+                              screener_options=options, truth=args.truth, report=report,
+                              gallery=None if report is not None else gallery,
                               on_sample=record if records is not None else None, progress=progress)
 
 

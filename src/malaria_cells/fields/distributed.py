@@ -33,6 +33,7 @@ from distributed import WorkerPlugin
 
 from ..errors import MalariaCellsError
 from .gallery import Gallery
+from .report import ReportWriter, field_pictures
 from .results import ScreenResult
 from .screener import Screener, group_samples
 
@@ -77,8 +78,9 @@ class ScreenerPlugin(WorkerPlugin):
 
 def screen_distributed(paths_or_samples, *, client=None, scheduler: str | None = None, workers: int = 2,
                        screener_options: dict | None = None, truth: str | os.PathLike | bool | None = None,
-                       gallery: Gallery | None = None, on_sample: OnSample | None = None,
-                       progress: Callable[[int], None] | None = None, retries: int = 2) -> ScreenResult:
+                       gallery: Gallery | None = None, report: ReportWriter | None = None,
+                       on_sample: OnSample | None = None, progress: Callable[[int], None] | None = None,
+                       retries: int = 2) -> ScreenResult:
     """Screen samples in parallel on Dask distributed: one task per sample.
 
     Parameters
@@ -104,6 +106,10 @@ def screen_distributed(paths_or_samples, *, client=None, scheduler: str | None =
     gallery : Gallery, optional
         Filled with each sample's gallery as it arrives (a worker keeps it while screening),
         for :meth:`malaria_cells.records.Records.add`.
+    report : ReportWriter, optional
+        A report folder being written: each worker draws its fields' overlays and sends them
+        back with its sample, and the report's gallery is filled (``gallery`` must then be
+        that gallery, or None). Call its ``finish`` with the result afterwards.
     on_sample : callable, optional
         Called with each sample as it finishes, in the order they finish (see :data:`OnSample`);
         an exception from it ends the screen (the cluster is closed) and is raised.
@@ -151,6 +157,12 @@ def screen_distributed(paths_or_samples, *, client=None, scheduler: str | None =
             raise MalariaCellsError(f"{name} must be callable, got {type(value).__name__}")
     if gallery is not None and not isinstance(gallery, Gallery):
         raise MalariaCellsError(f"gallery must be a malaria_cells.fields.Gallery, got {type(gallery).__name__}")
+    if report is not None:
+        if not isinstance(report, ReportWriter) or report.out is None:
+            raise MalariaCellsError("report must be a malaria_cells.fields.ReportWriter writing a folder")
+        if gallery is not None and gallery is not report.gallery:
+            raise MalariaCellsError("give gallery or report (whose gallery is filled), not two galleries")
+        gallery = report.gallery
     if isinstance(truth, (str, os.PathLike)) and not os.path.exists(truth):
         raise MalariaCellsError(f"truth: {truth}: no such file or folder")
     samples, skipped = _samples(paths_or_samples)
@@ -176,7 +188,7 @@ def screen_distributed(paths_or_samples, *, client=None, scheduler: str | None =
                 client = Client(cluster)
                 owned.insert(0, client)
         client.register_plugin(ScreenerPlugin(options), name=plugin)
-        result = _gather(client, plugin, samples, skipped, truth, gallery, on_sample, progress, retries)
+        result = _gather(client, plugin, samples, skipped, truth, gallery, report, on_sample, progress, retries)
     finally:
         if client is not None and not any(isinstance(thing, LocalCluster) for thing in owned):
             # a running cluster outlives this screen: its workers drop their screeners
@@ -213,12 +225,12 @@ def _samples(paths_or_samples) -> tuple[list[tuple[str, list]], list[tuple[str, 
     return samples, list(skipped)
 
 
-def _gather(client, plugin, samples, skipped, truth, gallery, on_sample, progress, retries) -> ScreenResult:
+def _gather(client, plugin, samples, skipped, truth, gallery, report, on_sample, progress, retries) -> ScreenResult:
     """Submit one task per sample, take each back as it finishes, and put the screen together."""
     from distributed import as_completed
 
     token = uuid.uuid4().hex[:12]
-    futures = [client.submit(_screen_sample, plugin, name, fields, truth, gallery is not None,
+    futures = [client.submit(_screen_sample, plugin, name, fields, truth, gallery is not None, report is not None,
                              key=f"malaria-cells-sample-{k}-{token}", retries=retries)
                for k, (name, fields) in enumerate(samples)]
     where = {future.key: k for k, future in enumerate(futures)}
@@ -228,10 +240,14 @@ def _gather(client, plugin, samples, skipped, truth, gallery, on_sample, progres
         for future in as_completed(futures, loop=client.loop):  # not the default client's loop
             k = where[future.key]
             if future.status == "finished":
-                part, kept = future.result()
+                part, kept, pictures = future.result()
                 parts[k] = part
                 if gallery is not None and kept is not None:
                     gallery.update(kept)
+                if report is not None:  # written as each sample arrives, then dropped
+                    for item in part.fields:
+                        if item.path in pictures:
+                            report.add_pictures(item, pictures.pop(item.path))
             else:
                 error = future.exception()
                 if isinstance(error, ScreenerUnavailable):
@@ -275,8 +291,9 @@ def _worker_screener(plugin: str) -> Screener:
     return installed.screener
 
 
-def _screen_sample(plugin: str, name: str, fields: list, truth, keep_gallery: bool):
-    """On a worker: one sample through the one loop; its result and, if asked, its gallery."""
+def _screen_sample(plugin: str, name: str, fields: list, truth, keep_gallery: bool, draw: bool = False):
+    """On a worker: one sample through the one loop; its result and, if asked, its gallery and
+    its fields' overlays (``{path: (overlay, thumbnail)}`` JPEG bytes)."""
     from ..images import read_file
 
     screener = _worker_screener(plugin)
@@ -293,9 +310,17 @@ def _screen_sample(plugin: str, name: str, fields: list, truth, keep_gallery: bo
               (lambda p=item: truth_for(p))) if isinstance(item, (str, os.PathLike)) else tuple(item)
              for item in fields]
     gallery = Gallery() if keep_gallery else None
-    part = screener.screen_samples([(name, items)], on_field=gallery.add if gallery is not None else None,
+    pictures: dict[str, tuple[bytes, bytes]] = {}
+
+    def on_field(result, crops, image):
+        if gallery is not None:
+            gallery.add(result, crops, image)
+        if draw:
+            pictures[result.path] = field_pictures(image, result)
+
+    part = screener.screen_samples([(name, items)], on_field=on_field if keep_gallery or draw else None,
                                    summary_name=name)
-    return part, gallery
+    return part, gallery, pictures
 
 
 def _pool(plugin: str, name: str, fields: list):

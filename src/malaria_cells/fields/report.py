@@ -27,7 +27,7 @@ from .formats import format_density, format_interval, format_percent, write_cell
 from .gallery import GALLERY_SIZE, NEAR_MISSES, Gallery, png_bytes
 from .results import FieldResult, SampleResult, ScreenResult
 
-__all__ = ["draw_overlay", "overlay_data_url", "ReportWriter", "OVERLAY_SIDE", "THUMBNAIL_SIDE", "GALLERY_SIZE",
+__all__ = ["draw_overlay", "field_pictures", "overlay_data_url", "ReportWriter", "OVERLAY_SIDE", "THUMBNAIL_SIDE", "GALLERY_SIZE",
            "NEAR_MISSES", "PDF_OVERLAYS", "write_pdf"]
 
 OVERLAY_SIDE = 4096
@@ -83,6 +83,18 @@ def draw_overlay(image: np.ndarray, item: FieldResult, *, side: int = OVERLAY_SI
             cv2.putText(canvas, f"{cell.probability:.2f}", (x0, max(10, y0 - 3)), cv2.FONT_HERSHEY_SIMPLEX,
                         0.4 * thickness, (230, 0, 0), thickness, cv2.LINE_AA)
     return canvas
+
+
+def field_pictures(image: np.ndarray, item: FieldResult) -> tuple[bytes, bytes]:
+    """A field's overlay (up to :data:`OVERLAY_SIDE` pixels) and its thumbnail, as JPEG bytes:
+    what :meth:`ReportWriter.add_pictures` writes."""
+    from ..images import resize
+
+    overlay = draw_overlay(image, item)
+    scale = min(1.0, THUMBNAIL_SIDE / max(overlay.shape[:2]))
+    small = resize(overlay, (round(overlay.shape[1] * scale), round(overlay.shape[0] * scale))) \
+        if scale < 1 else overlay
+    return _encode(overlay), _encode(small, quality=80)
 
 
 def write_pdf(page: str, target: str | os.PathLike, *, base_url: str | os.PathLike) -> None:
@@ -203,27 +215,32 @@ class ReportWriter:
 
     def add(self, item: FieldResult, crops: np.ndarray, image: np.ndarray) -> None:
         """Write a field's overlay and keep its best cells for its sample's gallery."""
-        from ..images import resize
-
         if self.out is None:  # one picture per field, inline: a request's answer stays small
             picture = overlay_data_url(draw_overlay(image, item, side=INLINE_OVERLAY_SIDE))
             self.overlays[item.path] = (picture, picture)
+            self._fields_added += 1
         else:
-            overlay = draw_overlay(image, item)
-            scale = min(1.0, THUMBNAIL_SIDE / max(overlay.shape[:2]))
-            small = resize(overlay, (round(overlay.shape[1] * scale), round(overlay.shape[0] * scale))) \
-                if scale < 1 else overlay
-            # the field's own name, shortened, in characters every file system takes (a name may
-            # be long, hold ':' or '?', or not be UTF-8)
-            stem = re.sub(r"[^\w.-]+", "_", Path(item.path).stem)[:80]
-            name = f"{self._fields_added:03d}-{stem}.jpg"
-            with atomic_path(self.out / "overlays" / name) as temporary:
-                temporary.write_bytes(_encode(overlay))
-            with atomic_path(self.out / "overlays" / "small" / name) as temporary:
-                temporary.write_bytes(_encode(small, quality=80))
-            self.overlays[item.path] = (f"overlays/{name}", f"overlays/small/{name}")
-        self._fields_added += 1
+            self.add_pictures(item, field_pictures(image, item))
         self.gallery.add(item, crops, image)
+
+    def add_pictures(self, item: FieldResult, pictures: tuple[bytes, bytes]) -> None:
+        """Write a field's overlay and thumbnail made elsewhere (:func:`field_pictures`, e.g. on
+        the Dask worker that screened it); its gallery cells are added apart."""
+        if self.out is None:
+            from ..errors import MalariaCellsError
+
+            raise MalariaCellsError("this report is held in memory (no folder given): use add()")
+        # the field's own name, shortened, in characters every file system takes (a name may
+        # be long, hold ':' or '?', or not be UTF-8)
+        stem = re.sub(r"[^\w.-]+", "_", Path(item.path).stem)[:80]
+        name = f"{self._fields_added:03d}-{stem}.jpg"
+        overlay, small = pictures
+        with atomic_path(self.out / "overlays" / name) as temporary:
+            temporary.write_bytes(overlay)
+        with atomic_path(self.out / "overlays" / "small" / name) as temporary:
+            temporary.write_bytes(small)
+        self.overlays[item.path] = (f"overlays/{name}", f"overlays/small/{name}")
+        self._fields_added += 1
 
     def finish(self, result: ScreenResult) -> Path:
         """Write ``report.json``, ``cells.csv`` and the reports; returns the page to open first."""
