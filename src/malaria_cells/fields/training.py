@@ -337,22 +337,47 @@ def training_set(data: FieldCrops, fields, mix, recipe: Recipe) -> tuple[np.ndar
     return x, y
 
 
-def finetune(x: np.ndarray, y: np.ndarray, recipe: Recipe, base=None):
-    """The ``base`` cell model (default: the shipped one) fine-tuned on ``(x, y)``."""
+BATCH_SIZE = 64
+"""Cells per training step, over all replicas when a strategy spreads the work."""
+
+
+def finetune(x: np.ndarray, y: np.ndarray, recipe: Recipe, base=None, strategy=None):
+    """The ``base`` cell model (default: the shipped one) fine-tuned on ``(x, y)``.
+
+    ``strategy`` (a ``tf.distribute.Strategy``, see :func:`malaria_cells.distribute.make_strategy`)
+    spreads each step's :data:`BATCH_SIZE` cells over its replicas; every worker of a
+    multi-worker strategy must call this with the same arrays. The model returned lives
+    outside the strategy, so each worker scores and saves it on its own.
+    """
+    import contextlib
+
     import keras
 
     from ..augment import training_dataset
+    from ..distribute import build_on_local_batch, check_global_batch, shard_by_data
     from ..runtimes import DEFAULT_MODEL, KerasClassifier, load_model
 
+    base = DEFAULT_MODEL if base is None else base
+    if strategy is not None:
+        check_global_batch(BATCH_SIZE, strategy.num_replicas_in_sync)
     keras.utils.set_random_seed(recipe.seed)
-    model = load_model(DEFAULT_MODEL if base is None else base).keras_model
-    if model is None:
-        raise MalariaCellsError("the base model must be a .keras file to be fine-tuned")
-    steps = int(np.ceil(len(y) / 64)) * recipe.epochs
-    schedule = keras.optimizers.schedules.CosineDecay(recipe.learning_rate, decay_steps=steps)
-    model.compile(optimizer=keras.optimizers.Adam(schedule), loss=keras.losses.BinaryCrossentropy(label_smoothing=0.05))
-    model.fit(training_dataset(x, y, batch_size=64, augment=recipe.augment, seed=recipe.seed), epochs=recipe.epochs,
-              verbose=0)
+    data = training_dataset(x, y, batch_size=BATCH_SIZE, augment=recipe.augment, seed=recipe.seed)
+    with contextlib.nullcontext() if strategy is None else strategy.scope():
+        model = load_model(base).keras_model
+        if model is None:
+            raise MalariaCellsError("the base model must be a .keras file to be fine-tuned")
+        steps = int(np.ceil(len(y) / BATCH_SIZE)) * recipe.epochs
+        schedule = keras.optimizers.schedules.CosineDecay(recipe.learning_rate, decay_steps=steps)
+        model.compile(optimizer=keras.optimizers.Adam(schedule),
+                      loss=keras.losses.BinaryCrossentropy(label_smoothing=0.05))
+    if strategy is not None:
+        data = shard_by_data(data)
+        build_on_local_batch(model, strategy)
+    model.fit(data, epochs=recipe.epochs, verbose=0)
+    if strategy is not None:  # the trained weights in a plain copy: scoring needs no other worker
+        plain = load_model(base).keras_model
+        plain.set_weights(model.get_weights())
+        model = plain
     return KerasClassifier(model)
 
 
@@ -446,28 +471,35 @@ def nested_report(data: FieldCrops, block_of: dict, probabilities, max_fpr: floa
 
 
 def cross_validate(data: FieldCrops, mix, recipe: Recipe, work: Path, *, save_models: bool = False,
-                   log=print) -> list[dict]:
+                   log=print, strategy=None) -> list[dict]:
     """Train one model per held-out block, keep every crop's scores (``work/fold{k}-probability.npy``)
-    and return the nested reports at a few false-positive rules around ``recipe.max_fpr``."""
+    and return the nested reports at a few false-positive rules around ``recipe.max_fpr``.
+
+    With a ``strategy`` each fold is trained by all its replicas (:func:`finetune`); only its
+    chief writes into ``work``."""
+    from ..distribute import is_chief
     from .screener import counting_probability
 
+    chief = is_chief(strategy)
     block_of = data.block_of(recipe.blocks)
     probabilities = []
     for k in range(recipe.blocks):
         x, y = training_set(data, [f for f, b in block_of.items() if b != k], mix, recipe)
-        model = finetune(x, y, recipe)
+        model = finetune(x, y, recipe, strategy=strategy)
         probabilities.append(counting_probability(model, data.crops, tta_gate=recipe.tta_gate))
-        np.save(work / f"fold{k}-probability.npy", probabilities[-1])
-        if save_models:
-            model.save(work / f"fold{k}.keras")
+        if chief:
+            np.save(work / f"fold{k}-probability.npy", probabilities[-1])
+            if save_models:
+                model.save(work / f"fold{k}.keras")
         log(f"fold {k}: trained on {len(y)} crops")
     from ..files import write_json
 
-    write_json(work / "recipe.json", asdict(recipe))
     rules = sorted({recipe.max_fpr, 0.6 * recipe.max_fpr, 0.8 * recipe.max_fpr, 1.2 * recipe.max_fpr,
                     1.6 * recipe.max_fpr})
     nested = [nested_report(data, block_of, probabilities, rule) for rule in rules]
-    write_json(work / "nested.json", nested)
+    if chief:
+        write_json(work / "recipe.json", asdict(recipe))
+        write_json(work / "nested.json", nested)
     return nested
 
 
@@ -489,15 +521,16 @@ def _fold_probabilities(work: Path, blocks: int) -> list[np.ndarray]:
     return [np.load(work / f"fold{k}-probability.npy") for k in range(blocks)]
 
 
-def final_model(data: FieldCrops, mix, recipe: Recipe, probabilities, *, trained=None):
+def final_model(data: FieldCrops, mix, recipe: Recipe, probabilities, *, trained=None, strategy=None):
     """The model to ship: trained on every block (or ``trained``, a model this recipe already
-    made), carrying the threshold chosen on all out-of-fold scores and the figures at it."""
+    made), carrying the threshold chosen on all out-of-fold scores and the figures at it.
+    ``strategy`` spreads the training as :func:`finetune` does."""
     from .screener import counting_probability
 
     block_of = data.block_of(recipe.blocks)
     if trained is None:
         x, y = training_set(data, list(block_of), mix, recipe)
-        model = finetune(x, y, recipe)
+        model = finetune(x, y, recipe, strategy=strategy)
         model.info = {**model.info, "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                       "base": "malaria-cells-default.keras, fine-tuned by malaria_cells.fields.training"}
     else:
@@ -592,6 +625,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--trained", type=Path, help="final: a model this recipe already trained, given new figures")
     parser.add_argument("--to", type=Path, help="ship: a folder instead of the package's pretrained/")
     parser.add_argument("--shift-suite", type=Path, help="ship: a shift-suite report of this model, to carry")
+    from ..distribute import STRATEGIES
+
+    parser.add_argument("--strategy", choices=STRATEGIES, default="default",
+                        help="cv, final: train each model with tf.distribute: mirrored (every local GPU) or "
+                        "multi-worker (one process per machine, each with its TF_CONFIG and the same --work "
+                        "folder; only the chief writes) (default: one process, no distribution)")
     for item in dataclass_fields(Recipe):
         flag = "--" + item.name.replace("_", "-")
         if isinstance(item.default, bool):
@@ -607,6 +646,17 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         recipe = Recipe(**{item.name: getattr(args, item.name) for item in dataclass_fields(Recipe)})
+        strategy = None
+        if args.strategy != "default":
+            if args.step not in ("cv", "final"):
+                raise MalariaCellsError(f"--strategy trains: give it to cv or final, not {args.step} (cut the crops "
+                                        "once, into a --work folder every worker reads)")
+            from ..distribute import make_strategy
+
+            strategy = make_strategy(args.strategy)  # before any other TensorFlow op (multi-worker)
+        from ..distribute import is_chief
+
+        chief = is_chief(strategy)
         args.work.mkdir(parents=True, exist_ok=True)
         if args.step in ("crops", "all"):
             if not args.fields:
@@ -626,14 +676,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.cells is not None:
             mix = nih_mix(args.cells, recipe, args.relabels, data.crops.shape[1])
         if args.step in ("cv", "all"):
-            for row in cross_validate(data, mix, recipe, args.work, save_models=args.save_models):
-                print(json.dumps({k: v for k, v in row.items() if k not in ("folds", "stages")}), flush=True)
+            for row in cross_validate(data, mix, recipe, args.work, save_models=args.save_models,
+                                      strategy=strategy):
+                if chief:
+                    print(json.dumps({k: v for k, v in row.items() if k not in ("folds", "stages")}), flush=True)
             if args.step == "cv":
                 return 0
         _check_recipe(args.work, recipe)
-        model = final_model(data, mix, recipe, _fold_probabilities(args.work, recipe.blocks), trained=args.trained)
-        model.save(args.work / "field-model.keras")
-        print(json.dumps(model.info["field"], indent=1, default=str))
+        model = final_model(data, mix, recipe, _fold_probabilities(args.work, recipe.blocks), trained=args.trained,
+                            strategy=strategy)
+        if chief:
+            model.save(args.work / "field-model.keras")
+            print(json.dumps(model.info["field"], indent=1, default=str))
         return 0
     except MalariaCellsError as error:
         print(f"error: {error}", file=sys.stderr)
