@@ -157,6 +157,22 @@ def test_the_shipped_model_loads_with_its_leave_slide_out_figures():
     assert set(names) <= set(STAGES) and ((probability > 0) & (probability <= 1)).all()
 
 
+def test_a_screen_with_stages_pickles_as_dask_sends_it_between_processes():
+    """Metadata read from a Keras layer comes back in Keras's tracking types, which do not
+    unpickle: a screen with staged cells must still travel from a Dask worker to its client."""
+    import pickle
+
+    from malaria_cells.fields import Screener
+
+    examples = Path(__file__).resolve().parents[1] / "src" / "malaria_cells" / "examples" / "fields"
+    screener = Screener()
+    result = screener.screen(examples)
+    assert any(cell.stage for field in result.fields for cell in field.cells)
+    again = pickle.loads(pickle.dumps(result))
+    assert again.to_dict() == result.to_dict()
+    assert pickle.loads(pickle.dumps(screener.classifier.info)) == screener.classifier.info
+
+
 @pytest.mark.skipif(not (REAL_CROPS.is_file() and REAL_FIELDS.is_file()), reason="the IML field crops are not here")
 @pytest.mark.skipif(not STAGE_MODEL.is_file(), reason="no stage model shipped in this checkout")
 def test_the_real_staged_cells_and_the_shipped_model_on_them():

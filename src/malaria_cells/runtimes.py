@@ -141,6 +141,22 @@ def _scoring_pool():
     return ThreadPoolExecutor(workers(), thread_name_prefix="malaria-cells-score")
 
 
+def plain_info(info) -> dict:
+    """A model's metadata as plain dicts and lists. What a Keras layer holds comes back wrapped
+    in Keras's tracking types, which do not survive pickling (a result sent between Dask
+    processes, a model handed to a worker)."""
+    from collections.abc import Mapping
+
+    def plain(value):
+        if isinstance(value, Mapping):
+            return {key: plain(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(item) for item in value]
+        return value
+
+    return plain(info or {})
+
+
 class CellClassifier:
     """A trained model with everything needed to use it, whatever its file format.
 
@@ -172,7 +188,7 @@ class CellClassifier:
         self.path = str(path)
         self.image_size = int(image_size)
         self.threshold = float(threshold)
-        self.info = dict(info or {})
+        self.info = plain_info(info)
 
     def __repr__(self) -> str:
         return (

@@ -474,13 +474,14 @@ class StageModel:
 
     def __init__(self, keras_model, path: str = "<memory>"):
         from ..models import model_info_layer
+        from ..runtimes import plain_info
 
         shape = keras_model.input_shape
         if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3 or keras_model.output_shape[-1] != len(STAGES):
             raise MalariaCellsError(f"{path}: not a stage model (input {shape}, output {keras_model.output_shape})")
         self.keras_model, self.path, self.image_size = keras_model, str(path), int(shape[1])
         layer = model_info_layer(keras_model)
-        self.info = dict(layer.info) if layer is not None else {}
+        self.info = plain_info(layer.info if layer is not None else {})
         self.figures = StageFigures.from_info(self.info)
 
     def __repr__(self) -> str:
