@@ -29,6 +29,9 @@ colour, exposure, optics, magnification, unreadable, morphology):
 - unreadable: ``grayscale``, ``downscale_8x``, ``pure_noise``, ``non_smear``
 - morphology: ``synth_normal`` (control), ``synth_target``, ``synth_hypochromic``,
   ``synth_elliptocyte``, ``synth_stomatocyte``, ``synth_platelets``, ``synth_overlapping``
+  (1000x760 fields of 52 px cells); ``synth_normal_frame``, ``synth_target_frame``,
+  ``synth_hypochromic_frame``, ``synth_platelets_frame`` (a 1000x camera's 640x480 frames of
+  six 100 px cells: specks and broken rims outnumber the cells)
 
 Floors (shown as PASS/FAIL, never tuned on): on every stain, exposure (brightness),
 white-balance, blur, JPEG and noise condition, infected found within 5 points and the
@@ -139,6 +142,10 @@ def conditions() -> list[Condition]:
     for kind in S.MORPHOLOGIES:
         out.append(c(f"synth_{kind}", "morphology", f"drawn {kind} cells", morphology=kind,
                      floor="once" if kind in PALE_OR_ODD else None))
+    for kind in ("normal", "target", "hypochromic", "platelets"):  # a 1000x camera's small frames
+        out.append(c(f"synth_{kind}_frame", "morphology", f"drawn {kind} cells, six of 100 px in a 640x480 frame",
+                     morphology=kind, floor="once" if kind in PALE_OR_ODD else None,
+                     extra={"draw": {"size": (640, 480), "radius": 50.0, "rows": 2, "cols": 3}, "fields": 8}))
     return out
 
 
@@ -266,15 +273,17 @@ def run_fields(condition: Condition, fields: list[Field], model, diameters: dict
     return out
 
 
-def run_morphology(condition: Condition, model, seed: int, n_fields: int = 3) -> dict:
+def run_morphology(condition: Condition, model, seed: int) -> dict:
     from malaria_cells.screening import screen_image
     from malaria_cells.shifts import make_morphology_field
 
     started = time.perf_counter()
+    n_fields = condition.extra.get("fields", 3)
     tally = {"drawn": 0, "exactly_once": 0, "missed": 0, "two_or_more": 0, "fragments": 0, "fields": n_fields,
              "cell_diameters": []}
     for index in range(n_fields):
-        image, cells = make_morphology_field(condition.morphology, np.random.default_rng([seed, 7, index]))
+        image, cells = make_morphology_field(condition.morphology, np.random.default_rng([seed, 7, index]),
+                                             **condition.extra.get("draw", {}))
         result = screen_image(encode(image), model, path=f"{condition.name}-{index}")
         hits = np.zeros(len(cells), int)
         for found in result.cells:

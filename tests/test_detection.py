@@ -130,6 +130,23 @@ def test_every_drawn_cell_of_an_unusual_shape_is_counted_exactly_once(kind, seed
         assert abs(detection.cell_diameter - 2 * np.median([np.sqrt(c.a * c.b) for c in cells])) < 0.15 * 2 * 26
 
 
+@pytest.mark.parametrize("kind, seed", [("hypochromic", 2), ("hypochromic", 4), ("platelets", 1), ("platelets", 2),
+                                        ("target", 2)])
+def test_a_small_frame_of_a_few_large_cells_among_specks_is_counted_cell_by_cell(kind, seed):
+    # A 640x480 frame at high magnification: six 100 px cells, and (platelets) about 30 specks,
+    # or (hypochromic) pale centres whose rims break into many small pieces. The specks
+    # outnumber the cells; the cell size must still be the cells', or each cell is cut into
+    # dozens of pieces (hundreds of objects were counted for these six cells).
+    from malaria_cells.shifts import make_morphology_field
+
+    image, cells = make_morphology_field(kind, np.random.default_rng(seed), size=(640, 480), radius=50, rows=2, cols=3)
+    detection = detect_cells(image)
+    found = np.array([[c.x, c.y] for c in detection.cells]).reshape(-1, 2)
+    inside = np.array([cell.contains(found[:, 0], found[:, 1]) for cell in cells])
+    assert len(detection.cells) == len(cells) == 6 and (inside.sum(axis=1) == 1).all()
+    assert 80 < detection.cell_diameter < 120
+
+
 def test_a_fragment_far_smaller_than_the_fields_cells_is_not_counted():
     import cv2
 

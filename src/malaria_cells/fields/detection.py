@@ -171,6 +171,11 @@ class ClassicalDetector:
         cell) if it is convex (area over its convex hull's at least ``pale_centre_solidity``)
         and round (``4 pi area / perimeter**2`` at least ``pale_centre_roundness``); plasma
         enclosed by touching cells is bounded by their curves, so concave.
+    by_area_ratio : float
+        The cell size is the median of the taller half of the objects' inscribed radii, so that
+        platelets and debris do not drag it down; where they outnumber the cells (a few large
+        cells a frame, at high magnification), the median by area (each radius weighted by its
+        disc) is more than this many times that, and is used instead.
     hollow_ratio : float
         When the cell size measured with every object filled out to its convex hull is this
         many times the ordinary measure, the cells are seen as rims (over-exposed, or pale
@@ -221,6 +226,7 @@ class ClassicalDetector:
     tiny_hole_area: float = 0.1
     pale_centre_solidity: float = 0.9
     pale_centre_roundness: float = 0.7
+    by_area_ratio: float = 1.5
     hollow_ratio: float = 2.0
     rim_solidity: float = 0.6
     rim_min_area: float = 0.4
@@ -452,15 +458,19 @@ def _close_pairs(coordinates, shape, min_distance):
     return np.concatenate(first), np.concatenate(later)
 
 
-def _radius(distance: np.ndarray, mask: np.ndarray) -> float:
+def _radius(distance: np.ndarray, mask: np.ndarray, by_area_ratio: float) -> float:
     # Outside the mask the distance is 0, below the threshold: the mask needs no region.
     peaks = _peaks(distance, 3, 2.0)
     if len(peaks) == 0:
         return 0.0
-    heights = distance[tuple(peaks.T)]
-    # Median of the taller half: small debris and platelet peaks do not drag it down.
-    heights = np.sort(heights)[len(heights) // 2:]
-    return float(np.median(heights))
+    heights = np.sort(distance[tuple(peaks.T)])
+    # Median of the taller half: small debris and platelet peaks do not drag it down...
+    typical = float(np.median(heights[len(heights) // 2:]))
+    # ...unless they outnumber the cells (a few large cells among many specks, at high
+    # magnification); each peak then weighs as the disc it centres, and the cells' area wins.
+    weight = np.cumsum(heights ** 2)
+    by_area = float(heights[np.searchsorted(weight, weight[-1] / 2)])
+    return by_area if by_area > by_area_ratio * typical else typical
 
 
 def _boxes(labels: np.ndarray) -> list:
@@ -527,7 +537,7 @@ def _detect(image: np.ndarray, s: "ClassicalDetector") -> FieldDetection:
     mask = _fill_pale_centres(mask, density, threshold, np.pi * (diameter / scale / 2) ** 2, s)
     mask = _close_rims(mask, np.pi * (diameter / scale / 2) ** 2, s)
     distance = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 5)
-    radius = _radius(distance, mask) or s.working_diameter / 2
+    radius = _radius(distance, mask, s.by_area_ratio) or s.working_diameter / 2
     labels = _split(distance, mask, radius, s)
     labels = _merge_convex(labels, radius, s)
     labels = _split_clumps(labels, distance, radius, s)
@@ -544,12 +554,12 @@ def _cell_diameter(image: np.ndarray, settings) -> float:
     density = _density(image, settings.fallback_diameter, fov, settings.background_width)
     mask, threshold = _foreground(density, fov, settings.stain_percentile)
     # Hollow-looking cells make the first estimate low, so the holes it allows are generous.
-    first = _radius(cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 5), mask)
+    first = _radius(cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 5), mask, settings.by_area_ratio)
     # Round holes of any size a cell could have are pale centres here: with hollow-looking cells
     # the first radius is the rim's, far too small to bound them.
     filled = _fill_pale_centres(mask, density, threshold, np.pi * (1.5 * first) ** 2, settings,
                                 largest=mask.size / 50)
-    radius = _radius(cv2.distanceTransform(filled.astype(np.uint8), cv2.DIST_L2, 5), filled)
+    radius = _radius(cv2.distanceTransform(filled.astype(np.uint8), cv2.DIST_L2, 5), filled, settings.by_area_ratio)
     # Cells seen as rims only (over-exposed, or pale with a dark outline, their rims broken):
     # with each object replaced by its convex hull, the radius comes out several times
     # larger. It is measured per object (the median over the taller half of the objects of
