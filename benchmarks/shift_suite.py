@@ -31,7 +31,8 @@ colour, exposure, optics, magnification, unreadable, morphology):
   ``synth_elliptocyte``, ``synth_stomatocyte``, ``synth_platelets``, ``synth_overlapping``
   (1000x760 fields of 52 px cells); ``synth_normal_frame``, ``synth_target_frame``,
   ``synth_hypochromic_frame``, ``synth_platelets_frame`` (a 1000x camera's 640x480 frames of
-  six 100 px cells: specks and broken rims outnumber the cells)
+  six 100 px cells: specks and broken rims outnumber the cells); ``synth_hypochromic_packed_frame``
+  and ``synth_elliptocyte_packed_frame`` (such frames packed with touching cells)
 
 Floors (shown as PASS/FAIL, never tuned on): on every stain, exposure (brightness),
 white-balance, blur, JPEG and noise condition, infected found within 5 points and the
@@ -146,6 +147,11 @@ def conditions() -> list[Condition]:
         out.append(c(f"synth_{kind}_frame", "morphology", f"drawn {kind} cells, six of 100 px in a 640x480 frame",
                      morphology=kind, floor="once" if kind in PALE_OR_ODD else None,
                      extra={"draw": {"size": (640, 480), "radius": 50.0, "rows": 2, "cols": 3}, "fields": 8}))
+    for kind, radius, rows, cols in (("hypochromic", 44.0, 4, 6), ("elliptocyte", 30.0, 6, 8)):  # touching
+        out.append(c(f"synth_{kind}_packed_frame", "morphology",
+                     f"drawn {kind} cells, {rows * cols} of {2 * radius:g} px packed touching in a 640x480 frame",
+                     morphology=kind, floor="once",
+                     extra={"draw": {"size": (640, 480), "radius": radius, "rows": rows, "cols": cols}, "fields": 3}))
     return out
 
 

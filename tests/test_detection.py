@@ -147,6 +147,20 @@ def test_a_small_frame_of_a_few_large_cells_among_specks_is_counted_cell_by_cell
     assert 80 < detection.cell_diameter < 120
 
 
+def test_a_frame_of_a_dozen_touching_hypochromic_cells_is_never_cut_into_pieces():
+    # 120 px cells, rims touching into one network: each pale centre is about 2% of the frame
+    # (it was left open, the cell size came out as the rim's, and 850-odd pieces were counted)
+    from malaria_cells.shifts import make_morphology_field
+
+    image, cells = make_morphology_field("hypochromic", np.random.default_rng(0), size=(640, 480), radius=60,
+                                         rows=3, cols=4)
+    detection = detect_cells(image)
+    found = np.array([[c.x, c.y] for c in detection.cells]).reshape(-1, 2)
+    inside = np.array([cell.contains(found[:, 0], found[:, 1]) for cell in cells])
+    assert 100 < detection.cell_diameter < 140
+    assert inside.sum(axis=1).max() == 1 and inside.sum(axis=0).min() == 1  # no cell twice, no piece outside one
+
+
 def test_a_fragment_far_smaller_than_the_fields_cells_is_not_counted():
     import cv2
 

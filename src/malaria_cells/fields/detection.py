@@ -556,9 +556,10 @@ def _cell_diameter(image: np.ndarray, settings) -> float:
     # Hollow-looking cells make the first estimate low, so the holes it allows are generous.
     first = _radius(cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 5), mask, settings.by_area_ratio)
     # Round holes of any size a cell could have are pale centres here: with hollow-looking cells
-    # the first radius is the rim's, far too small to bound them.
+    # the first radius is the rim's, far too small to bound them. At high magnification a small
+    # frame holds a dozen cells, each pale centre a few percent of it.
     filled = _fill_pale_centres(mask, density, threshold, np.pi * (1.5 * first) ** 2, settings,
-                                largest=mask.size / 50)
+                                largest=mask.size / 10)
     radius = _radius(cv2.distanceTransform(filled.astype(np.uint8), cv2.DIST_L2, 5), filled, settings.by_area_ratio)
     # Cells seen as rims only (over-exposed, or pale with a dark outline, their rims broken):
     # with each object replaced by its convex hull, the radius comes out several times
