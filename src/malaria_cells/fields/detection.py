@@ -180,6 +180,9 @@ class ClassicalDetector:
         When the cell size measured with every object filled out to its convex hull is this
         many times the ordinary measure, the cells are seen as rims (over-exposed, or pale
         with a broken outline) and the filled measure is used.
+    rim_gap : float
+        Gaps in a cell's rim up to this many cell diameters are bridged when they enclose a round
+        pale centre (:func:`_close_broken_rims`).
     rim_solidity, rim_min_area, rim_max_area : float
         An object whose area is under ``rim_solidity`` of its convex hull's, the hull being
         ``rim_min_area`` to ``rim_max_area`` cells, is a cell's broken rim, filled out to its
@@ -228,6 +231,7 @@ class ClassicalDetector:
     pale_centre_roundness: float = 0.7
     by_area_ratio: float = 1.5
     hollow_ratio: float = 2.0
+    rim_gap: float = 0.15
     rim_solidity: float = 0.6
     rim_min_area: float = 0.4
     rim_max_area: float = 1.8
@@ -535,6 +539,7 @@ def _detect(image: np.ndarray, s: "ClassicalDetector") -> FieldDetection:
     mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN,
                             cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3))) > 0
     mask = _fill_pale_centres(mask, density, threshold, np.pi * (diameter / scale / 2) ** 2, s)
+    mask = _close_broken_rims(mask, np.pi * (diameter / scale / 2) ** 2, s)
     mask = _close_rims(mask, np.pi * (diameter / scale / 2) ** 2, s)
     distance = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 5)
     radius = _radius(distance, mask, s.by_area_ratio) or s.working_diameter / 2
@@ -592,6 +597,46 @@ def _close_rims(mask: np.ndarray, cell_area: float, settings) -> np.ndarray:
         if low * cell_area <= hull_area <= high * cell_area and areas[k] < settings.rim_solidity * hull_area:
             cv2.fillConvexPoly(out[y:y + h, x:x + w], hull, 1)
     return out > 0
+
+
+def _round_convex(region: np.ndarray, settings) -> bool:
+    """Whether a hole is shaped like a pale centre: convex and round (see :func:`_fill_pale_centres`)."""
+    import cv2
+
+    contours, _ = cv2.findContours(region.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    outline = max(contours, key=cv2.contourArea)
+    inner, hull = cv2.contourArea(outline), cv2.contourArea(cv2.convexHull(outline))
+    perimeter = cv2.arcLength(outline, True)
+    return bool(hull > 0 and perimeter > 0 and inner / hull >= settings.pale_centre_solidity
+                and 4 * np.pi * inner / perimeter**2 >= settings.pale_centre_roundness)
+
+
+def _close_broken_rims(mask: np.ndarray, cell_area: float, settings) -> np.ndarray:
+    """Fill the pale centres of cells whose thin rims are broken (hypochromic cells, touching
+    ones included, whose rims then join into one network that :func:`_close_rims` cannot take
+    apart): a hole of the mask closed by a disc ``rim_gap`` cells wide that is round, convex and
+    under one cell is filled, with the gaps that closed it."""
+    import cv2
+
+    side = int(round(settings.rim_gap * settings.working_diameter)) | 1
+    if side < 3:  # rim_gap 0: nothing bridged
+        return mask
+    closed = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_CLOSE,
+                              cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (side, side))) > 0
+    labels, count = _holes(closed)
+    if count == 0:
+        return mask
+    area = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+    keep = np.zeros(count + 1, bool)
+    boxes = None
+    for k in np.flatnonzero((area >= max(12, settings.tiny_hole_area * cell_area)) & (area < cell_area))[:_MAX_ROUND_HOLES]:
+        boxes = _boxes(labels) if boxes is None else boxes
+        keep[k + 1] = _round_convex(labels[boxes[k]] == k + 1, settings)
+    if not keep.any():
+        return mask
+    filled = keep[labels]
+    gaps = closed & ~mask & (cv2.dilate(filled.astype(np.uint8), np.ones((side, side), np.uint8)) > 0)
+    return mask | filled | gaps
 
 
 def _object_radius(distance: np.ndarray, mask: np.ndarray) -> float:
