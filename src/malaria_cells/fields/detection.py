@@ -11,14 +11,18 @@ The steps, each robust to what varies between labs, cameras and slides:
    around it; dividing by it turns pixels into optical density. Vignetting, a dark rim or an
    uneven lamp then no longer move the threshold, which is chosen by Otsu's method on the
    density inside the field of view.
-3. **Cell size.** The typical cell radius is the median height of the distance-transform
-   peaks: each cell, alone or touching others, has one peak about its radius high, whatever
-   white cells, platelets or clumps are also present.
+3. **Cell size.** The typical cell radius is the median height of the taller half of the
+   distance-transform peaks: each cell, alone or touching others, has one peak about its
+   radius high, whatever white cells, platelets or clumps are also present. Where small
+   objects outnumber the cells (a 1000x frame of a dozen cells among platelets, or pale cells
+   whose rims break into pieces), the median by area takes over: each peak weighs as the disc
+   it centres. Round pale centres up to a tenth of the frame are filled first.
 4. **Splitting.** Peaks at least a radius apart seed a watershed of the distance transform,
    which splits touching and overlapping cells; holes are filled first, so pale cells with a
    light centre stay whole (a hole that is still stained, or round and convex like the clear
    centre of a target or hypochromic cell, is a cell's centre; plasma enclosed by touching
-   cells is concave). Touching pieces whose union has no notch are joined again (a long cell
+   cells is concave); a rim broken by a narrow gap is bridged where that encloses such a
+   centre. Touching pieces whose union has no notch are joined again (a long cell
    has a ridge of peaks, and the watershed cuts it across). A region of overlapping cells that
    kept one peak is cut into cells by k-means where its outline has a notch; a convex one is
    one elongated cell (an elliptocyte).
