@@ -3,7 +3,6 @@
 import csv
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,8 @@ import pytest
 
 from malaria_cells import MalariaCellsError, train
 from malaria_cells.distribute import check_global_batch, check_tf_config, is_chief, make_strategy
+
+from conftest import free_ports
 
 # The recipe of conftest's trained_run; batch_size is the global batch, 8 cells per worker.
 RECIPE = dict(model="tutorial", image_size=32, epochs=8, batch_size=16, learning_rate=2e-3, val_fraction=0.3,
@@ -22,16 +23,6 @@ TOLERANCE = {"val_auc": 0.03, "val_accuracy": 0.0625, "val_loss": 0.005}
 # Under any tf.distribute strategy the random streams (augmentation, dropout) are not those of the
 # default path, so a strategy run differs from a default run as much as another seed does:
 SEED_NOISE = {"val_auc": 0.1, "val_accuracy": 0.15, "val_loss": 0.02}
-
-
-def _free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("localhost", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def _cli_flags(data, out):
@@ -57,7 +48,7 @@ def two_workers_and_one(cell_dataset, tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
     workers_tmp = root / "tmp"
     workers_tmp.mkdir()
-    cluster = {"worker": [f"localhost:{port}" for port in _free_ports(2)]}
+    cluster = {"worker": [f"localhost:{port}" for port in free_ports(2)]}
     processes = []
     for index in range(2):
         env = {**os.environ, "TMPDIR": str(workers_tmp), "CUDA_VISIBLE_DEVICES": "",

@@ -148,11 +148,11 @@ def test_two_worker_processes_cross_validate_as_one_process_does(crops, made, tm
 
     from sklearn.metrics import roc_auc_score
 
-    from test_distributed_training import _free_ports
+    from conftest import free_ports
 
     recipe, _, one_process, _, _ = made
     crops.save(tmp_path)
-    cluster = {"worker": [f"localhost:{port}" for port in _free_ports(2)]}
+    cluster = {"worker": [f"localhost:{port}" for port in free_ports(2)]}
     flags = ["--epochs", str(recipe.epochs), "--blocks", str(recipe.blocks), "--specks", str(recipe.specks),
              "--max-fpr", str(recipe.max_fpr), "--oversample", str(recipe.oversample), "--augment", recipe.augment]
     workers = [subprocess.Popen([sys.executable, "-m", "malaria_cells.fields.training", "cv", "--work", str(tmp_path),

@@ -632,10 +632,11 @@ def _close_broken_rims(mask: np.ndarray, cell_area: float, settings) -> np.ndarr
         return mask
     area = np.bincount(labels.ravel(), minlength=count + 1)[1:]
     keep = np.zeros(count + 1, bool)
-    boxes = None
-    for k in np.flatnonzero((area >= max(12, settings.tiny_hole_area * cell_area)) & (area < cell_area))[:_MAX_ROUND_HOLES]:
-        boxes = _boxes(labels) if boxes is None else boxes
-        keep[k + 1] = _round_convex(labels[boxes[k]] == k + 1, settings)
+    candidates = np.flatnonzero((area >= max(12, settings.tiny_hole_area * cell_area)) & (area < cell_area))
+    if len(candidates):
+        boxes = _boxes(labels)
+        for k in candidates[:_MAX_ROUND_HOLES]:
+            keep[k + 1] = _round_convex(labels[boxes[k]] == k + 1, settings)
     if not keep.any():
         return mask
     filled = keep[labels]
@@ -703,15 +704,7 @@ def _fill_pale_centres(mask, density, threshold, cell_area, settings, largest: f
     if len(candidates):
         boxes = _boxes(labels)
         for k in candidates[:_MAX_ROUND_HOLES]:
-            window = boxes[k]
-            contours, _ = cv2.findContours((labels[window] == k + 1).astype(np.uint8), cv2.RETR_EXTERNAL,
-                                           cv2.CHAIN_APPROX_NONE)
-            outline = max(contours, key=cv2.contourArea)
-            inner, hull = cv2.contourArea(outline), cv2.contourArea(cv2.convexHull(outline))
-            perimeter = cv2.arcLength(outline, True)
-            if hull > 0 and perimeter > 0 and inner / hull >= settings.pale_centre_solidity \
-                    and 4 * np.pi * inner / perimeter**2 >= settings.pale_centre_roundness:
-                stained[k] = True
+            stained[k] |= _round_convex(labels[boxes[k]] == k + 1, settings)
     keep = np.zeros(count + 1, bool)
     keep[1:] = stained
     return mask | keep[labels]
