@@ -574,8 +574,7 @@ def _screen_on_dask(args, options, manifest, defaults, records, report, gallery,
         _record(records, part, args.out, gallery)
 
     return screen_distributed(args.paths, scheduler=args.scheduler, workers=args.workers or 2,
-                              screener_options=options, truth=args.truth, report=report,
-                              gallery=None if report is not None else gallery,
+                              screener_options=options, truth=args.truth, report=report, gallery=gallery,
                               on_sample=record if records is not None else None, progress=progress)
 
 
