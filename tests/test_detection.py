@@ -176,6 +176,21 @@ def test_packed_hypochromic_cells_with_broken_rims_are_each_counted_at_most_once
     assert (inside.sum(axis=1) == 1).sum() >= 20  # 17 to 19 of 24 before the gaps were bridged
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_packed_elliptocytes_are_each_counted_once(seed):
+    # 48 touching 60 px elliptocytes: each holds about twice the disc of its width, so a cell
+    # with a neighbour's sliver attached looked like two overlapping cells and was cut in two
+    # (a quarter of them) until a cell's area was taken from the objects themselves
+    from malaria_cells.shifts import make_morphology_field
+
+    image, cells = make_morphology_field("elliptocyte", np.random.default_rng([0, 7, seed]), size=(640, 480),
+                                         radius=30, rows=6, cols=8)
+    detection = detect_cells(image)
+    found = np.array([[c.x, c.y] for c in detection.cells]).reshape(-1, 2)
+    inside = np.array([cell.contains(found[:, 0], found[:, 1]) for cell in cells])
+    assert (inside.sum(axis=1) == 1).sum() >= 46 and inside.sum(axis=1).max() <= 2
+
+
 def test_a_fragment_far_smaller_than_the_fields_cells_is_not_counted():
     import cv2
 

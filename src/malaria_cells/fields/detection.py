@@ -823,9 +823,9 @@ def _split_clumps(labels: np.ndarray, distance: np.ndarray, radius: float, setti
     """
     import cv2
 
-    cell_area = np.pi * radius**2
     areas = np.bincount(labels.ravel())
     areas[0] = 0
+    cell_area = _typical_area(areas[1:], radius, settings)
     big = np.flatnonzero(areas > settings.split_area * cell_area)
     if len(big) == 0:
         return labels
@@ -853,6 +853,14 @@ def _split_clumps(labels: np.ndarray, distance: np.ndarray, radius: float, setti
         patch[ys, xs] = new
         next_label += parts - 1
     return labels
+
+
+def _typical_area(areas: np.ndarray, radius: float, settings) -> float:
+    """A cell's area: the disc of the inscribed radius, or the median area of the objects of at
+    least half that where larger (long cells, elliptocytes, hold more than their widest disc)."""
+    disc = np.pi * radius**2
+    sizeable = areas[areas >= 0.5 * disc]
+    return float(max(disc, np.median(sizeable))) if len(sizeable) else disc
 
 
 def _notch(region: np.ndarray) -> float:
