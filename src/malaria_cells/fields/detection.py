@@ -18,14 +18,15 @@ The steps, each robust to what varies between labs, cameras and slides:
    whose rims break into pieces), the median by area takes over: each peak weighs as the disc
    it centres. Round pale centres up to a tenth of the frame are filled first.
 4. **Splitting.** Peaks at least a radius apart seed a watershed of the distance transform,
-   which splits touching and overlapping cells; holes are filled first, so pale cells with a
+   which splits touching and overlapping cells; holes are filled first (before a small opening
+   clears specks, as that wears thin rims into dashes), so pale cells with a
    light centre stay whole (a hole that is still stained, or round and convex like the clear
    centre of a target or hypochromic cell, is a cell's centre; plasma enclosed by touching
-   cells is concave); a rim broken by a narrow gap is bridged where that encloses such a
-   centre. Touching pieces whose union has no notch are joined again (a long cell
+   cells is concave). Touching pieces whose union has no notch are joined again (a long cell
    has a ridge of peaks, and the watershed cuts it across). A region of overlapping cells that
-   kept one peak is cut into cells by k-means where its outline has a notch; a convex one is
-   one elongated cell (an elliptocyte).
+   kept one peak is cut into cells by k-means where its outline has a notch, into as many
+   cells as the median object's area goes into it (not the disc of the cell's width: an
+   elliptocyte holds about twice that); a convex one is one elongated cell.
 5. **Sorting objects.** Much smaller than a cell: platelet or debris. Holding part of a large
    very dark (nucleus-stained) blob, or sharing a fifth of its border with such an object: a
    white blood cell, or a piece of one. Largely black (darker than any stain in every channel):
@@ -184,9 +185,6 @@ class ClassicalDetector:
         When the cell size measured with every object filled out to its convex hull is this
         many times the ordinary measure, the cells are seen as rims (over-exposed, or pale
         with a broken outline) and the filled measure is used.
-    rim_gap : float
-        Gaps in a cell's rim up to this many cell diameters are bridged when they enclose a round
-        pale centre (:func:`_close_broken_rims`).
     rim_solidity, rim_min_area, rim_max_area : float
         An object whose area is under ``rim_solidity`` of its convex hull's, the hull being
         ``rim_min_area`` to ``rim_max_area`` cells, is a cell's broken rim, filled out to its
@@ -235,7 +233,6 @@ class ClassicalDetector:
     pale_centre_roundness: float = 0.7
     by_area_ratio: float = 1.5
     hollow_ratio: float = 2.0
-    rim_gap: float = 0.15
     rim_solidity: float = 0.6
     rim_min_area: float = 0.4
     rim_max_area: float = 1.8
@@ -540,10 +537,12 @@ def _detect(image: np.ndarray, s: "ClassicalDetector") -> FieldDetection:
     fov = _field_of_view(work, s.surround_level, s.surround_share)
     density = _density(work, diameter / scale, fov, s.background_width)
     mask, threshold = _foreground(density, fov, s.stain_percentile)
+    # Pale centres are filled before the opening as well as after: the opening wears a thin rim
+    # (a hypochromic cell's, at this scale) into dashes that no longer enclose its centre.
+    mask = _fill_pale_centres(mask, density, threshold, np.pi * (diameter / scale / 2) ** 2, s, round_only=True)
     mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN,
                             cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3))) > 0
     mask = _fill_pale_centres(mask, density, threshold, np.pi * (diameter / scale / 2) ** 2, s)
-    mask = _close_broken_rims(mask, np.pi * (diameter / scale / 2) ** 2, s)
     mask = _close_rims(mask, np.pi * (diameter / scale / 2) ** 2, s)
     distance = cv2.distanceTransform(mask.astype(np.uint8), cv2.DIST_L2, 5)
     radius = _radius(distance, mask, s.by_area_ratio) or s.working_diameter / 2
@@ -615,35 +614,6 @@ def _round_convex(region: np.ndarray, settings) -> bool:
                 and 4 * np.pi * inner / perimeter**2 >= settings.pale_centre_roundness)
 
 
-def _close_broken_rims(mask: np.ndarray, cell_area: float, settings) -> np.ndarray:
-    """Fill the pale centres of cells whose thin rims are broken (hypochromic cells, touching
-    ones included, whose rims then join into one network that :func:`_close_rims` cannot take
-    apart): a hole of the mask closed by a disc ``rim_gap`` cells wide that is round, convex and
-    under one cell is filled, with the gaps that closed it."""
-    import cv2
-
-    side = int(round(settings.rim_gap * settings.working_diameter)) | 1
-    if side < 3:  # rim_gap 0: nothing bridged
-        return mask
-    closed = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_CLOSE,
-                              cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (side, side))) > 0
-    labels, count = _holes(closed)
-    if count == 0:
-        return mask
-    area = np.bincount(labels.ravel(), minlength=count + 1)[1:]
-    keep = np.zeros(count + 1, bool)
-    candidates = np.flatnonzero((area >= max(12, settings.tiny_hole_area * cell_area)) & (area < cell_area))
-    if len(candidates):
-        boxes = _boxes(labels)
-        for k in candidates[:_MAX_ROUND_HOLES]:
-            keep[k + 1] = _round_convex(labels[boxes[k]] == k + 1, settings)
-    if not keep.any():
-        return mask
-    filled = keep[labels]
-    gaps = closed & ~mask & (cv2.dilate(filled.astype(np.uint8), np.ones((side, side), np.uint8)) > 0)
-    return mask | filled | gaps
-
-
 def _object_radius(distance: np.ndarray, mask: np.ndarray) -> float:
     """The median, over the taller half of the objects of ``mask``, of each one's peak distance."""
     import cv2
@@ -679,7 +649,8 @@ def _hulls(mask: np.ndarray, largest: float) -> np.ndarray:
     return out > 0
 
 
-def _fill_pale_centres(mask, density, threshold, cell_area, settings, largest: float | None = None):
+def _fill_pale_centres(mask, density, threshold, cell_area, settings, largest: float | None = None,
+                       round_only: bool = False):
     """Fill the holes that are the pale centres of cells, not the plasma enclosed by a clump.
 
     A pale centre is smaller than ``pale_centre_area`` cells and still stained a little
@@ -687,7 +658,9 @@ def _fill_pale_centres(mask, density, threshold, cell_area, settings, largest: f
     whatever its stain (the clear centre of a hypochromic or target cell, inside a thin rim):
     plasma enclosed by a ring of touching cells is as clear as the background but bounded by
     their curves, so concave. Round holes larger than ``largest`` (default: ``cell_area``)
-    are left open.
+    are left open. With ``round_only``, only round convex holes are filled (in a rough mask,
+    the plasma enclosed where cells touch is small, and looks stained with their blurred rims
+    about it).
     """
     import cv2
 
@@ -699,6 +672,7 @@ def _fill_pale_centres(mask, density, threshold, cell_area, settings, largest: f
     mean = np.bincount(flat, weights=density.ravel(), minlength=count + 1)[1:] / area
     stained = (mean > settings.pale_centre_stain * threshold) & (area < settings.pale_centre_area * cell_area)
     stained |= area < settings.tiny_hole_area * cell_area
+    stained &= not round_only
     largest = cell_area if largest is None else largest
     candidates = np.flatnonzero(~stained & (area >= max(12, settings.tiny_hole_area * cell_area)) & (area < largest))
     if len(candidates):
@@ -983,3 +957,4 @@ def _quality(density, fov, mask, objects, settings) -> dict:
     if counted and focus < settings.focus_floor:
         reasons.append(f"out of focus (sharpness {focus:.2f}, below {settings.focus_floor})")
     return {"ok": not reasons, "reasons": reasons, "focus": round(focus, 4), "coverage": round(coverage, 4)}
+
