@@ -36,7 +36,9 @@ colour, exposure, optics, magnification, unreadable, morphology):
 
 Floors (shown as PASS/FAIL, never tuned on): on every stain, exposure (brightness),
 white-balance, blur, JPEG and noise condition, infected found within 5 points and the
-false-positive rate within 0.3 points of the unshifted; counted cells within 10% of the truth
+false-positive rate within 0.3 points of the unshifted, or else both samples (IML and NIH)
+called ``review`` because their fields cannot be read (out of focus, or not read), never for a
+borderline count; counted cells within 10% of the truth
 at magnifications 0.5x-2x (NIH against its point truth; IML against its unshifted count, as
 its boxes miss some cells, so the unshifted count already reads ~10% above them); every drawn
 target, hypochromic, elliptocyte and stomatocyte counted exactly once; grayscale, 8x-downscaled,
@@ -307,6 +309,13 @@ def run_morphology(condition: Condition, model, seed: int) -> dict:
     return tally
 
 
+def _declined(call: dict) -> bool:
+    """Whether a sample was called ``review`` because its fields cannot be read (the tool says
+    it cannot answer), not for a borderline count."""
+    return call.get("call") == "review" and any("out of focus" in reason or "not read" in reason
+                                                for reason in call.get("reasons", []))
+
+
 def judge(condition: Condition, row: dict, base: dict) -> tuple[bool | None, str]:
     """The floor of a condition: (passed, what decided it); None where it has no floor."""
     if condition.floor is None:
@@ -324,7 +333,10 @@ def judge(condition: Condition, row: dict, base: dict) -> tuple[bool | None, str
         found = row["iml"]["infected_found_pct"] - base["iml"]["infected_found_pct"]
         fpr = row["all"]["false_positive_rate_pct"] - base["all"]["false_positive_rate_pct"]
         ok = abs(found) <= FOUND_POINTS and abs(fpr) <= FPR_POINTS
-        return ok, f"found {found:+.1f}, FPR {fpr:+.2f} pts"
+        text = f"found {found:+.1f}, FPR {fpr:+.2f} pts"
+        if not ok and _declined(row.get("iml_call", {})) and _declined(row.get("nih_call", {})):
+            return True, text + "; both samples review, fields unreadable"
+        return ok, text
     if condition.floor == "count":
         # NIH against its truth (every whole cell is annotated); IML against its unshifted count,
         # since its boxes miss cells (the unshifted count already reads above them).
