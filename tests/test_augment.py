@@ -62,3 +62,24 @@ def test_mixup_blends_each_cell_mostly_with_its_own_label():
     np.testing.assert_allclose(targets.numpy(), weight * labels.numpy() + (1 - weight) * np.roll(labels.numpy(), 1),
                                atol=1e-5)
     assert not np.allclose(weight, 1.0)  # it does blend
+
+
+def test_paired_views_are_one_cell_seen_two_ways_with_its_label():
+    from malaria_cells.augment import paired_dataset
+
+    yy, xx = np.mgrid[:32, :32]
+    disc = (yy - 15.5) ** 2 + (xx - 15.5) ** 2 < 12 ** 2
+    cells = np.zeros((6, 32, 32, 3), np.uint8)
+    for k in range(6):
+        cells[k][disc] = (200, 120 + 10 * k, 140)
+    labels = np.array([0, 1, 0, 1, 1, 0])
+    batches = list(paired_dataset(cells, labels, batch_size=4, augment="flips", seed=3))
+    assert [len(y) for _, y in batches] == [4, 2]
+    firsts = np.concatenate([a.numpy() for (a, _), _ in batches])
+    seconds = np.concatenate([b.numpy() for (_, b), _ in batches])
+    got = np.concatenate([y.numpy() for _, y in batches])
+    # "flips" leaves a symmetric cell as it is: the first view tells which cell (and label) it is
+    which = [int(np.argmin([np.abs(first - cell).sum() for cell in cells.astype(np.float32)])) for first in firsts]
+    assert sorted(which) == list(range(6)) and np.array_equal(got, labels[which])
+    assert not np.allclose(firsts, seconds)  # the second view is another lab's
+    assert np.all(seconds[:, ~disc] == 0)

@@ -124,6 +124,22 @@ def test_a_shipped_field_model_carries_its_shift_suite_figures(made, cell_datase
         ship(made, cell_dataset, to=tmp_path / "out2", shift_suite=tmp_path / "list.json")
 
 
+def test_consistency_training_fits_both_views_and_is_refused_where_it_cannot_run(crops):
+    from malaria_cells.fields.training import finetune
+    from malaria_cells.runtimes import DEFAULT_MODEL
+
+    x, y = crops.crops[:96], (crops.labels[:96] == 1).astype(np.float32)
+    base = load_model(DEFAULT_MODEL).keras_model.get_weights()
+    model = finetune(x, y, Recipe(epochs=1, consistency=1.0))
+    trained = model.keras_model.get_weights()
+    assert len(trained) == len(base) and any(not np.allclose(a, b) for a, b in zip(trained, base))
+    assert np.isfinite(model.probability(x[:8])).all()
+    with pytest.raises(MalariaCellsError, match="consistency must be a number >= 0"):
+        Recipe(consistency=-1.0)
+    with pytest.raises(MalariaCellsError, match="without a strategy"):
+        finetune(x, y, Recipe(epochs=1, consistency=1.0), strategy=object())
+
+
 def test_the_command_line_steps_and_their_one_line_errors(fields, tmp_path, capsys):
     assert main(["crops", "--fields", str(fields / "train"), "--check", str(fields / "check"),
                  "--work", str(tmp_path)]) == 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["augment_cell", "mix_batch", "training_dataset", "evaluation_dataset"]
+__all__ = ["augment_cell", "mix_batch", "training_dataset", "paired_dataset", "evaluation_dataset"]
 
 
 def augment_cell(image, seed, mode: str):
@@ -212,6 +212,28 @@ def training_dataset(images, labels, *, batch_size: int, augment: str, seed: int
         seeds = tf.data.Dataset.random(seed=seed + 1, rerandomize_each_iteration=True).batch(2)
         dataset = tf.data.Dataset.zip(dataset, seeds).map(lambda xy, s: mix_batch(*xy, s, mixup))
     return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def paired_dataset(images, labels, *, batch_size: int, augment: str, seed: int):
+    """Shuffled batches of ((one view, another lab's view), label), reproducible for a seed.
+
+    Each cell is augmented twice: once by ``augment``, once by ``"shifts"`` (another lab's
+    stain, camera and focus, at the shift suite's strengths), for training that asks both views
+    to score alike (:func:`malaria_cells.fields.training.finetune` with a ``consistency``
+    weight).
+    """
+    import tensorflow as tf
+
+    def views(x, y, s):
+        first, second = tf.unstack(tf.random.experimental.stateless_split(s, 2))
+        return (augment_cell(x, first, augment), augment_cell(x, second, "shifts")), y
+
+    dataset = tf.data.Dataset.from_tensor_slices((images, labels.astype(np.float32)))
+    dataset = dataset.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+    dataset = tf.data.Dataset.zip(dataset, seeds).map(lambda xy, s: views(xy[0], xy[1], s),
+                                                      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
 def evaluation_dataset(images, labels, batch_size: int = 256):

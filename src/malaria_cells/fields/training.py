@@ -81,6 +81,11 @@ class Recipe:
         Training augmentation (:func:`malaria_cells.augment.augment_cell`): ``"shifts"``, what
         differs between labs at the shift suite's strengths (stain, hue, saturation,
         exposure, gamma, defocus, noise, JPEG), or ``"flips+color"``, flips and mild colour.
+    consistency : float
+        Weight of a penalty on the squared difference between a cell's score and its score
+        under another lab's stain, camera and focus (the ``"shifts"`` augmentation of the same
+        cell); 0: none. Augmenting alone teaches the model to score a shifted parasite lower, so
+        it sinks below the fixed threshold; this asks for the same score instead.
     blocks : int
         Cross-validation blocks of consecutive fields.
     seed : int
@@ -99,6 +104,7 @@ class Recipe:
     tta_gate: float = 0.1
     stain_normalise: bool = True
     augment: str = "flips+color"
+    consistency: float = 0.0
     blocks: int = 5
     seed: int = 0
 
@@ -118,6 +124,8 @@ class Recipe:
 
         if self.augment not in AUGMENTATIONS:
             raise MalariaCellsError(f"recipe: augment must be one of {', '.join(AUGMENTATIONS)}, got {self.augment!r}")
+        if not (np.isfinite(self.consistency) and self.consistency >= 0):
+            raise MalariaCellsError(f"recipe: consistency must be a number >= 0, got {self.consistency}")
         if not self.learning_rate > 0:
             raise MalariaCellsError(f"recipe: learning_rate must be positive, got {self.learning_rate}")
 
@@ -359,26 +367,66 @@ def finetune(x: np.ndarray, y: np.ndarray, recipe: Recipe, base=None, strategy=N
 
     base = DEFAULT_MODEL if base is None else base
     if strategy is not None:
+        if recipe.consistency:
+            raise MalariaCellsError("recipe: consistency training runs without a strategy")
         check_global_batch(BATCH_SIZE, strategy.num_replicas_in_sync)
     keras.utils.set_random_seed(recipe.seed)
-    data = training_dataset(x, y, batch_size=BATCH_SIZE, augment=recipe.augment, seed=recipe.seed)
+    if recipe.consistency:
+        from ..augment import paired_dataset
+
+        data = paired_dataset(x, y, batch_size=BATCH_SIZE, augment=recipe.augment, seed=recipe.seed)
+    else:
+        data = training_dataset(x, y, batch_size=BATCH_SIZE, augment=recipe.augment, seed=recipe.seed)
     with contextlib.nullcontext() if strategy is None else strategy.scope():
         model = load_model(base).keras_model
         if model is None:
             raise MalariaCellsError("the base model must be a .keras file to be fine-tuned")
         steps = int(np.ceil(len(y) / BATCH_SIZE)) * recipe.epochs
         schedule = keras.optimizers.schedules.CosineDecay(recipe.learning_rate, decay_steps=steps)
-        model.compile(optimizer=keras.optimizers.Adam(schedule),
-                      loss=keras.losses.BinaryCrossentropy(label_smoothing=0.05))
+        trainer = _consistent(model, recipe.consistency) if recipe.consistency else model
+        trainer.compile(optimizer=keras.optimizers.Adam(schedule),
+                        loss=keras.losses.BinaryCrossentropy(label_smoothing=0.05))
     if strategy is not None:
         data = shard_by_data(data)
         build_on_local_batch(model, strategy)
-    model.fit(data, epochs=recipe.epochs, verbose=0)
+    trainer.fit(data, epochs=recipe.epochs, verbose=0)
     if strategy is not None:  # the trained weights in a plain copy: scoring needs no other worker
         plain = load_model(base).keras_model
         plain.set_weights(model.get_weights())
         model = plain
     return KerasClassifier(model)
+
+
+def _consistent(model, weight: float):
+    """``model`` inside a trainer whose batches are pairs of views (:func:`.augment.paired_dataset`):
+    the loss is the compiled one on the first view plus ``weight`` times the mean squared
+    difference between the second view's probability and the first's (held fixed, so the
+    shifted view is pulled to the plain one's score, not both towards each other)."""
+    import keras
+    import tensorflow as tf
+
+    class ConsistentTrainer(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def call(self, inputs, training=False):
+            return self.inner(inputs, training=training)
+
+        def train_step(self, data):
+            (plain, shifted), labels = data
+            count = tf.shape(plain)[0]
+            with tf.GradientTape() as tape:
+                # one pass over both views: batch statistics see each cell stained both ways
+                scores = self.inner(tf.concat([plain, shifted], axis=0), training=True)
+                first, second = scores[:count], scores[count:]
+                loss = self.compute_loss(x=plain, y=labels, y_pred=first)
+                loss += weight * tf.reduce_mean(tf.square(second - tf.stop_gradient(first)))
+            variables = self.inner.trainable_variables
+            self.optimizer.apply(tape.gradient(loss, variables), variables)
+            return {"loss": loss}
+
+    return ConsistentTrainer()
 
 
 def _threshold(probability: np.ndarray, labels: np.ndarray, max_fpr: float) -> float:
