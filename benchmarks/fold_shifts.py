@@ -24,6 +24,8 @@ import argparse
 import json
 import sys
 import time
+import zlib
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +54,7 @@ def block_crops(work: Path, block: int, blocks: int, names: list[str], seed: int
         condition, crops_of, labels = conditions[name], [], []
         for index, item in enumerate(fields):
             image, truth = suite.load_field(item)
-            context = {"rng": np.random.default_rng([seed, 1, index]), "index": index,
+            context = {"rng": np.random.default_rng([seed, zlib.crc32(name.encode()), index]), "index": index,
                        "cell_diameter": diameters.get(item.name, 32.0)}
             shifted = condition.shift(image, context) if condition.shift else image
             result, crops, _ = screen_image(suite.encode(shifted, condition.jpeg), model, path=item.name,
@@ -69,6 +71,21 @@ def block_crops(work: Path, block: int, blocks: int, names: list[str], seed: int
         out[name] = (np.stack(crops_of), np.array(labels))
         print(f"block {block}, {name}: {len(fields)} fields, {len(labels)} matched cells", file=sys.stderr, flush=True)
     return out
+
+
+def recipe_settings(items: list[str]) -> dict:
+    """``KEY=VALUE`` recipe settings, each value of its setting's type; one line on a mistake."""
+    from malaria_cells.fields.training import Recipe
+
+    types = {item.name: type(item.default) for item in dataclass_fields(Recipe)}
+    settings = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if key not in types or not value:
+            raise ValueError(f"{item!r}: give KEY=VALUE with KEY one of {', '.join(types)}")
+        kind = types[key]
+        settings[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    return settings
 
 
 def train_fold(work: Path, block: int, settings: dict, cells: str, relabels: str | None, out: Path) -> Path:
@@ -117,24 +134,34 @@ def main() -> None:
     parser.add_argument("--conditions", nargs="+", default=DEFAULT_CONDITIONS, help="shift-suite conditions")
     parser.add_argument("--out", type=Path, default=Path("fold-shifts"), help="folder for the trained model and JSON")
     args = parser.parse_args()
+    known = {c.name: c for c in suite.conditions()}
+    for name in args.conditions:  # the block's own fields, shifted in place: same cells, same truth
+        c = known.get(name)
+        if c is None or c.factor != 1.0 or c.nih_only or c.morphology:
+            parser.error(f"condition {name}: give a photometric shift-suite condition (stain, colour, exposure, "
+                         "optics), not magnification, unreadable or drawn cells")
+    if not args.models and args.train is None:
+        parser.error("nothing to score: give --models, --train or both")
+    settings = {}
+    if args.train is not None:
+        if not args.cells:
+            parser.error("--train needs --cells (the NIH mix)")
+        try:
+            settings = recipe_settings(args.train)
+        except ValueError as error:
+            parser.error(f"--train {error}")
+        if settings.setdefault("blocks", args.blocks) != args.blocks:
+            parser.error("--train blocks must equal --blocks (the model must not see the block it is scored on)")
     args.out.mkdir(parents=True, exist_ok=True)
     models = list(args.models)
     if args.train is not None:
-        if not args.cells:
-            sys.exit("--train needs --cells (the NIH mix)")
-        settings = dict(item.split("=", 1) for item in args.train)
-        for key, value in settings.items():
-            try:
-                settings[key] = json.loads(value)
-            except ValueError:  # a word: augment=shifts
-                pass
         models.append(train_fold(args.work, args.block, settings, args.cells, args.relabels, args.out))
     names = ["unshifted"] + [c for c in args.conditions if c != "unshifted"]
     rows = score(models, block_crops(args.work, args.block, args.blocks, names))
     print("| model | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
     for path in models:
         cells = {r["condition"]: r for r in rows if r["model"] == str(path)}
-        print(f"| {path.parent.name}/{path.name} | " + " | ".join(
+        print(f"| {path.resolve().parent.name}/{path.name} | " + " | ".join(
             f"{cells[c]['found']}/{cells[c]['infected']} ({cells[c]['false_positive_rate_pct']:.2f}%)" for c in names) + " |")
     (args.out / f"block{args.block}.json").write_text(json.dumps(rows, indent=1))
 

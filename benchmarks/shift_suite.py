@@ -311,9 +311,10 @@ def run_morphology(condition: Condition, model, seed: int) -> dict:
 
 def _declined(call: dict) -> bool:
     """Whether a sample was called ``review`` because its fields cannot be read (the tool says
-    it cannot answer), not for a borderline count."""
-    return call.get("call") == "review" and any("out of focus" in reason or "not read" in reason
-                                                for reason in call.get("reasons", []))
+    it cannot answer), not for a borderline count (whatever else its reasons list)."""
+    reasons = call.get("reasons", [])
+    return (call.get("call") == "review" and not any(reason.startswith("borderline") for reason in reasons)
+            and any("out of focus" in reason or "not read" in reason for reason in reasons))
 
 
 def judge(condition: Condition, row: dict, base: dict) -> tuple[bool | None, str]:

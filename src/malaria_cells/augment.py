@@ -221,12 +221,33 @@ def paired_dataset(images, labels, *, batch_size: int, augment: str, seed: int):
     stain, camera and focus, at the shift suite's strengths), for training that asks both views
     to score alike (:func:`malaria_cells.fields.training.finetune` with a ``consistency``
     weight).
+
+    Parameters
+    ----------
+    images : numpy.ndarray
+        uint8 cells ``(n, size, size, 3)``, black outside each cell.
+    labels : numpy.ndarray
+        0 or 1 per cell.
+    batch_size : int
+        Cells per batch (the last batch holds the rest).
+    augment : str
+        The first view's augmentation (:func:`augment_cell`; ``"none"``: the cell as it is).
+    seed : int
+        Seeds the shuffle and both views' randomness.
+
+    Returns
+    -------
+    tf.data.Dataset
+        ``((first, second), label)`` batches, float RGB 0-255.
     """
     import tensorflow as tf
 
+    def first_view(x, s):
+        return tf.cast(x, tf.float32) if augment == "none" else augment_cell(x, s, augment)
+
     def views(x, y, s):
         first, second = tf.unstack(tf.random.experimental.stateless_split(s, 2))
-        return (augment_cell(x, first, augment), augment_cell(x, second, "shifts")), y
+        return (first_view(x, first), augment_cell(x, second, "shifts")), y
 
     dataset = tf.data.Dataset.from_tensor_slices((images, labels.astype(np.float32)))
     dataset = dataset.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)

@@ -672,7 +672,8 @@ def _fill_pale_centres(mask, density, threshold, cell_area, settings, largest: f
     mean = np.bincount(flat, weights=density.ravel(), minlength=count + 1)[1:] / area
     stained = (mean > settings.pale_centre_stain * threshold) & (area < settings.pale_centre_area * cell_area)
     stained |= area < settings.tiny_hole_area * cell_area
-    stained &= not round_only
+    if round_only:
+        stained[:] = False
     largest = cell_area if largest is None else largest
     candidates = np.flatnonzero(~stained & (area >= max(12, settings.tiny_hole_area * cell_area)) & (area < largest))
     if len(candidates):
@@ -799,7 +800,7 @@ def _split_clumps(labels: np.ndarray, distance: np.ndarray, radius: float, setti
 
     areas = np.bincount(labels.ravel())
     areas[0] = 0
-    cell_area = _typical_area(areas[1:], radius, settings)
+    cell_area = _typical_area(areas[1:], radius)
     big = np.flatnonzero(areas > settings.split_area * cell_area)
     if len(big) == 0:
         return labels
@@ -829,7 +830,7 @@ def _split_clumps(labels: np.ndarray, distance: np.ndarray, radius: float, setti
     return labels
 
 
-def _typical_area(areas: np.ndarray, radius: float, settings) -> float:
+def _typical_area(areas: np.ndarray, radius: float) -> float:
     """A cell's area: the disc of the inscribed radius, or the median area of the objects of at
     least half that where larger (long cells, elliptocytes, hold more than their widest disc)."""
     disc = np.pi * radius**2
@@ -957,4 +958,3 @@ def _quality(density, fov, mask, objects, settings) -> dict:
     if counted and focus < settings.focus_floor:
         reasons.append(f"out of focus (sharpness {focus:.2f}, below {settings.focus_floor})")
     return {"ok": not reasons, "reasons": reasons, "focus": round(focus, 4), "coverage": round(coverage, 4)}
-

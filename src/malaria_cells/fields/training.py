@@ -85,7 +85,8 @@ class Recipe:
         Weight of a penalty on the squared difference between a cell's score and its score
         under another lab's stain, camera and focus (the ``"shifts"`` augmentation of the same
         cell); 0: none. Augmenting alone teaches the model to score a shifted parasite lower, so
-        it sinks below the fixed threshold; this asks for the same score instead.
+        it sinks below the fixed threshold; this asks for the same score instead. Trains
+        without a ``tf.distribute`` strategy only.
     blocks : int
         Cross-validation blocks of consecutive fields.
     seed : int
@@ -696,6 +697,8 @@ def main(argv: list[str] | None = None) -> int:
         recipe = Recipe(**{item.name: getattr(args, item.name) for item in dataclass_fields(Recipe)})
         strategy = None
         if args.strategy != "default":
+            if recipe.consistency:
+                raise MalariaCellsError("--consistency trains in one process: leave out --strategy")
             if args.step not in ("cv", "final"):
                 raise MalariaCellsError(f"--strategy trains: give it to cv or final, not {args.step} (cut the crops "
                                         "once, into a --work folder every worker reads)")
