@@ -25,8 +25,9 @@ The steps, each robust to what varies between labs, cameras and slides:
    cells is concave). Touching pieces whose union has no notch are joined again (a long cell
    has a ridge of peaks, and the watershed cuts it across). A region of overlapping cells that
    kept one peak is cut into cells by k-means where its outline has a notch, into as many
-   cells as the median object's area goes into it (not the disc of the cell's width: an
-   elliptocyte holds about twice that); a convex one is one elongated cell.
+   cells as its area holds (the disc of the cell's width; where the median object is far
+   larger, as elliptocytes are, about twice it, the median object's area); a convex one is one
+   elongated cell.
 5. **Sorting objects.** Much smaller than a cell: platelet or debris. Holding part of a large
    very dark (nucleus-stained) blob, or sharing a fifth of its border with such an object: a
    white blood cell, or a piece of one. Largely black (darker than any stain in every channel):
@@ -197,6 +198,10 @@ class ClassicalDetector:
         the disc its widest point allows) is overlapping cells, divided by k-means into as many
         cells as its area holds, if its outline has a notch at least ``clump_notch`` radii deep
         (where overlapping cells' outlines cross); a convex region is one elongated cell.
+    elongated_ratio : float
+        Where the median object holds this many discs of the cell's width or more (long cells:
+        elliptocytes hold about two; round cells about one), a cell's area is the median
+        object's, not that disc's, when counting the cells a region holds.
     platelet_area : float
         Objects smaller than this many cells are platelets or debris.
     ink_level, mark_share : float
@@ -241,6 +246,7 @@ class ClassicalDetector:
     split_area: float = 1.7
     disc_ratio: float = 1.4
     clump_notch: float = 0.08
+    elongated_ratio: float = 1.5
     platelet_area: float = 0.2
     ink_level: float = 0.35
     mark_share: float = 0.25
@@ -800,7 +806,7 @@ def _split_clumps(labels: np.ndarray, distance: np.ndarray, radius: float, setti
 
     areas = np.bincount(labels.ravel())
     areas[0] = 0
-    cell_area = _typical_area(areas[1:], radius)
+    cell_area = _typical_area(areas[1:], radius, settings.elongated_ratio)
     big = np.flatnonzero(areas > settings.split_area * cell_area)
     if len(big) == 0:
         return labels
@@ -830,12 +836,14 @@ def _split_clumps(labels: np.ndarray, distance: np.ndarray, radius: float, setti
     return labels
 
 
-def _typical_area(areas: np.ndarray, radius: float) -> float:
-    """A cell's area: the disc of the inscribed radius, or the median area of the objects of at
-    least half that where larger (long cells, elliptocytes, hold more than their widest disc)."""
+def _typical_area(areas: np.ndarray, radius: float, elongated_ratio: float) -> float:
+    """A cell's area: the disc of the inscribed radius, or, where the median object of at least
+    half that holds ``elongated_ratio`` such discs or more (long cells: an elliptocyte holds
+    about two), the median object's area."""
     disc = np.pi * radius**2
     sizeable = areas[areas >= 0.5 * disc]
-    return float(max(disc, np.median(sizeable))) if len(sizeable) else disc
+    median = float(np.median(sizeable)) if len(sizeable) else disc
+    return median if median >= elongated_ratio * disc else disc
 
 
 def _notch(region: np.ndarray) -> float:
