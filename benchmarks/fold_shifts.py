@@ -39,7 +39,7 @@ DEFAULT_CONDITIONS = ["unshifted", "stainE_x0.6", "stain_x0.6", "exposure_x2", "
 def block_crops(work: Path, block: int, blocks: int, names: list[str], seed: int = 0) -> dict:
     """{condition: (crops, labels "U" or a stage)} of the block's matched cells."""
     from malaria_cells.fields.training import FieldCrops
-    from malaria_cells.fields.truth import is_cut, match_cells
+    from malaria_cells.fields.truth import match_result
     from malaria_cells.runtimes import default_model_path, load_model
     from malaria_cells.screening import screen_image
 
@@ -61,11 +61,8 @@ def block_crops(work: Path, block: int, blocks: int, names: list[str], seed: int
                                             keep_crops=True)
             if name == "unshifted":
                 diameters[item.name] = result.cell_diameter
-            counted = [t for t in truth if t.label in ("Uninfected", "Parasitized")
-                       and not is_cut(t, result.width, result.height)]
-            found = np.array([[c.x, c.y] for c in result.cells]).reshape(-1, 2)
-            true = np.array([[t.x, t.y] for t in counted]).reshape(-1, 2)
-            for i, j in match_cells(found, true, result.cell_diameter / 2):
+            counted, pairs = match_result(result, truth)
+            for i, j in pairs:
                 crops_of.append(crops[i])
                 labels.append((counted[j].stage or "infected") if counted[j].label == "Parasitized" else "U")
         out[name] = (np.stack(crops_of), np.array(labels))
@@ -152,12 +149,22 @@ def main() -> None:
             parser.error(f"--train {error}")
         if settings.setdefault("blocks", args.blocks) != args.blocks:
             parser.error("--train blocks must equal --blocks (the model must not see the block it is scored on)")
+    missing = [str(p) for p in [args.work / "field_crops.npz", *args.models] if not p.is_file()]
+    if missing:
+        parser.error(f"no such file: {', '.join(missing)} (--work is a crops step's folder)")
+    if not 0 <= args.block < args.blocks:
+        parser.error(f"--block must be 0 to {args.blocks - 1}")
+    from malaria_cells import MalariaCellsError
+
     args.out.mkdir(parents=True, exist_ok=True)
     models = list(args.models)
-    if args.train is not None:
-        models.append(train_fold(args.work, args.block, settings, args.cells, args.relabels, args.out))
     names = ["unshifted"] + [c for c in args.conditions if c != "unshifted"]
-    rows = score(models, block_crops(args.work, args.block, args.blocks, names))
+    try:
+        if args.train is not None:
+            models.append(train_fold(args.work, args.block, settings, args.cells, args.relabels, args.out))
+        rows = score(models, block_crops(args.work, args.block, args.blocks, names))
+    except MalariaCellsError as error:
+        sys.exit(f"error: {error}")
     print("| model | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
     for path in models:
         cells = {r["condition"]: r for r in rows if r["model"] == str(path)}

@@ -197,16 +197,11 @@ def training_dataset(images, labels, *, batch_size: int, augment: str, seed: int
     """Shuffled, augmented batches of (float RGB 0-255, label), reproducible for a seed."""
     import tensorflow as tf
 
-    dataset = tf.data.Dataset.from_tensor_slices((images, labels.astype(np.float32)))
-    dataset = dataset.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
-    if augment == "none":
-        dataset = dataset.map(lambda x, y: (tf.cast(x, tf.float32), y))
-    else:
-        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-        dataset = tf.data.Dataset.zip(dataset, seeds).map(
-            lambda xy, s: (augment_cell(xy[0], s, augment), xy[1]),
-            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True,
-        )
+    def view(x, s):
+        return tf.cast(x, tf.float32) if augment == "none" else augment_cell(x, s, augment)
+
+    dataset = _shuffled(images, labels, seed).map(lambda xy, s: (view(xy[0], s), xy[1]),
+                                                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     dataset = dataset.batch(batch_size)
     if mixup:
         seeds = tf.data.Dataset.random(seed=seed + 1, rerandomize_each_iteration=True).batch(2)
@@ -242,19 +237,24 @@ def paired_dataset(images, labels, *, batch_size: int, augment: str, seed: int):
     """
     import tensorflow as tf
 
-    def first_view(x, s):
-        return tf.cast(x, tf.float32) if augment == "none" else augment_cell(x, s, augment)
-
     def views(x, y, s):
         first, second = tf.unstack(tf.random.experimental.stateless_split(s, 2))
-        return (first_view(x, first), augment_cell(x, second, "shifts")), y
+        plain = tf.cast(x, tf.float32) if augment == "none" else augment_cell(x, first, augment)
+        return (plain, augment_cell(x, second, "shifts")), y
+
+    dataset = _shuffled(images, labels, seed).map(lambda xy, s: views(xy[0], xy[1], s),
+                                                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def _shuffled(images, labels, seed: int):
+    """``((cell, label), seed pair)`` elements, reshuffled each epoch, reproducible for a seed."""
+    import tensorflow as tf
 
     dataset = tf.data.Dataset.from_tensor_slices((images, labels.astype(np.float32)))
     dataset = dataset.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
     seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-    dataset = tf.data.Dataset.zip(dataset, seeds).map(lambda xy, s: views(xy[0], xy[1], s),
-                                                      num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return tf.data.Dataset.zip(dataset, seeds)
 
 
 def evaluation_dataset(images, labels, batch_size: int = 256):

@@ -208,7 +208,7 @@ def cut_crops(paths, check=(), screener=None, *, truth=None, stain_normalise: bo
     from ..datasets import list_image_files
     from ..images import read_file
     from .screener import Screener
-    from .truth import is_cut, match_cells, read_truth
+    from .truth import match_result, read_truth
 
     screener = screener or Screener()
     if screener.figures is not None and screener.figures.stain_reference is not None:
@@ -225,13 +225,11 @@ def cut_crops(paths, check=(), screener=None, *, truth=None, stain_normalise: bo
             log(f"{path}: no ground truth; left out")
             continue
         result, field_crops, _ = screener.screen_image(read_file(path), path=str(path), keep_crops=True)
-        counted = [c for c in annotated if c.label in ("Uninfected", "Parasitized")
-                   and not is_cut(c, result.width, result.height)]
+        counted, pairs = match_result(result, annotated)
         found = np.array([[c.x, c.y] for c in result.cells]).reshape(-1, 2)
-        true = np.array([[c.x, c.y] for c in counted]).reshape(-1, 2)
         label, stage = np.full(len(found), 0), [""] * len(found)
         matched = np.zeros(len(found), bool)
-        for i, j in match_cells(found, true, result.cell_diameter / 2):
+        for i, j in pairs:
             label[i], stage[i], matched[i] = int(counted[j].label == "Parasitized"), counted[j].stage or "", True
         unsure = [c for c in annotated if c.label in ("Parasitized", "difficult") and c.width]
         for i in np.flatnonzero(~matched):

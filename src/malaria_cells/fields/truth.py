@@ -24,7 +24,8 @@ import numpy as np
 
 from ..errors import MalariaCellsError
 
-__all__ = ["TruthCell", "read_truth", "load_truth_index", "match_cells", "score_field", "pool_scores", "is_cut", "STAGES"]
+__all__ = ["TruthCell", "read_truth", "load_truth_index", "match_cells", "match_result", "score_field", "pool_scores",
+           "is_cut", "STAGES"]
 
 STAGES = ("ring", "trophozoite", "schizont", "gametocyte")
 """Parasite stages of IML annotations: each marks an infected red cell."""
@@ -147,6 +148,17 @@ def is_cut(cell: TruthCell, width: int, height: int, margin: float = 3.0) -> boo
             or cell.x + half > width - margin or cell.y + half > height - margin)
 
 
+def match_result(result, truth: list[TruthCell]) -> tuple[list[TruthCell], list[tuple[int, int]]]:
+    """The annotated cells a screen counts (red cells, infected or not, not cut by the image
+    edge) and the pairs ``(index in result.cells, index in those)`` matched within half the
+    field's cell diameter."""
+    counted = [c for c in truth if c.label in ("Uninfected", "Parasitized")
+               and not is_cut(c, result.width, result.height)]
+    found = np.array([[c.x, c.y] for c in result.cells]).reshape(-1, 2)
+    true = np.array([[c.x, c.y] for c in counted]).reshape(-1, 2)
+    return counted, match_cells(found, true, result.cell_diameter / 2)
+
+
 def score_field(result, truth: list[TruthCell]) -> dict:
     """Detection and classification figures of one screened field against its ground truth.
 
@@ -154,11 +166,7 @@ def score_field(result, truth: list[TruthCell]) -> dict:
     out (the screen does not count cut cells either). Returns counts (``tp``, ``fp``, ``fn``,
     true and found parasitized) and the figures they give.
     """
-    counted = [c for c in truth if c.label in ("Uninfected", "Parasitized")
-               and not is_cut(c, result.width, result.height)]
-    found = np.array([[c.x, c.y] for c in result.cells]).reshape(-1, 2)
-    true = np.array([[c.x, c.y] for c in counted]).reshape(-1, 2)
-    pairs = match_cells(found, true, result.cell_diameter / 2)
+    counted, pairs = match_result(result, truth)
     scores = {"tp": len(pairs), "fp": len(result.cells) - len(pairs), "fn": len(counted) - len(pairs),
               "n_true": len(counted), "n_true_parasitized": sum(c.label == "Parasitized" for c in counted),
               "n_found": len(result.cells), "n_found_parasitized": result.n_parasitized,
