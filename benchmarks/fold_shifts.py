@@ -12,8 +12,9 @@ model here, with those recipe settings (``Recipe``) on the other blocks and the 
 saves it in ``--out``.
 
 The block's fields are shifted (the shift suite's conditions, :mod:`benchmarks.shift_suite`),
-screened with the shipped field model's detector and stain normalisation, and each cell
-matched to the ground truth; every model then scores the same crops. A model's threshold is
+screened with the shipped field model's detector and the stain normalisation the ``--work``
+folder's crops were cut with (its references), and each cell matched to the ground truth;
+every model then scores the same crops. A model's threshold is
 the one calling 0.5% of the block's uninfected cells as photographed, so models are compared
 by how far their infected cells sink under each shift, not by where their own thresholds lie.
 """
@@ -38,15 +39,19 @@ DEFAULT_CONDITIONS = ["unshifted", "stainE_x0.6", "stain_x0.6", "exposure_x2", "
 
 def block_crops(work: Path, block: int, blocks: int, names: list[str], seed: int = 0) -> dict:
     """{condition: (crops, labels "U" or a stage)} of the block's matched cells."""
+    from dataclasses import replace
+
+    from malaria_cells.fields import Screener
     from malaria_cells.fields.training import FieldCrops
     from malaria_cells.fields.truth import match_result
     from malaria_cells.runtimes import default_model_path, load_model
-    from malaria_cells.screening import screen_image
 
     data = FieldCrops.load(work)
     wanted = {data.records[f]["name"] for f, b in data.block_of(blocks).items() if b == block}
     fields = [f for f in suite.list_fields(suite.FIELDS, None) if f.kind == "iml" and f.name in wanted]
-    model = load_model(default_model_path(fields=True))
+    screener = Screener(load_model(default_model_path(fields=True)))
+    screener.figures = replace(screener.figures, stain_reference=data.stain_reference,
+                               plasma_reference=data.plasma_reference)  # as the models were trained
     conditions = {c.name: c for c in suite.conditions()}
     diameters: dict = {}
     out = {}
@@ -57,8 +62,8 @@ def block_crops(work: Path, block: int, blocks: int, names: list[str], seed: int
             context = {"rng": np.random.default_rng([seed, zlib.crc32(name.encode()), index]), "index": index,
                        "cell_diameter": diameters.get(item.name, 32.0)}
             shifted = condition.shift(image, context) if condition.shift else image
-            result, crops, _ = screen_image(suite.encode(shifted, condition.jpeg), model, path=item.name,
-                                            keep_crops=True)
+            result, crops, _ = screener.screen_image(suite.encode(shifted, condition.jpeg), path=item.name,
+                                                     keep_crops=True)
             if name == "unshifted":
                 diameters[item.name] = result.cell_diameter
             counted, pairs = match_result(result, truth)

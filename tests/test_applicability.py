@@ -149,3 +149,15 @@ def test_a_field_not_read_lists_its_reasons_in_the_table():
     result = screener.screen_samples([("s", [("gray.png", lambda: _png(_grayscale(_field())))])])
     table = render(result, "table")
     assert "gray.png" in table and "grayscale image (no colour" in table
+
+
+def test_an_over_exposed_field_is_read_until_the_glare_hides_its_cells():
+    from malaria_cells.shifts import exposure
+
+    screener = Screener(PurpleDotClassifier(FIGURES))
+    bright = screener.screen_image(_png(exposure(_field(), 1.6)))  # plasma white, cells still stained
+    assert bright.quality["applicable"] and bright.quality["checks"]["blown_channels"] == 3 and bright.n_cells > 0
+    for factor in (2.5, 3.5):  # the cells fade into the glare: the light, not the slide, is to blame
+        item = screener.screen_image(_png(exposure(_field(), factor)))
+        assert item.quality["flags"] == ["exposure"] and item.n_cells == 0, item.quality
+        assert item.quality["reasons"][-1].startswith("over-exposed (the plasma is blown out in 3 of 3 channels")

@@ -93,6 +93,11 @@ def test_field_figures_are_validated_and_round_trip_through_a_model_file(trained
 
     with pytest.raises(MalariaCellsError, match="sensitivity"):
         FieldFigures(threshold=0.5, sensitivity=1.5, specificity=0.99)
+    with pytest.raises(MalariaCellsError, match="plasma_reference"):  # a plasma without a stain to bring
+        FieldFigures(threshold=0.5, sensitivity=0.9, specificity=0.99, plasma_reference=[200, 210, 205])
+    with pytest.raises(MalariaCellsError, match="plasma_reference"):
+        FieldFigures(threshold=0.5, sensitivity=0.9, specificity=0.99, stain_reference=[0.2, 0.4, 0.3],
+                     plasma_reference=[200, 310, 205])
     with pytest.raises(MalariaCellsError, match="missing specificity"):
         FieldFigures.from_info({"field": {"threshold": 0.5, "sensitivity": 0.8}})
     assert FieldFigures.from_info({"name": "a cell model"}) is None
@@ -310,3 +315,26 @@ def test_parasites_per_microlitre_carry_the_parasitemia_and_its_interval(samples
     for bad in (0, 50, 2e7, True, "5e6"):
         with pytest.raises(MalariaCellsError, match="rbc_per_ul"):
             Screener(PurpleDotClassifier(FIGURES), rbc_per_ul=bad)
+
+
+def test_an_over_exposed_sample_is_not_called_negative_and_says_so(tmp_path):
+    from malaria_cells.shifts import exposure
+
+    def sample(name, infected_per_field, factor):
+        folder = tmp_path / name
+        folder.mkdir()
+        for k, n in enumerate(infected_per_field):
+            image, _ = make_field(np.random.default_rng(300 + k), infected=tuple(range(3, 3 + 7 * n, 7)))
+            Image.fromarray(exposure(image, factor)).save(folder / f"field{k}.png")
+        return folder
+
+    screener = Screener(PurpleDotClassifier(FIGURES))
+    plain = screener.screen(sample("plain", [0] * 8, 1.0))
+    bright = screener.screen(sample("bright", [0] * 8, 1.6))
+    assert plain.summary.call == "negative"
+    assert all(f.quality["checks"]["blown_channels"] == 0 for f in plain.fields)
+    assert all(f.quality["checks"]["blown_channels"] >= 2 and f.quality["applicable"] for f in bright.fields)
+    assert bright.summary.call == "review" and bright.summary.n_cells > 0.9 * plain.summary.n_cells
+    assert bright.summary.reasons[0].startswith("8 of 8 fields over-exposed (plasma blown out")
+    infected = screener.screen(sample("infected", [5] * 4, 1.6))
+    assert infected.summary.call == "positive"

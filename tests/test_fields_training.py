@@ -87,6 +87,7 @@ def test_nested_cross_validation_and_the_final_model_carry_honest_figures(crops,
     figures = FieldFigures.from_model(model)
     assert model.threshold == figures.threshold and figures.recipe["blocks"] == 3
     assert figures.stain_reference == crops.stain_reference and len(crops.stain_reference) == 3
+    assert figures.plasma_reference == crops.plasma_reference and len(crops.plasma_reference) == 3
     # the threshold calls at most max_fpr of the out-of-fold uninfected cells
     oof = np.concatenate([p[np.isin(crops.field, [f for f, b in crops.block_of(3).items() if b == k])]
                           for k, p in enumerate(probabilities)])

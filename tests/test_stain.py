@@ -40,3 +40,38 @@ def test_the_reference_field_itself_is_unchanged():
     reference = np.array([0.25, 0.40, 0.28])
     crops = _crops(reference)
     assert np.array_equal(normalise_crops(crops, PLASMA, reference, reference), crops)
+
+
+def _cell_with_spot(plasma, density, spot, exposure=1.0):
+    """One 8x8 crop: a cell of optical ``density`` with a darker 2x2 ``spot`` (a parasite's
+    chromatin), photographed against ``plasma`` at ``exposure`` times the light, clipped at 255."""
+    crop = np.zeros((1, 8, 8, 3))
+    crop[:, 2:6, 2:6] = plasma * np.exp(-np.asarray(density))
+    crop[:, 3:5, 3:5] = plasma * np.exp(-np.asarray(spot))
+    return np.clip(np.rint(crop * exposure), 0, 255).astype(np.uint8)
+
+
+def test_an_over_exposed_photograph_is_rebuilt_like_the_plain_one():
+    reference = np.array([0.25, 0.40, 0.28])
+    spot = np.array([0.9, 1.3, 0.7])
+    plain = normalise_crops(_cell_with_spot(PLASMA, reference, spot), PLASMA, reference, reference, PLASMA)
+    bright = _cell_with_spot(PLASMA, reference, spot, exposure=1.3)  # every plasma channel blown out
+    plasma = np.minimum(PLASMA * 1.3, 255)
+    density = -np.log(bright[0, 2, 2].astype(float) / plasma)  # what the field's median cell measures
+    assert (plasma >= 250).all() and (density < reference - 0.05).all()
+    out = normalise_crops(bright, plasma, density, reference, PLASMA)
+    assert np.abs(out.astype(int) - plain.astype(int)).max() <= 3
+    # a gain instead of a shift darkens the spot far more than the cell (the old rule)
+    scaled = normalise_crops(bright, plasma, density, reference)
+    assert np.abs(scaled[0, 3, 3].astype(int) - plain[0, 3, 3].astype(int)).max() > 10
+
+
+def test_a_tinted_photograph_is_rebuilt_on_the_reference_plasma():
+    reference = np.array([0.25, 0.40, 0.28])
+    spot = np.array([0.9, 1.3, 0.7])
+    plain = normalise_crops(_cell_with_spot(PLASMA, reference, spot), PLASMA, reference, reference, PLASMA)
+    tint = np.array([0.85, 1.0, 1.1])
+    tinted = _cell_with_spot(PLASMA * tint, reference, spot)
+    out = normalise_crops(tinted, PLASMA * tint, reference, reference, PLASMA)
+    assert np.abs(out.astype(int) - plain.astype(int)).max() <= 2
+    assert np.abs(tinted.astype(int) - plain.astype(int)).max() > 20  # the tint was there to remove

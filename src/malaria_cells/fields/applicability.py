@@ -21,7 +21,11 @@ limit stated in :class:`ApplicabilityLimits`:
 - **focus**: blur hides ring stages (a chromatin dot a tenth of a cell wide) but adds no false
   alarm, so a field softer than every field validated on still counts, and what it cannot
   support is a negative call: a sample whose fields are mostly that soft is ``review``
-  rather than negative (see :meth:`~.screener.Screener.pool`).
+  rather than negative (see :meth:`~.screener.Screener.pool`);
+- **glare**: where the plasma is blown out (white in most channels), every pale detail within
+  the glare is lost too, a ring's faint cytoplasm first; such a field still counts (the model
+  reads it through :mod:`.stain`), and, as for blur, a sample whose fields are mostly
+  over-exposed or soft is not called negative.
 
 A field that fails is listed with its reasons, not counted; a sample without enough readable
 cells is ``review`` (see :mod:`.call`).
@@ -64,6 +68,12 @@ class ApplicabilityLimits:
     min_plasma : float
         Under-exposed below this: the plasma's brightest channel (0-255), where the stain's
         colours are lost in the dark and the sensor's noise.
+    max_plasma : float
+        A plasma channel (its median, 0-255) at or above this is blown out: no field the model
+        was validated on reaches it (the shared fields' brightest plasma channel reads 249).
+    blown_channels : int
+        A field is over-exposed when at least this many of its plasma's channels are blown
+        out (see ``min_sharpness`` for what that does to a sample's call).
     max_fragments : float
         Fragments (objects far smaller than the median cell) per counted cell above which the
         field is taken as wrongly cut into pieces.
@@ -71,8 +81,8 @@ class ApplicabilityLimits:
         Border sharpness (the detector's ``focus``: the steepest steps at cell borders against
         the plasma-to-cell step, at a 32 px cell) below which a field is softer than every field
         the field model was validated on (the shared IML fields read 0.35 to 0.55, the NIH
-        phone photographs 0.32 to 0.34). A sample whose good fields are mostly below it is not
-        called negative.
+        phone photographs 0.32 to 0.34). A sample whose good fields are mostly below it, or
+        over-exposed, is not called negative.
     duplicate_correlation : float
         Two fields of a sample whose 64x64 grey thumbnails correlate at least this much are
         the same field (a photograph re-saved at JPEG quality 60, or at half size: 0.9999;
@@ -87,6 +97,8 @@ class ApplicabilityLimits:
     min_density: float = 0.2
     max_density: float = 1.5
     min_plasma: float = 60.0
+    max_plasma: float = 250.0
+    blown_channels: int = 2
     max_fragments: float = 0.25
     min_sharpness: float = 0.30
     duplicate_correlation: float = 0.99
@@ -172,10 +184,15 @@ def assess_field(image: np.ndarray, detection, limits: ApplicabilityLimits | Non
             measures.update(density=[round(float(v), 4) for v in density], density_strength=round(strength, 3),
                             green_red=round(ratio, 2) if np.isfinite(ratio) else None,
                             plasma=[round(float(v), 1) for v in background])
-            clipped = background >= 250  # a channel blown out in the plasma measures no density
+            clipped = background >= limits.max_plasma  # a channel blown out in the plasma measures no density
+            measures["blown_channels"] = int(clipped.sum())
             if background.max() < limits.min_plasma:
                 fail("exposure", f"under-exposed (the plasma's brightest channel is {background.max():.0f} of 255, "
                                  f"at least {limits.min_plasma:.0f} needed): more light or a longer exposure")
+            elif strength < limits.min_density and clipped.sum() >= limits.blown_channels:
+                # the glare, not the stain: the cells' density is measured against a white it cannot exceed
+                fail("exposure", f"over-exposed (the plasma is blown out in {int(clipped.sum())} of 3 channels and "
+                                 f"the cells read {strength:.2f} dense): less light or a shorter exposure")
             elif (density[0] <= 0 and not clipped[0]) or density[1] <= 0 or density[2] < -0.1:
                 fail("not_a_smear", "the objects found are not darker than the background in red and green: "
                                     "not a stained blood smear")

@@ -83,8 +83,8 @@ def corrected_parasitemia(n_parasitized: int, n_cells: int, figures) -> dict | N
 
 
 def call_sample(n_parasitized: int, n_cells: int, *, false_positive_rate: float, good_fields: int = 1,
-                fields: int = 1, corrected: dict | None = None, soft_fields: int = 0,
-                soft_reason: str = "") -> tuple[str, list[str]]:
+                fields: int = 1, corrected: dict | None = None, unsure_fields: int = 0,
+                unsure_reason: str = "out of focus") -> tuple[str, list[str]]:
     """The sample call and its reasons, by the rule in this module's docstring.
 
     Parameters
@@ -98,9 +98,10 @@ def call_sample(n_parasitized: int, n_cells: int, *, false_positive_rate: float,
     corrected : dict, optional
         :func:`corrected_parasitemia`'s result; its upper bound is the one a negative call
         must clear (else the raw Wilson bound).
-    soft_fields : int
-        Good fields out of focus; when they are half or more, a negative becomes ``review``
-        with ``soft_reason``.
+    unsure_fields : int
+        Good fields that may hide pale parasites (out of focus, over-exposed); when they are
+        half or more, a negative becomes ``review``, saying why with ``unsure_reason`` (what
+        those fields are: "out of focus (...)").
     """
     if n_cells < MIN_CELLS:
         return "review", [f"only {n_cells} cells counted on good fields (at least {MIN_CELLS} needed)"]
@@ -114,11 +115,10 @@ def call_sample(n_parasitized: int, n_cells: int, *, false_positive_rate: float,
     upper = corrected["parasitemia_ci"][1] if corrected else wilson_interval(n_parasitized, n_cells)[1]
     # say which bound: the corrected one differs from the raw interval shown beside it
     bound = "upper 95% bound, corrected for the model's sensitivity and specificity" if corrected else "upper 95% bound"
-    if chance >= NEGATIVE_P and upper < RULE_OUT and soft_fields and soft_fields * 2 >= good_fields:
-        return "review", [f"{soft_fields} of {good_fields} fields out of focus{soft_reason}: blur hides ring "
-                          f"stages, so {n_parasitized} parasitized cell{'s' if n_parasitized != 1 else ''} cannot rule an "
-                          f"infection out; refocus "
-                          "and photograph again"]
+    if chance >= NEGATIVE_P and upper < RULE_OUT and unsure_fields and unsure_fields * 2 >= good_fields:
+        return "review", [f"{unsure_fields} of {good_fields} fields {unsure_reason}: blur and glare hide ring "
+                          f"stages, so {n_parasitized} parasitized cell{'s' if n_parasitized != 1 else ''} cannot rule "
+                          "an infection out; photograph again in focus and without glare"]
     if chance >= NEGATIVE_P and upper < RULE_OUT:
         return "negative", [f"{n_parasitized} parasitized cells, as false alarms alone would give "
                             f"(about {expected:.1f}); parasitemia below {RULE_OUT:.0%} ({bound} {upper:.2%})"]

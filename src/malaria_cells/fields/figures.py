@@ -46,6 +46,9 @@ class FieldFigures:
         The median red cell's optical density (RGB, against the plasma) of the fields the
         model was trained on; with it, each field's crops are stain-normalised to it
         (:mod:`.stain`) before scoring.
+    plasma_reference : list of 3 floats, optional
+        The median plasma colour (RGB, 0-255) of those fields; with it, the normalised crops
+        are rebuilt on that plasma, so exposure and white balance do not reach the model.
     shift_suite : dict
         The shift suite's figures for this model (``benchmarks/shift_suite.py``; see
         :func:`shift_suite_summary`): per condition, infected found, false-positive rate,
@@ -64,6 +67,7 @@ class FieldFigures:
     nih_healthy: dict = field(default_factory=dict)
     recipe: dict = field(default_factory=dict)
     stain_reference: list | None = None
+    plasma_reference: list | None = None
     shift_suite: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
@@ -78,6 +82,12 @@ class FieldFigures:
             if not isinstance(values, (list, tuple)) or len(values) != 3 or not all(
                     isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 5 for v in values):
                 raise MalariaCellsError(f"field figures: stain_reference must be 3 densities in (0, 5), got {values!r}")
+        if self.plasma_reference is not None:
+            values = self.plasma_reference
+            if self.stain_reference is None or not isinstance(values, (list, tuple)) or len(values) != 3 or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 255 for v in values):
+                raise MalariaCellsError("field figures: plasma_reference must be 3 levels in (0, 255], beside a "
+                                        f"stain_reference, got {values!r}")
         for name in ("cells", "nested", "nih_healthy", "recipe", "shift_suite", "extra"):
             if not isinstance(getattr(self, name), dict):
                 raise MalariaCellsError(f"field figures: {name} must be a mapping")

@@ -295,7 +295,8 @@ class Screener:
         if reference is not None and check["applicable"]:
             from .stain import normalise_crops
 
-            crops = normalise_crops(crops, check["measures"]["plasma"], check["measures"]["density"], reference)
+            crops = normalise_crops(crops, check["measures"]["plasma"], check["measures"]["density"], reference,
+                                    self.figures.plasma_reference)
         _in_time(deadline, "checking the field and cutting its cells", started, limit)
         probabilities = self.score(crops)
 
@@ -436,12 +437,16 @@ class Screener:
         n_cells = sum(f.n_cells for f in counted)
         n_parasitized = sum(f.n_parasitized for f in counted)
         corrected = corrected_parasitemia(n_parasitized, n_cells, self.figures)
-        sharpness = self.applicability.min_sharpness
-        soft = [f for f in good if f.quality.get("focus", sharpness) < sharpness]
+        limits = self.applicability
+        soft = [f for f in good if f.quality.get("focus", limits.min_sharpness) < limits.min_sharpness]
+        glare = [f for f in good if f.quality.get("checks", {}).get("blown_channels", 0) >= limits.blown_channels]
+        what = ([f"out of focus (border sharpness below {limits.min_sharpness:g}, the least sharp validated)"]
+                if soft else []) + ([f"over-exposed (plasma blown out in {limits.blown_channels}+ channels)"]
+                                    if glare else [])
         call, reasons = call_sample(n_parasitized, sum(f.n_cells for f in good),
                                     false_positive_rate=self.false_positive_rate, good_fields=len(good),
-                                    fields=len(fields), corrected=corrected, soft_fields=len(soft),
-                                    soft_reason=f" (border sharpness below {sharpness:g}, the least sharp validated)")
+                                    fields=len(fields), corrected=corrected,
+                                    unsure_fields=len({id(f) for f in soft + glare}), unsure_reason=" or ".join(what))
         unread = [f for f in fields if not f.quality.get("applicable", True)]
         if unread:
             kinds: dict[str, int] = {}
@@ -475,7 +480,7 @@ def stage_counts(fields: Sequence[FieldResult]) -> dict:
 
 
 _FLAG_WORDS = {"grayscale": "grayscale", "magnification": "at an unsupported magnification",
-               "exposure": "under-exposed",
+               "exposure": "under- or over-exposed",
                "not_a_smear": "not a stained smear", "stain": "stained outside the validated range",
                "fragments": "cut into fragments", "duplicate": "duplicates", "no_cells": "without red cells"}
 

@@ -432,7 +432,7 @@ def load_field_crops(crops: str | Path, fields: str | Path):
         try:
             arrays, meta = np.load(crops), json.loads(fields.read_text(encoding="utf-8"))
             data = FieldCrops(arrays["crops"], arrays["labels"], arrays["stages"], arrays["field"], meta["fields"],
-                              meta.get("stain_reference"))
+                              meta.get("stain_reference"), meta.get("plasma_reference"))
         except (OSError, ValueError, KeyError, TypeError) as error:
             raise MalariaCellsError(f"{crops}, {fields}: not the crops step's files ({error})") from None
     if len(data.field) and (data.field.min() < 0 or data.field.max() >= len(data.records)):

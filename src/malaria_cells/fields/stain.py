@@ -7,21 +7,32 @@ optical density, channel by channel, so that median matches the ``reference`` th
 carries (the median cell of the fields it was validated on). A darker- or paler-stained slide
 is then scored as if stained like those. The gains are bounded (:data:`MAX_GAIN`): a field far
 outside is flagged by the stain check rather than bent into shape.
+
+With a ``plasma_reference`` (models made since it was added carry one), the crops are also
+rebuilt on that plasma colour, so a brighter, darker or tinted photograph of the same slide
+gives the same crops; and a channel whose plasma is blown out (at least :data:`CLIPPED`) is
+shifted rather than scaled. Over-exposure adds the same optical density to every pixel of such
+a channel (the true plasma lies somewhere above 255), so a gain would darken a parasite's dark
+chromatin by much more than the pale cell it sits in.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["normalise_crops", "MAX_GAIN"]
+__all__ = ["normalise_crops", "MAX_GAIN", "CLIPPED"]
 
 MAX_GAIN = 2.0
 """Largest factor (and smallest, its inverse) applied to any channel's optical density."""
 MIN_DENSITY = 0.03
 """A channel whose median cell density is below this is left as it is."""
+CLIPPED = 250.0
+"""A plasma channel at or above this level (0-255) is taken as blown out."""
+MAX_SHIFT = 0.7
+"""Largest optical density added to or taken from a blown-out channel."""
 
 
-def normalise_crops(crops: np.ndarray, plasma, density, reference) -> np.ndarray:
+def normalise_crops(crops: np.ndarray, plasma, density, reference, plasma_reference=None) -> np.ndarray:
     """Cell crops with their optical density scaled so the field's median cell matches ``reference``.
 
     Parameters
@@ -34,6 +45,9 @@ def normalise_crops(crops: np.ndarray, plasma, density, reference) -> np.ndarray
         The field's median cell optical density against its plasma, per channel.
     reference : sequence of 3 floats
         The optical density to bring it to.
+    plasma_reference : sequence of 3 floats, optional
+        The plasma colour (RGB, 0-255) to rebuild the crops on; with it, blown-out channels
+        are shifted rather than scaled. None: the field's own plasma, every channel scaled.
 
     Returns
     -------
@@ -46,14 +60,21 @@ def normalise_crops(crops: np.ndarray, plasma, density, reference) -> np.ndarray
     # A channel the cells barely absorb (blue, on some slides) carries no stain to scale.
     measured = (density > MIN_DENSITY) & (reference > MIN_DENSITY)
     gain = np.where(measured, np.clip(reference / np.where(measured, density, 1.0), 1 / MAX_GAIN, MAX_GAIN), 1.0)
-    gain = gain.astype(np.float32)
-    if np.allclose(gain, 1.0):
-        return crops
+    shift = np.zeros(3)
     plasma = np.maximum(np.asarray(plasma, np.float32), 1.0)
+    target = plasma
+    if plasma_reference is not None:
+        target = np.maximum(np.asarray(plasma_reference, np.float32), 1.0)
+        clipped = plasma >= CLIPPED
+        shift = np.where(clipped, np.clip(reference - density, -MAX_SHIFT, MAX_SHIFT), 0.0)
+        gain = np.where(clipped, 1.0, gain)
+    gain, shift = gain.astype(np.float32), shift.astype(np.float32)
+    if np.allclose(gain, 1.0) and np.allclose(shift, 0.0) and np.allclose(target, plasma):
+        return crops
     # Each channel's 256 levels map to 256 levels: a table, not a logarithm per pixel.
     levels = np.arange(256, dtype=np.float32)[:, None]
     optical = -np.log(np.maximum(levels, 1.0) / plasma)
-    table = np.clip(np.rint(plasma * np.exp(-optical * gain)), 0, 255).astype(np.uint8)  # (256, 3)
+    table = np.clip(np.rint(target * np.exp(-(optical * gain + shift))), 0, 255).astype(np.uint8)  # (256, 3)
     out = np.empty_like(crops)
     for channel in range(3):
         out[..., channel] = table[crops[..., channel], channel]

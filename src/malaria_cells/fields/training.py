@@ -77,6 +77,10 @@ class Recipe:
         Bring every field's cells to the median training field's stain before training and
         scoring (:mod:`.stain`); the model then carries that reference and ``screen`` does the
         same to every field it reads.
+    plasma_normalise : bool
+        With ``stain_normalise``, also rebuild every crop on the training fields' median plasma
+        colour, and shift rather than scale a channel whose plasma is blown out (:mod:`.stain`):
+        exposure and white balance then never reach the model. Applies at the crops step.
     augment : str
         Training augmentation (:func:`malaria_cells.augment.augment_cell`): ``"shifts"``, what
         differs between labs at the shift suite's strengths (stain, hue, saturation,
@@ -104,6 +108,7 @@ class Recipe:
     max_fpr: float = 0.005
     tta_gate: float = 0.1
     stain_normalise: bool = True
+    plasma_normalise: bool = True
     augment: str = "flips+color"
     consistency: float = 0.0
     blocks: int = 5
@@ -150,6 +155,9 @@ class FieldCrops:
     stain_reference : list of 3 floats or None
         The median training field's cell density, which every field's crops were brought to
         (None: the crops are as cut).
+    plasma_reference : list of 3 floats or None
+        The median training field's plasma colour the crops were rebuilt on (None: each
+        field's own).
     """
 
     crops: np.ndarray
@@ -158,6 +166,7 @@ class FieldCrops:
     field: np.ndarray
     records: list
     stain_reference: list | None = None
+    plasma_reference: list | None = None
 
     def save(self, work: Path) -> None:
         from ..files import atomic_path, write_json
@@ -165,7 +174,8 @@ class FieldCrops:
         with atomic_path(work / "field_crops.npz") as temporary:
             with open(temporary, "wb") as stream:
                 np.savez_compressed(stream, crops=self.crops, labels=self.labels, stages=self.stages, field=self.field)
-        write_json(work / "fields.json", {"fields": self.records, "stain_reference": self.stain_reference})
+        write_json(work / "fields.json", {"fields": self.records, "stain_reference": self.stain_reference,
+                                          "plasma_reference": self.plasma_reference})
 
     @classmethod
     def load(cls, work: Path) -> FieldCrops:
@@ -174,7 +184,7 @@ class FieldCrops:
         data = np.load(work / "field_crops.npz")
         meta = json.loads((work / "fields.json").read_text())
         return cls(data["crops"], data["labels"], data["stages"], data["field"], meta["fields"],
-                   meta.get("stain_reference"))
+                   meta.get("stain_reference"), meta.get("plasma_reference"))
 
     def healthy_fields(self) -> list[int]:
         """The fields that only check false alarms."""
@@ -188,7 +198,8 @@ class FieldCrops:
         return {int(f): b for b, part in enumerate(np.array_split(np.array(ordered), blocks)) for f in part}
 
 
-def cut_crops(paths, check=(), screener=None, *, truth=None, stain_normalise: bool = True, log=print) -> FieldCrops:
+def cut_crops(paths, check=(), screener=None, *, truth=None, stain_normalise: bool = True,
+              plasma_normalise: bool = True, log=print) -> FieldCrops:
     """Screen each field image that has ground truth and label its counted cells' crops.
 
     Parameters
@@ -204,6 +215,8 @@ def cut_crops(paths, check=(), screener=None, *, truth=None, stain_normalise: bo
         An annotations file or folder, as ``screen --truth`` takes (default: beside the images).
     stain_normalise : bool
         Bring every field's crops to the median training field's stain (:mod:`.stain`).
+    plasma_normalise : bool
+        With ``stain_normalise``, rebuild them on the median training field's plasma colour.
     """
     from ..datasets import list_image_files
     from ..images import read_file
@@ -214,7 +227,7 @@ def cut_crops(paths, check=(), screener=None, *, truth=None, stain_normalise: bo
     if screener.figures is not None and screener.figures.stain_reference is not None:
         from dataclasses import replace
 
-        screener.figures = replace(screener.figures, stain_reference=None)  # normalised below, once
+        screener.figures = replace(screener.figures, stain_reference=None, plasma_reference=None)  # below, once
     train, _ = list_image_files([Path(p) for p in paths])
     checks, _ = list_image_files([Path(p) for p in check]) if check else ([], [])
     crops, labels, stages, field_index, records = [], [], [], [], []
@@ -248,7 +261,7 @@ def cut_crops(paths, check=(), screener=None, *, truth=None, stain_normalise: bo
         log(f"{Path(path).name}: {len(found)} cells")
     if not records:
         raise MalariaCellsError("no field with ground truth was found")
-    reference = None
+    reference = plasma_reference = None
     if stain_normalise:
         from .stain import normalise_crops
 
@@ -256,11 +269,14 @@ def cut_crops(paths, check=(), screener=None, *, truth=None, stain_normalise: bo
         if not measured:
             raise MalariaCellsError("no training field could be measured for stain normalisation")
         reference = [round(float(v), 4) for v in np.median(np.array(measured), axis=0)]
-        crops = [normalise_crops(c, r["plasma"], r["density"], reference) if r["density"] else c
+        if plasma_normalise:
+            plasma = np.median(np.array([r["plasma"] for r in records if not r["check"] and r["density"]]), axis=0)
+            plasma_reference = [round(float(v), 1) for v in plasma]
+        crops = [normalise_crops(c, r["plasma"], r["density"], reference, plasma_reference) if r["density"] else c
                  for c, r in zip(crops, records)]
     size = screener.classifier.image_size
     return FieldCrops(np.concatenate(crops).reshape(-1, size, size, 3), np.concatenate(labels),
-                      np.array(stages, dtype=str), np.concatenate(field_index), records, reference)
+                      np.array(stages, dtype=str), np.concatenate(field_index), records, reference, plasma_reference)
 
 
 def nih_mix(cells: str | os.PathLike, recipe: Recipe, relabels: str | os.PathLike | None = None,
@@ -600,7 +616,8 @@ def final_model(data: FieldCrops, mix, recipe: Recipe, probabilities, *, trained
                   f"at most {recipe.max_fpr:.1%} of their uninfected cells called",
         cells={"infected": int((labels == 1).sum()), "uninfected": int((labels == 0).sum())},
         nested={k: v for k, v in nested_report(data, block_of, probabilities, recipe.max_fpr).items() if k != "folds"},
-        nih_healthy=healthy, recipe=asdict(recipe), stain_reference=data.stain_reference)
+        nih_healthy=healthy, recipe=asdict(recipe), stain_reference=data.stain_reference,
+        plasma_reference=data.plasma_reference)
     figures.attach(model)
     return model
 
@@ -710,7 +727,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.step in ("crops", "all"):
             if not args.fields:
                 raise MalariaCellsError(f"{args.step} needs --fields")
-            cut_crops(args.fields, args.check, truth=args.truth, stain_normalise=recipe.stain_normalise).save(args.work)
+            cut_crops(args.fields, args.check, truth=args.truth, stain_normalise=recipe.stain_normalise,
+                      plasma_normalise=recipe.plasma_normalise).save(args.work)
             if args.step == "crops":
                 return 0
         if args.step == "ship":
