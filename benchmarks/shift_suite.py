@@ -314,7 +314,7 @@ def _declined(call: dict) -> bool:
     it cannot answer), not for a borderline count (whatever else its reasons list)."""
     reasons = call.get("reasons", [])
     return (call.get("call") == "review" and not any(reason.startswith("borderline") for reason in reasons)
-            and any("out of focus" in reason or "not read" in reason for reason in reasons))
+            and any(word in reason for reason in reasons for word in ("out of focus", "over-exposed", "not read")))
 
 
 def judge(condition: Condition, row: dict, base: dict) -> tuple[bool | None, str]:
