@@ -38,6 +38,7 @@ from dataclasses import dataclass, fields as dataclass_fields
 import numpy as np
 
 from ..errors import MalariaCellsError
+from .stain import CLIPPED
 
 __all__ = ["ApplicabilityLimits", "assess_field", "fingerprint", "same_field"]
 
@@ -69,8 +70,9 @@ class ApplicabilityLimits:
         Under-exposed below this: the plasma's brightest channel (0-255), where the stain's
         colours are lost in the dark and the sensor's noise.
     max_plasma : float
-        A plasma channel (its median, 0-255) at or above this is blown out: no field the model
-        was validated on reaches it (the shared fields' brightest plasma channel reads 249).
+        A plasma channel (its median, 0-255) at or above this is blown out, as the stain
+        normalisation takes it: no field the model was validated on reaches it (the shared
+        fields' brightest plasma channel reads 249).
     blown_channels : int
         A field is over-exposed when at least this many of its plasma's channels are blown
         out (see ``min_sharpness`` for what that does to a sample's call).
@@ -97,7 +99,7 @@ class ApplicabilityLimits:
     min_density: float = 0.2
     max_density: float = 1.5
     min_plasma: float = 60.0
-    max_plasma: float = 250.0
+    max_plasma: float = CLIPPED
     blown_channels: int = 2
     max_fragments: float = 0.25
     min_sharpness: float = 0.30
