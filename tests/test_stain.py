@@ -61,7 +61,7 @@ def test_an_over_exposed_photograph_is_rebuilt_like_the_plain_one():
     assert (plasma >= 250).all() and (density < reference - 0.05).all()
     out = normalise_crops(bright, plasma, density, reference, PLASMA)
     assert np.abs(out.astype(int) - plain.astype(int)).max() <= 3
-    # a gain instead of a shift darkens the spot far more than the cell (the old rule)
+    # without a plasma reference every channel is scaled: the spot darkens far more than the cell
     scaled = normalise_crops(bright, plasma, density, reference)
     assert np.abs(scaled[0, 3, 3].astype(int) - plain[0, 3, 3].astype(int)).max() > 10
 

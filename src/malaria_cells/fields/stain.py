@@ -8,7 +8,7 @@ carries (the median cell of the fields it was validated on). A darker- or paler-
 is then scored as if stained like those. The gains are bounded (:data:`MAX_GAIN`): a field far
 outside is flagged by the stain check rather than bent into shape.
 
-With a ``plasma_reference`` (models made since it was added carry one), the crops are also
+With a ``plasma_reference`` (a model trained with ``plasma_normalise`` carries one), the crops are also
 rebuilt on that plasma colour, so a brighter, darker or tinted photograph of the same slide
 gives the same crops; and a channel whose plasma is blown out (at least :data:`CLIPPED`) is
 shifted rather than scaled. Over-exposure adds the same optical density to every pixel of such
