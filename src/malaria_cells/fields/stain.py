@@ -8,12 +8,12 @@ carries (the median cell of the fields it was validated on). A darker- or paler-
 is then scored as if stained like those. The gains are bounded (:data:`MAX_GAIN`): a field far
 outside is flagged by the stain check rather than bent into shape.
 
-With a ``plasma_reference`` (a model trained with ``plasma_normalise`` carries one), the crops are also
-rebuilt on that plasma colour, so a brighter, darker or tinted photograph of the same slide
-gives the same crops; and a channel whose plasma is blown out (at least :data:`CLIPPED`) is
-shifted rather than scaled. Over-exposure adds the same optical density to every pixel of such
-a channel (the true plasma lies somewhere above 255), so a gain would darken a parasite's dark
-chromatin by much more than the pale cell it sits in.
+With a ``plasma_reference`` (a model trained with ``plasma_normalise`` carries one), the
+crops are also rebuilt on that plasma colour, so a brighter, darker or tinted photograph of
+the same slide gives the same crops; and a channel whose plasma is blown out (at least
+:data:`CLIPPED`) is shifted rather than scaled. Over-exposure takes the same optical density
+from every pixel of such a channel (the true plasma lies somewhere above 255), so a gain would
+darken a parasite's dark chromatin by much more than the pale cell it sits in.
 """
 
 from __future__ import annotations
