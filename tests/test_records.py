@@ -737,3 +737,28 @@ def test_the_server_lists_records_and_takes_reviews_under_per_user_keys(db_url, 
     refused = no_reviewers.post(f"/v1/records/{first}/review", json={})
     assert refused.status_code == 403 and "--user-keys" in refused.json()["detail"]
     assert TestClient(create_app(PurpleDotClassifier(FIGURES))).get("/v1/records").status_code == 404
+
+
+def test_a_new_sqlite_database_locked_for_a_moment_is_waited_for(tmp_path, monkeypatch):
+    # SQLite answers "database is locked" at once, skipping its busy timeout, while another
+    # process turns a new database to WAL mode; opening it waits that out instead of failing
+    import sqlite3
+
+    import malaria_cells.records.store as store
+
+    calls, connect = [], store._sqlite_connect
+
+    def flaky(connection, record):
+        calls.append(1)
+        if len(calls) <= 3:
+            raise sqlite3.OperationalError("database is locked")
+        connect(connection, record)
+
+    monkeypatch.setattr(store, "_sqlite_connect", flaky)
+    with open_records(f"sqlite:///{tmp_path / 'lab.db'}") as records:
+        assert records.samples() == []
+    assert len(calls) >= 4
+    calls.clear()
+    monkeypatch.setattr(store, "SQLITE_BUSY_SECONDS", 0.0)  # a lock that outlasts the wait is reported
+    with pytest.raises(MalariaCellsError, match="database is locked"):
+        open_records(f"sqlite:///{tmp_path / 'other.db'}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import os
 import re
+import time
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
@@ -555,11 +556,14 @@ def _bring_up_to_date(engine: Engine, create: bool) -> None:
     where = redact(engine.url)
     script = ScriptDirectory(str(MIGRATIONS))
     head = script.get_current_head()
-    try:
+    def look():
         with engine.connect() as connection:
             current = MigrationContext.configure(connection).get_current_revision()
-            tables = [] if current is not None else \
+            return current, [] if current is not None else \
                 [name for name in inspect(connection).get_table_names() if name != "alembic_version"]
+
+    try:
+        current, tables = _while_locked(engine, look)
     except DBAPIError as error:
         raise MalariaCellsError(_connect_problem(engine, error)) from None
     if current is None and tables:
@@ -578,6 +582,21 @@ def _bring_up_to_date(engine: Engine, create: bool) -> None:
         _migrate(engine)
     except DBAPIError as error:
         raise MalariaCellsError(f"{where}: could not bring the schema up to date ({_one_line(error)})") from None
+
+
+def _while_locked(engine: Engine, action):
+    """``action()``, tried again for up to :data:`SQLITE_BUSY_SECONDS` while SQLite answers
+    "database is locked" at once: it does so without waiting out its busy timeout while another
+    process is turning a new database to WAL mode (two processes opening it at once)."""
+    deadline = time.monotonic() + SQLITE_BUSY_SECONDS
+    while True:
+        try:
+            return action()
+        except DBAPIError as error:
+            if engine.dialect.name != "sqlite" or "database is locked" not in str(error.orig) \
+                    or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def _unknown(script, revision: str) -> bool:
