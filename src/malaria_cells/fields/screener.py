@@ -438,15 +438,18 @@ class Screener:
         n_parasitized = sum(f.n_parasitized for f in counted)
         corrected = corrected_parasitemia(n_parasitized, n_cells, self.figures)
         limits = self.applicability
-        soft = [f for f in good if f.quality.get("focus", limits.min_sharpness) < limits.min_sharpness]
-        glare = [f for f in good if f.quality.get("checks", {}).get("blown_channels", 0) >= limits.blown_channels]
-        what = ([f"out of focus (border sharpness below {limits.min_sharpness:g}, the least sharp validated)"]
-                if soft else []) + ([f"over-exposed (plasma blown out in {limits.blown_channels}+ channels)"]
-                                    if glare else [])
+        hiding = {  # what may hide pale parasites on a counted field, and how to say it
+            f"out of focus (border sharpness below {limits.min_sharpness:g}, the least sharp validated)":
+                lambda f: f.quality.get("focus", limits.min_sharpness) < limits.min_sharpness,
+            f"over-exposed (plasma blown out in {limits.blown_channels}+ channels)":
+                lambda f: f.quality.get("checks", {}).get("blown_channels", 0) >= limits.blown_channels,
+        }
+        unsure = [f for f in good if any(test(f) for test in hiding.values())]
+        what = [words for words, test in hiding.items() if any(map(test, unsure))]
         call, reasons = call_sample(n_parasitized, sum(f.n_cells for f in good),
                                     false_positive_rate=self.false_positive_rate, good_fields=len(good),
                                     fields=len(fields), corrected=corrected,
-                                    unsure_fields=len({id(f) for f in soft + glare}), unsure_reason=" or ".join(what))
+                                    unsure_fields=len(unsure), unsure_reason=" or ".join(what))
         unread = [f for f in fields if not f.quality.get("applicable", True)]
         if unread:
             kinds: dict[str, int] = {}

@@ -556,6 +556,7 @@ def _bring_up_to_date(engine: Engine, create: bool) -> None:
     where = redact(engine.url)
     script = ScriptDirectory(str(MIGRATIONS))
     head = script.get_current_head()
+
     def look():
         with engine.connect() as connection:
             current = MigrationContext.configure(connection).get_current_revision()
